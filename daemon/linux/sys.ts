@@ -1,0 +1,379 @@
+/**
+ * The only module that imports koffi: thin, typed bindings to libc. Each wrapper either returns a
+ * result or throws SyscallError; callers that treat an errno as data (EEXIST, EAGAIN) use the
+ * `try*` forms that return the negative errno instead.
+ *
+ * koffi pitfall (../shared/DESIGN.md): never cache koffi.address(buffer). Buffers are passed
+ * directly as pointer arguments or as pointer fields of a struct, only for the call's duration.
+ * Guest and mapping addresses are plain numbers (x86_64 user addresses are < 2^47, exact in a
+ * double) passed as uintptr_t.
+ */
+import koffi from 'koffi';
+import { SyscallError } from './errors.js';
+import * as abi from './abi.js';
+
+const libc = koffi.load('libc.so.6');
+
+// Registered by name: the prototypes below refer to it as `uffdio_api`.
+koffi.struct('uffdio_api', {
+  api: 'uint64_t',
+  features: 'uint64_t',
+  ioctls: 'uint64_t',
+});
+const uffdio_range = koffi.struct('uffdio_range', { start: 'uintptr_t', len: 'uint64_t' });
+// Registered by name: the prototypes below refer to it as `uffdio_register`.
+koffi.struct('uffdio_register', {
+  range: uffdio_range,
+  mode: 'uint64_t',
+  ioctls: 'uint64_t',
+});
+// Registered by name: the prototypes below refer to it as `uffdio_copy`.
+koffi.struct('uffdio_copy', {
+  dst: 'uintptr_t',
+  src: 'void *',
+  len: 'uint64_t',
+  mode: 'uint64_t',
+  copy: 'int64_t',
+});
+// Registered by name: the prototypes below refer to it as `uffdio_zeropage`.
+koffi.struct('uffdio_zeropage', {
+  range: uffdio_range,
+  mode: 'uint64_t',
+  zeropage: 'int64_t',
+});
+const iovec = koffi.struct('iovec', { iov_base: 'void *', iov_len: 'size_t' });
+// Registered by name: the prototypes below refer to it as `msghdr`.
+koffi.struct('msghdr', {
+  msg_name: 'void *',
+  msg_namelen: 'uint32_t',
+  msg_iov: koffi.pointer(iovec),
+  msg_iovlen: 'size_t',
+  msg_control: 'void *',
+  msg_controllen: 'size_t',
+  msg_flags: 'int',
+});
+// Registered by name: the prototypes below refer to it as `ucred`.
+koffi.struct('ucred', { pid: 'int32_t', uid: 'uint32_t', gid: 'uint32_t' });
+
+const c = {
+  syscall_uffd: libc.func('long syscall(long nr, int flags)'),
+  syscall_pidfd_open: libc.func('long syscall(long nr, int pid, unsigned int flags)'),
+  open: libc.func('int open(const char *path, int flags, int mode)'),
+  close: libc.func('int close(int fd)'),
+  dup: libc.func('int dup(int fd)'),
+  read: libc.func('long read(int fd, _Out_ void *buf, size_t count)'),
+  write: libc.func('long write(int fd, const void *buf, size_t count)'),
+  pread: libc.func('long pread(int fd, _Out_ void *buf, size_t count, int64_t offset)'),
+  lseek: libc.func('int64_t lseek(int fd, int64_t offset, int whence)'),
+  fcntl: libc.func('int fcntl(int fd, int cmd, int arg)'),
+  eventfd: libc.func('int eventfd(unsigned int initval, int flags)'),
+  mmap: libc.func(
+    'uintptr_t mmap(uintptr_t addr, size_t len, int prot, int flags, int fd, int64_t off)',
+  ),
+  munmap: libc.func('int munmap(uintptr_t addr, size_t len)'),
+  madvise: libc.func('int madvise(uintptr_t addr, size_t len, int advice)'),
+  memcpyFromAddr: libc.func('void *memcpy(_Out_ void *dst, uintptr_t src, size_t n)'),
+  memcpyToAddr: libc.func('uintptr_t memcpy(uintptr_t dst, const void *src, size_t n)'),
+  ioctlInt: libc.func('int ioctl(int fd, unsigned long req, int arg)'),
+  ioctlApi: libc.func('int ioctl(int fd, unsigned long req, _Inout_ uffdio_api *arg)'),
+  ioctlRegister: libc.func('int ioctl(int fd, unsigned long req, _Inout_ uffdio_register *arg)'),
+  ioctlRange: libc.func('int ioctl(int fd, unsigned long req, uffdio_range *arg)'),
+  ioctlCopy: libc.func('int ioctl(int fd, unsigned long req, _Inout_ uffdio_copy *arg)'),
+  ioctlZeropage: libc.func('int ioctl(int fd, unsigned long req, _Inout_ uffdio_zeropage *arg)'),
+  socket: libc.func('int socket(int domain, int type, int protocol)'),
+  socketpair: libc.func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)'),
+  sendmsg: libc.func('long sendmsg(int fd, const msghdr *msg, int flags)'),
+  recvmsg: libc.func('long recvmsg(int fd, _Inout_ msghdr *msg, int flags)'),
+  getsockopt: libc.func(
+    'int getsockopt(int fd, int level, int name, _Out_ ucred *val, _Inout_ uint32_t *len)',
+  ),
+  getpid: libc.func('int getpid()'),
+};
+
+function fail(name: string, detail?: string): never {
+  throw new SyscallError(name, koffi.errno(), detail);
+}
+
+function check(name: string, rc: number, detail?: string): number {
+  if (rc < 0) fail(name, detail);
+  return rc;
+}
+
+/** Current errno as a negative number, for `try*` wrappers that return errors as data. */
+const negErrno = (): number => -koffi.errno();
+
+export function userfaultfd(flags: number): number {
+  const rc = Number(c.syscall_uffd(abi.SYS_userfaultfd, flags));
+  return check('userfaultfd', rc);
+}
+
+export function pidfdOpen(pid: number): number {
+  return check('pidfd_open', Number(c.syscall_pidfd_open(abi.SYS_pidfd_open, pid, 0)));
+}
+
+export function open(path: string, flags: number, mode = 0): number {
+  return check('open', c.open(path, flags | abi.O_CLOEXEC, mode) as number, path);
+}
+
+export function close(fd: number): void {
+  check('close', c.close(fd) as number);
+}
+
+export function dup(fd: number): number {
+  return check('dup', c.dup(fd) as number);
+}
+
+/** read(2); returns bytes read, or a negative errno (EAGAIN on an empty non-blocking fd). */
+export function tryRead(fd: number, buf: Buffer, len = buf.length): number {
+  const rc = Number(c.read(fd, buf, len));
+  return rc < 0 ? negErrno() : rc;
+}
+
+export function write(fd: number, buf: Buffer): number {
+  return check('write', Number(c.write(fd, buf, buf.length)));
+}
+
+/** pread(2) into `buf` (or its first `len` bytes); returns bytes read. */
+export function pread(fd: number, buf: Buffer, len: number, offset: number): number {
+  return check('pread', Number(c.pread(fd, buf, len, offset)));
+}
+
+/** lseek(2) returning the offset, or a negative errno (ENXIO past the last data/hole). */
+export function tryLseek(fd: number, offset: number, whence: number): number {
+  const rc = Number(c.lseek(fd, offset, whence));
+  return rc < 0 ? negErrno() : rc;
+}
+
+export function setNonBlocking(fd: number, on: boolean): void {
+  const flags = check('fcntl', c.fcntl(fd, abi.F_GETFL, 0) as number);
+  const next = on ? flags | abi.O_NONBLOCK : flags & ~abi.O_NONBLOCK;
+  check('fcntl', c.fcntl(fd, abi.F_SETFL, next) as number);
+}
+
+export function eventfd(flags: number): number {
+  return check('eventfd', c.eventfd(0, flags | abi.EFD_CLOEXEC) as number);
+}
+
+export function mmap(len: number, prot: number, flags: number, fd = -1, offset = 0): number {
+  const addr = c.mmap(0, len, prot, flags, fd, offset) as number;
+  // MAP_FAILED is (void *)-1, which arrives as 2^64 in a double; no user address is >= 2^63.
+  if (addr >= 2 ** 63) fail('mmap');
+  return addr;
+}
+
+export function munmap(addr: number, len: number): void {
+  check('munmap', c.munmap(addr, len) as number);
+}
+
+export function madvise(addr: number, len: number, advice: number): void {
+  check('madvise', c.madvise(addr, len, advice) as number);
+}
+
+/** Copies `len` bytes at process address `addr` into `dst` (may fault: the caller blocks). */
+export function readMemory(addr: number, dst: Buffer, len = dst.length): void {
+  c.memcpyFromAddr(dst, addr, len);
+}
+
+/** Copies `src` to process address `addr` (may fault: the caller blocks). */
+export function writeMemory(addr: number, src: Buffer): void {
+  c.memcpyToAddr(addr, src, src.length);
+}
+
+export interface ApiResult {
+  features: number;
+  ioctls: number;
+}
+
+/** UFFDIO_API; returns the granted features, or a negative errno. */
+export function tryUffdApi(fd: number, features: number): ApiResult | number {
+  const arg = { api: abi.UFFD_API, features, ioctls: 0 };
+  const rc = c.ioctlApi(fd, abi.UFFDIO_API, arg) as number;
+  if (rc < 0) return negErrno();
+  return { features: Number(arg.features), ioctls: Number(arg.ioctls) };
+}
+
+/** UFFDIO_REGISTER; returns the ioctls mask supported on the range, or a negative errno. */
+export function tryUffdRegister(fd: number, start: number, len: number, mode: number): number {
+  const arg = { range: { start, len }, mode, ioctls: 0 };
+  const rc = c.ioctlRegister(fd, abi.UFFDIO_REGISTER, arg) as number;
+  return rc < 0 ? negErrno() : Number(arg.ioctls);
+}
+
+/** UFFDIO_UNREGISTER or UFFDIO_WAKE on a range; 0 or a negative errno. */
+export function tryUffdRange(fd: number, req: number, start: number, len: number): number {
+  const rc = c.ioctlRange(fd, req, { start, len }) as number;
+  return rc < 0 ? negErrno() : 0;
+}
+
+/**
+ * UFFDIO_COPY `len` bytes of `src` to `dst`. Returns the kernel's signed `copy` field: bytes copied
+ * (possibly fewer than asked), or a negative errno when nothing was copied (EEXIST, EAGAIN, ...).
+ */
+export function uffdCopy(fd: number, dst: number, src: Buffer, len: number, mode: number): number {
+  const arg = { dst, src, len, mode, copy: 0 };
+  const rc = c.ioctlCopy(fd, abi.UFFDIO_COPY, arg) as number;
+  const copied = Number(arg.copy);
+  if (rc < 0 && copied > 0) return copied; // partial copy: the caller continues after it
+  if (rc < 0) return copied < 0 ? copied : negErrno();
+  return copied;
+}
+
+/** UFFDIO_ZEROPAGE: same result convention as uffdCopy. */
+export function uffdZeropage(fd: number, start: number, len: number, mode: number): number {
+  const arg = { range: { start, len }, mode, zeropage: 0 };
+  const rc = c.ioctlZeropage(fd, abi.UFFDIO_ZEROPAGE, arg) as number;
+  const done = Number(arg.zeropage);
+  if (rc < 0 && done > 0) return done;
+  if (rc < 0) return done < 0 ? done : negErrno();
+  return done;
+}
+
+/** ioctl with an integer argument (USERFAULTFD_IOC_NEW); returns rc or throws. */
+export function ioctlInt(fd: number, req: number, arg: number, name: string): number {
+  return check(name, c.ioctlInt(fd, req, arg) as number);
+}
+
+export function socket(domain: number, type: number): number {
+  return check('socket', c.socket(domain, type | abi.SOCK_CLOEXEC, 0) as number);
+}
+
+export function socketpair(): [number, number] {
+  const sv = [0, 0];
+  check(
+    'socketpair',
+    c.socketpair(abi.AF_UNIX, abi.SOCK_STREAM | abi.SOCK_CLOEXEC, 0, sv) as number,
+  );
+  return [sv[0]!, sv[1]!];
+}
+
+/** sendmsg with `data` and, when given, file descriptors as one SCM_RIGHTS message. */
+export function sendWithFds(fd: number, data: Buffer, fds: readonly number[]): number {
+  let control: Buffer | null = null;
+  if (fds.length > 0) {
+    control = Buffer.alloc(abi.CMSG_SPACE(4 * fds.length));
+    control.writeBigUInt64LE(BigInt(abi.CMSG_LEN(4 * fds.length)), 0);
+    control.writeInt32LE(abi.SOL_SOCKET, 8);
+    control.writeInt32LE(abi.SCM_RIGHTS, 12);
+    fds.forEach((f, i) => control!.writeInt32LE(f, abi.SIZEOF_cmsghdr + 4 * i));
+  }
+  const msg = {
+    msg_name: null,
+    msg_namelen: 0,
+    msg_iov: [{ iov_base: data, iov_len: data.length }],
+    msg_iovlen: 1,
+    msg_control: control,
+    msg_controllen: control ? control.length : 0,
+    msg_flags: 0,
+  };
+  return check('sendmsg', Number(c.sendmsg(fd, msg, abi.MSG_NOSIGNAL)));
+}
+
+export interface Received {
+  /** Bytes read into the buffer; 0 means the peer closed. */
+  bytes: number;
+  /** File descriptors that came with the data (already owned by this process, CLOEXEC). */
+  fds: number[];
+  /** The control data was truncated: more fds were sent than we accept (they were closed). */
+  truncated: boolean;
+}
+
+/**
+ * recvmsg into `buf`, collecting SCM_RIGHTS descriptors. Room for `maxFds`; the kernel closes
+ * any beyond that and sets MSG_CTRUNC, which we report. Returns a negative errno on failure
+ * (EAGAIN on a non-blocking socket with nothing queued).
+ */
+export function tryRecvWithFds(
+  fd: number,
+  buf: Buffer,
+  maxFds: number,
+  flags = 0,
+): Received | number {
+  const control = Buffer.alloc(abi.CMSG_SPACE(4 * maxFds));
+  const msg = {
+    msg_name: null,
+    msg_namelen: 0,
+    msg_iov: [{ iov_base: buf, iov_len: buf.length }],
+    msg_iovlen: 1,
+    msg_control: control,
+    msg_controllen: control.length,
+    msg_flags: 0,
+  };
+  const rc = Number(c.recvmsg(fd, msg, flags | abi.MSG_CMSG_CLOEXEC));
+  if (rc < 0) return negErrno();
+  const fds: number[] = [];
+  const controlLen = Number(msg.msg_controllen);
+  let off = 0;
+  while (off + abi.SIZEOF_cmsghdr <= controlLen) {
+    const len = Number(control.readBigUInt64LE(off));
+    if (len < abi.SIZEOF_cmsghdr) break;
+    const level = control.readInt32LE(off + 8);
+    const type = control.readInt32LE(off + 12);
+    if (level === abi.SOL_SOCKET && type === abi.SCM_RIGHTS) {
+      const n = Math.floor((len - abi.SIZEOF_cmsghdr) / 4);
+      for (let i = 0; i < n; i++) fds.push(control.readInt32LE(off + abi.SIZEOF_cmsghdr + 4 * i));
+    }
+    off += abi.CMSG_ALIGN(len);
+  }
+  return { bytes: rc, fds, truncated: (msg.msg_flags & abi.MSG_CTRUNC) !== 0 };
+}
+
+export interface PeerCred {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
+export function peerCred(fd: number): PeerCred {
+  const out = { pid: 0, uid: 0, gid: 0 };
+  const len = [12];
+  check('getsockopt', c.getsockopt(fd, abi.SOL_SOCKET, abi.SO_PEERCRED, out, len) as number);
+  return out;
+}
+
+export function getpid(): number {
+  return c.getpid() as number;
+}
+
+export interface FdWatch {
+  stop(): void;
+}
+
+/**
+ * Calls `onReadable` from the event loop whenever `fd` is readable (libuv uv_poll through
+ * koffi.node.poll): no thread per fd, no blocking call on the main loop.
+ *
+ * koffi invokes the callback straight from libuv, outside node's MakeCallback: an exception left
+ * pending there aborts the process later, and queued microtasks do not run until the next
+ * callback that node itself makes. So the handler runs inside try/catch, errors are rethrown
+ * from setImmediate (a normal uncaught exception), and a microtask checkpoint is forced with
+ * setImmediate whenever the handler asks for one by returning true.
+ */
+export function watchReadable(
+  fd: number,
+  onReadable: (hangup: boolean) => void,
+  onError: (err: unknown) => void = (err) =>
+    setImmediate(() => {
+      throw err;
+    }),
+): FdWatch {
+  let stopped = false;
+  const handle = koffi.node.poll(fd, { readable: true, disconnect: true }, ((
+    status: number,
+    ev: { readable: boolean; disconnect: boolean },
+  ) => {
+    if (stopped) return;
+    try {
+      onReadable(status < 0 || ev.disconnect);
+    } catch (err) {
+      onError(err);
+    }
+  }) as never);
+  return {
+    stop() {
+      if (stopped) return;
+      stopped = true;
+      handle.stop();
+      handle.close();
+    },
+  };
+}

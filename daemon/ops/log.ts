@@ -1,0 +1,53 @@
+/**
+ * Structured logs: one JSON object per line on stderr (journald keeps them; `jq` reads them).
+ * Levels: debug < info < warn < error. Fields never carry page contents.
+ */
+export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
+const RANK: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40 };
+
+export type LogFields = Record<string, unknown>;
+
+export interface Logger {
+  debug(msg: string, fields?: LogFields): void;
+  info(msg: string, fields?: LogFields): void;
+  warn(msg: string, fields?: LogFields): void;
+  error(msg: string, fields?: LogFields): void;
+  /** A logger that adds `fields` to every line (e.g. the migration id). */
+  child(fields: LogFields): Logger;
+}
+
+function serialize(value: unknown): unknown {
+  if (value instanceof Error) {
+    const code = (value as { code?: unknown }).code;
+    return {
+      message: value.message,
+      ...(code !== undefined ? { code } : {}),
+      ...(value.cause !== undefined ? { cause: serialize(value.cause) } : {}),
+    };
+  }
+  return value;
+}
+
+export function createLogger(
+  level: LogLevel = 'info',
+  base: LogFields = {},
+  write: (line: string) => void = (line) => process.stderr.write(line),
+): Logger {
+  const min = RANK[level];
+  const emit = (lvl: LogLevel, msg: string, fields?: LogFields): void => {
+    if (RANK[lvl] < min) return;
+    const out: LogFields = { time: new Date().toISOString(), level: lvl, msg, ...base };
+    if (fields) for (const [k, v] of Object.entries(fields)) out[k] = serialize(v);
+    write(JSON.stringify(out) + '\n');
+  };
+  return {
+    debug: (m, f) => emit('debug', m, f),
+    info: (m, f) => emit('info', m, f),
+    warn: (m, f) => emit('warn', m, f),
+    error: (m, f) => emit('error', m, f),
+    child: (fields) => createLogger(level, { ...base, ...fields }, write),
+  };
+}
+
+/** A logger that drops everything (tests of pure logic). */
+export const silentLogger: Logger = createLogger('error', {}, () => {});

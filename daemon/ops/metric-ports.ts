@@ -1,0 +1,68 @@
+/**
+ * The narrow metric ports the cores depend on. daemon/ops/metrics.ts implements them with
+ * prom-client (the only importer); tests pass the no-op versions below or a counting fake.
+ * Units are base units (seconds, bytes). No label ever carries an address or a migration id.
+ */
+export type PagePath = 'demand' | 'background';
+export type PageKind = 'data' | 'zero';
+export type ChannelName = 'demand' | 'background';
+
+export interface SourceMetrics {
+  /** Pages sent, by why (demand answer or background stream) and how (DATA or ZERO run). */
+  pagesSent(path: PagePath, kind: PageKind, pages: number): void;
+  /** Frame bytes written to a connection. */
+  bytesSent(channel: ChannelName, bytes: number): void;
+  /** Time from a REQUEST frame's arrival to its DATA being handed to the socket. */
+  demandServiceSeconds(seconds: number): void;
+  /** Connections accepted (after a valid HELLO). */
+  connectionOpened(channel: ChannelName): void;
+  /** A coded error (protocol, image, I/O). */
+  error(code: string): void;
+  /** A migration reached a state: registered, frozen, complete, aborted. */
+  migrationEvent(event: 'registered' | 'frozen' | 'complete' | 'aborted'): void;
+}
+
+export interface DestMetrics {
+  /** One userfaultfd page fault read. */
+  fault(): void;
+  /** Time from reading a fault to the page being placed (what the vCPU feels). */
+  faultServiceSeconds(seconds: number): void;
+  /** Pages placed, by path and kind. */
+  pagesPlaced(path: PagePath, kind: PageKind, pages: number): void;
+  /** Frame bytes received on a connection. */
+  bytesReceived(channel: ChannelName, bytes: number): void;
+  /** A placement found the page already present (demand and background raced). */
+  placeExists(): void;
+  /** A placement answered EAGAIN and was retried after draining events. */
+  placeRetry(): void;
+  /** A handoff ended: 'ok' or the error code it was refused with. */
+  handoff(result: string): void;
+  /** A session ended: 'complete' or the error code that ended it. */
+  sessionEnded(result: string): void;
+  /** Sessions currently running (gauge). */
+  sessionsActive(n: number): void;
+  /** A coded error. */
+  error(code: string): void;
+}
+
+const noop = (): void => {};
+export const noopSourceMetrics: SourceMetrics = {
+  pagesSent: noop,
+  bytesSent: noop,
+  demandServiceSeconds: noop,
+  connectionOpened: noop,
+  error: noop,
+  migrationEvent: noop,
+};
+export const noopDestMetrics: DestMetrics = {
+  fault: noop,
+  faultServiceSeconds: noop,
+  pagesPlaced: noop,
+  bytesReceived: noop,
+  placeExists: noop,
+  placeRetry: noop,
+  handoff: noop,
+  sessionEnded: noop,
+  sessionsActive: noop,
+  error: noop,
+};

@@ -1,0 +1,367 @@
+/**
+ * Encoders and the decoder of the page protocol (see wire.ts, README.md). Pure functions over
+ * bytes. Decoders return views into the message (DATA payloads are never copied); encoders
+ * allocate once at the final size, except encodeDataHeaderInto, which writes into a buffer the
+ * caller already filled with the payload after HeaderSize.DATA bytes (the source preads there).
+ */
+import { ProtocolError } from './errors.js';
+import {
+  Channel,
+  FrameType,
+  HeaderSize,
+  HELLO_MAGIC,
+  Limits,
+  type ChannelKind,
+  type Frame,
+  type PageRange,
+  type RegionInfo,
+} from './wire.js';
+
+const TWO32 = 2 ** 32;
+const MAX_SAFE_HI = Math.floor(Number.MAX_SAFE_INTEGER / TWO32);
+const ID_RE = /^[A-Za-z0-9._:-]+$/;
+
+function bad(code: string, message: string): never {
+  throw new ProtocolError(code, message);
+}
+
+function view(buf: Uint8Array): DataView {
+  return new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+}
+
+function getU64(dv: DataView, off: number, field: string): number {
+  const lo = dv.getUint32(off, true);
+  const hi = dv.getUint32(off + 4, true);
+  if (hi > MAX_SAFE_HI) bad('FRAME_BAD_VALUE', `${field} exceeds 2^53`);
+  return hi * TWO32 + lo;
+}
+
+function setU64(dv: DataView, off: number, value: number): void {
+  dv.setUint32(off, value % TWO32, true);
+  dv.setUint32(off + 4, Math.floor(value / TWO32), true);
+}
+
+function need(buf: Uint8Array, len: number, what: string): void {
+  if (buf.byteLength < len) {
+    bad('FRAME_TRUNCATED', `${what} frame needs ${len} bytes, got ${buf.byteLength}`);
+  }
+}
+
+function exact(buf: Uint8Array, len: number, what: string): void {
+  if (buf.byteLength !== len) {
+    bad('FRAME_BAD_LENGTH', `${what} frame must be ${len} bytes, got ${buf.byteLength}`);
+  }
+}
+
+function checkChannel(value: number): ChannelKind {
+  if (value !== Channel.DEMAND && value !== Channel.BACKGROUND) {
+    bad('FRAME_BAD_CHANNEL', `unknown channel kind ${value}`);
+  }
+  return value;
+}
+
+const utf8 = new TextDecoder('utf-8', { fatal: true });
+function text(buf: Uint8Array, start: number, len: number, field: string): string {
+  try {
+    return utf8.decode(buf.subarray(start, start + len));
+  } catch {
+    return bad('FRAME_BAD_VALUE', `${field} is not valid UTF-8`);
+  }
+}
+
+export function validMigrationId(id: string): boolean {
+  return id.length > 0 && Buffer.byteLength(id) <= Limits.MAX_ID_BYTES && ID_RE.test(id);
+}
+
+// --- HELLO: u8 type, u8 channel, u16 version, u32 magic, u16 idLen, u16 authLen, id, auth ---
+export function encodeHello(
+  channel: ChannelKind,
+  version: number,
+  migrationId: string,
+  auth: Uint8Array = new Uint8Array(0),
+): Buffer {
+  const id = Buffer.from(migrationId, 'utf8');
+  const buf = Buffer.alloc(12 + id.length + auth.length);
+  const dv = view(buf);
+  buf[0] = FrameType.HELLO;
+  buf[1] = channel;
+  dv.setUint16(2, version, true);
+  dv.setUint32(4, HELLO_MAGIC, true);
+  dv.setUint16(8, id.length, true);
+  dv.setUint16(10, auth.length, true);
+  id.copy(buf, 12);
+  buf.set(auth, 12 + id.length);
+  return buf;
+}
+
+// --- WELCOME: u8 type, u8 channel, u16 version, u16 regionCount, u16 0, nonce[16], regions ---
+// region: u64 offset, u64 sizeBytes, u32 pageSizeBytes, u16 nameLen, u16 0, name
+const REGION_FIXED = 24;
+export function encodeWelcome(
+  channel: ChannelKind,
+  version: number,
+  nonce: Uint8Array,
+  regions: readonly RegionInfo[],
+): Buffer {
+  if (nonce.length !== 16) throw new RangeError('nonce must be 16 bytes');
+  const names = regions.map((r) => Buffer.from(r.name, 'utf8'));
+  const size = 24 + names.reduce((n, name) => n + REGION_FIXED + name.length, 0);
+  const buf = Buffer.alloc(size);
+  const dv = view(buf);
+  buf[0] = FrameType.WELCOME;
+  buf[1] = channel;
+  dv.setUint16(2, version, true);
+  dv.setUint16(4, regions.length, true);
+  buf.set(nonce, 8);
+  let off = 24;
+  regions.forEach((r, i) => {
+    setU64(dv, off, r.offset);
+    setU64(dv, off + 8, r.sizeBytes);
+    dv.setUint32(off + 16, r.pageSizeBytes, true);
+    dv.setUint16(off + 20, names[i]!.length, true);
+    names[i]!.copy(buf, off + REGION_FIXED);
+    off += REGION_FIXED + names[i]!.length;
+  });
+  return buf;
+}
+
+// --- REQUEST: u8 type, u8 0, u16 count, u32 0, then count x (u64 offset, u32 length, u32 0) ---
+export function encodeRequest(ranges: readonly PageRange[]): Buffer {
+  const buf = Buffer.alloc(HeaderSize.REQUEST + HeaderSize.REQUEST_ENTRY * ranges.length);
+  const dv = view(buf);
+  buf[0] = FrameType.REQUEST;
+  dv.setUint16(2, ranges.length, true);
+  ranges.forEach((r, i) => {
+    const off = HeaderSize.REQUEST + i * HeaderSize.REQUEST_ENTRY;
+    setU64(dv, off, r.offset);
+    dv.setUint32(off + 8, r.length, true);
+  });
+  return buf;
+}
+
+// --- DATA: u8 type, u8 flags, u16 0, u32 length, u64 offset, u32 checksum, u32 0, payload ---
+/** Writes a DATA header into the first HeaderSize.DATA bytes of `frame`; payload follows it. */
+export function encodeDataHeaderInto(
+  frame: Uint8Array,
+  flags: number,
+  offset: number,
+  checksum = 0,
+): void {
+  const length = frame.byteLength - HeaderSize.DATA;
+  if (length <= 0 || length > Limits.MAX_DATA_BYTES)
+    throw new RangeError(`bad DATA length ${length}`);
+  const dv = view(frame);
+  frame[0] = FrameType.DATA;
+  frame[1] = flags;
+  dv.setUint16(2, 0, true);
+  dv.setUint32(4, length, true);
+  setU64(dv, 8, offset);
+  dv.setUint32(16, checksum >>> 0, true);
+  dv.setUint32(20, 0, true);
+}
+
+export function encodeData(
+  flags: number,
+  offset: number,
+  payload: Uint8Array,
+  checksum = 0,
+): Buffer {
+  const buf = Buffer.alloc(HeaderSize.DATA + payload.byteLength);
+  buf.set(payload, HeaderSize.DATA);
+  encodeDataHeaderInto(buf, flags, offset, checksum);
+  return buf;
+}
+
+// --- ZERO: u8 type, u8 flags, u16 0, u32 length, u64 offset ---
+export function encodeZero(flags: number, offset: number, length: number): Buffer {
+  const buf = Buffer.alloc(HeaderSize.ZERO);
+  const dv = view(buf);
+  buf[0] = FrameType.ZERO;
+  buf[1] = flags;
+  dv.setUint32(4, length, true);
+  setU64(dv, 8, offset);
+  return buf;
+}
+
+// --- PROGRESS: u8 type, u8 flags, u16 0, u32 0, u64 sentBytes, u64 totalBytes ---
+export function encodeProgress(flags: number, sentBytes: number, totalBytes: number): Buffer {
+  const buf = Buffer.alloc(HeaderSize.PROGRESS);
+  const dv = view(buf);
+  buf[0] = FrameType.PROGRESS;
+  buf[1] = flags;
+  setU64(dv, 8, sentBytes);
+  setU64(dv, 16, totalBytes);
+  return buf;
+}
+
+// --- CREDIT: u8 type, u8 0, u16 0, u32 bytes ---
+export function encodeCredit(bytes: number): Buffer {
+  const buf = Buffer.alloc(HeaderSize.CREDIT);
+  buf[0] = FrameType.CREDIT;
+  view(buf).setUint32(4, bytes, true);
+  return buf;
+}
+
+// --- COMPLETE: u8 type, u8 0, u16 0, u32 pages ---
+export function encodeComplete(pages: number): Buffer {
+  const buf = Buffer.alloc(HeaderSize.COMPLETE);
+  buf[0] = FrameType.COMPLETE;
+  view(buf).setUint32(4, pages >>> 0, true);
+  return buf;
+}
+
+// --- ERROR: u8 type, u8 codeLen, u16 messageLen, code (ASCII), message (UTF-8) ---
+export function encodeError(code: string, message: string): Buffer {
+  const c = Buffer.from(code.slice(0, Limits.MAX_ERROR_CODE_BYTES), 'ascii');
+  let m = Buffer.from(message, 'utf8');
+  if (m.length > Limits.MAX_ERROR_MESSAGE_BYTES) m = m.subarray(0, Limits.MAX_ERROR_MESSAGE_BYTES);
+  const buf = Buffer.alloc(4 + c.length + m.length);
+  buf[0] = FrameType.ERROR;
+  buf[1] = c.length;
+  view(buf).setUint16(2, m.length, true);
+  c.copy(buf, 4);
+  m.copy(buf, 4 + c.length);
+  return buf;
+}
+
+function decodeHello(buf: Uint8Array, dv: DataView): Frame {
+  need(buf, 12, 'HELLO');
+  if (dv.getUint32(4, true) !== HELLO_MAGIC) bad('FRAME_BAD_MAGIC', 'HELLO magic is not "YBSM"');
+  const idLen = dv.getUint16(8, true);
+  const authLen = dv.getUint16(10, true);
+  exact(buf, 12 + idLen + authLen, 'HELLO');
+  if (authLen > Limits.MAX_AUTH_BYTES) bad('FRAME_BAD_VALUE', `HELLO auth of ${authLen} bytes`);
+  const migrationId = text(buf, 12, idLen, 'migration id');
+  if (!validMigrationId(migrationId)) bad('FRAME_BAD_VALUE', 'HELLO migration id is malformed');
+  return {
+    type: FrameType.HELLO,
+    channel: checkChannel(buf[1]!),
+    version: dv.getUint16(2, true),
+    migrationId,
+    auth: buf.subarray(12 + idLen, 12 + idLen + authLen),
+  };
+}
+
+function decodeWelcome(buf: Uint8Array, dv: DataView): Frame {
+  need(buf, 24, 'WELCOME');
+  const count = dv.getUint16(4, true);
+  if (count > Limits.MAX_REGIONS) bad('FRAME_BAD_VALUE', `WELCOME with ${count} regions`);
+  const regions: RegionInfo[] = [];
+  let off = 24;
+  for (let i = 0; i < count; i++) {
+    need(buf, off + REGION_FIXED, 'WELCOME');
+    const nameLen = dv.getUint16(off + 20, true);
+    if (nameLen > Limits.MAX_REGION_NAME_BYTES) bad('FRAME_BAD_VALUE', 'region name too long');
+    need(buf, off + REGION_FIXED + nameLen, 'WELCOME');
+    regions.push({
+      offset: getU64(dv, off, 'region offset'),
+      sizeBytes: getU64(dv, off + 8, 'region size'),
+      pageSizeBytes: dv.getUint32(off + 16, true),
+      name: text(buf, off + REGION_FIXED, nameLen, 'region name'),
+    });
+    off += REGION_FIXED + nameLen;
+  }
+  exact(buf, off, 'WELCOME');
+  return {
+    type: FrameType.WELCOME,
+    channel: checkChannel(buf[1]!),
+    version: dv.getUint16(2, true),
+    nonce: buf.subarray(8, 24),
+    regions,
+  };
+}
+
+function decodeRequest(buf: Uint8Array, dv: DataView): Frame {
+  need(buf, HeaderSize.REQUEST, 'REQUEST');
+  const count = dv.getUint16(2, true);
+  if (count === 0 || count > Limits.MAX_REQUEST_ENTRIES) {
+    bad('FRAME_BAD_VALUE', `REQUEST with ${count} entries`);
+  }
+  exact(buf, HeaderSize.REQUEST + count * HeaderSize.REQUEST_ENTRY, 'REQUEST');
+  const ranges: PageRange[] = [];
+  for (let i = 0; i < count; i++) {
+    const off = HeaderSize.REQUEST + i * HeaderSize.REQUEST_ENTRY;
+    const length = dv.getUint32(off + 8, true);
+    if (length === 0) bad('FRAME_BAD_VALUE', 'REQUEST entry of zero length');
+    ranges.push({ offset: getU64(dv, off, 'request offset'), length });
+  }
+  return { type: FrameType.REQUEST, ranges };
+}
+
+function decodeDataFrame(buf: Uint8Array, dv: DataView): Frame {
+  need(buf, HeaderSize.DATA, 'DATA');
+  const length = dv.getUint32(4, true);
+  if (length === 0 || length > Limits.MAX_DATA_BYTES)
+    bad('FRAME_BAD_VALUE', `DATA of ${length} bytes`);
+  exact(buf, HeaderSize.DATA + length, 'DATA');
+  return {
+    type: FrameType.DATA,
+    flags: buf[1]!,
+    offset: getU64(dv, 8, 'DATA offset'),
+    checksum: dv.getUint32(16, true),
+    payload: buf.subarray(HeaderSize.DATA),
+  };
+}
+
+function decodeZero(buf: Uint8Array, dv: DataView): Frame {
+  exact(buf, HeaderSize.ZERO, 'ZERO');
+  const length = dv.getUint32(4, true);
+  if (length === 0) bad('FRAME_BAD_VALUE', 'ZERO run of zero length');
+  return { type: FrameType.ZERO, flags: buf[1]!, length, offset: getU64(dv, 8, 'ZERO offset') };
+}
+
+function decodeProgress(buf: Uint8Array, dv: DataView): Frame {
+  exact(buf, HeaderSize.PROGRESS, 'PROGRESS');
+  return {
+    type: FrameType.PROGRESS,
+    flags: buf[1]!,
+    sentBytes: getU64(dv, 8, 'PROGRESS sent'),
+    totalBytes: getU64(dv, 16, 'PROGRESS total'),
+  };
+}
+
+function decodeError(buf: Uint8Array, dv: DataView): Frame {
+  need(buf, 4, 'ERROR');
+  const codeLen = buf[1]!;
+  const msgLen = dv.getUint16(2, true);
+  exact(buf, 4 + codeLen + msgLen, 'ERROR');
+  if (codeLen === 0 || codeLen > Limits.MAX_ERROR_CODE_BYTES)
+    bad('FRAME_BAD_VALUE', 'ERROR code length');
+  const code = text(buf, 4, codeLen, 'error code');
+  if (!/^[A-Z0-9_]+$/.test(code)) bad('FRAME_BAD_VALUE', 'ERROR code is not [A-Z0-9_]');
+  return { type: FrameType.ERROR, code, message: text(buf, 4 + codeLen, msgLen, 'error message') };
+}
+
+/**
+ * Decodes one ws message. Throws ProtocolError with code FRAME_EMPTY, FRAME_UNKNOWN_TYPE,
+ * FRAME_TRUNCATED, FRAME_BAD_LENGTH, FRAME_BAD_MAGIC, FRAME_BAD_CHANNEL or FRAME_BAD_VALUE.
+ */
+export function decodeFrame(buf: Uint8Array): Frame {
+  if (buf.byteLength === 0) bad('FRAME_EMPTY', 'empty message');
+  if (buf.byteLength > Limits.MAX_FRAME_BYTES) bad('FRAME_BAD_LENGTH', 'message too large');
+  const dv = view(buf);
+  switch (buf[0]) {
+    case FrameType.HELLO:
+      return decodeHello(buf, dv);
+    case FrameType.WELCOME:
+      return decodeWelcome(buf, dv);
+    case FrameType.REQUEST:
+      return decodeRequest(buf, dv);
+    case FrameType.DATA:
+      return decodeDataFrame(buf, dv);
+    case FrameType.ZERO:
+      return decodeZero(buf, dv);
+    case FrameType.PROGRESS:
+      return decodeProgress(buf, dv);
+    case FrameType.CREDIT:
+      exact(buf, HeaderSize.CREDIT, 'CREDIT');
+      return { type: FrameType.CREDIT, bytes: dv.getUint32(4, true) };
+    case FrameType.COMPLETE:
+      exact(buf, HeaderSize.COMPLETE, 'COMPLETE');
+      return { type: FrameType.COMPLETE, pages: dv.getUint32(4, true) };
+    case FrameType.ERROR:
+      return decodeError(buf, dv);
+    default:
+      return bad('FRAME_UNKNOWN_TYPE', `unknown frame type 0x${buf[0]!.toString(16)}`);
+  }
+}

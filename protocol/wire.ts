@@ -1,0 +1,129 @@
+/**
+ * Page protocol vocabulary (dest <-> source), version 1. Every ws binary message is exactly one
+ * frame; ws delimits messages, so frames carry no outer length. Integers are little-endian.
+ * Byte offsets are positions in the migration's *image address space* (the region table of the
+ * WELCOME frame), u64 on the wire, exact as JS numbers below 2^53 (checked on decode).
+ * protocol/README.md is the normative description; keep both in step.
+ */
+
+export const PROTOCOL_VERSION = 1;
+/** "YBSM" as little-endian u32: first field of HELLO. */
+export const HELLO_MAGIC = 0x4d534259;
+
+export const FrameType = {
+  /** dest -> source, first frame of each connection. */
+  HELLO: 0x01,
+  /** source -> dest, answer to HELLO: version, nonce, region table. */
+  WELCOME: 0x02,
+  /** dest -> source (demand): pages wanted now. */
+  REQUEST: 0x03,
+  /** source -> dest: page contents. */
+  DATA: 0x04,
+  /** source -> dest: a run of all-zero pages (or file holes); no payload. */
+  ZERO: 0x05,
+  /** source -> dest (background): bytes sent so far; DONE flag once every page went out. */
+  PROGRESS: 0x06,
+  /** dest -> source (background): permission to send `bytes` more of DATA payload. */
+  CREDIT: 0x07,
+  /** dest -> source: every page is present; source -> dest: acknowledged, image released. */
+  COMPLETE: 0x08,
+  /** either way: a coded error; the sender closes the connection after it. */
+  ERROR: 0x09,
+} as const;
+export type FrameTypeValue = (typeof FrameType)[keyof typeof FrameType];
+
+export const Channel = { DEMAND: 1, BACKGROUND: 2 } as const;
+export type ChannelKind = (typeof Channel)[keyof typeof Channel];
+
+/** DATA/ZERO flags. */
+export const DataFlag = {
+  /** Sent in answer to a REQUEST (demand), rather than by the background stream. */
+  DEMAND: 0x01,
+  /** The `checksum` field holds a checksum of the payload (reserved in version 1). */
+  CHECKSUM: 0x02,
+} as const;
+
+/** PROGRESS flags. */
+export const ProgressFlag = {
+  /** The background stream has sent every page of the image at least once. */
+  DONE: 0x01,
+} as const;
+
+export const Limits = {
+  /** Migration ids: 1..128 bytes of [A-Za-z0-9._:-]. */
+  MAX_ID_BYTES: 128,
+  /** HELLO auth field (reserved for the migration secret's proof; empty in version 1). */
+  MAX_AUTH_BYTES: 256,
+  MAX_REGIONS: 64,
+  MAX_REGION_NAME_BYTES: 64,
+  /** Entries in one REQUEST frame. */
+  MAX_REQUEST_ENTRIES: 1024,
+  /** DATA payload bytes in one frame. */
+  MAX_DATA_BYTES: 16 * 1024 * 1024,
+  MAX_ERROR_CODE_BYTES: 64,
+  MAX_ERROR_MESSAGE_BYTES: 1024,
+  /** Largest ws message a peer accepts: a full DATA frame and its header. */
+  MAX_FRAME_BYTES: 16 * 1024 * 1024 + 64,
+} as const;
+
+/** Fixed header sizes, in bytes. */
+export const HeaderSize = {
+  DATA: 24,
+  ZERO: 16,
+  REQUEST: 8,
+  REQUEST_ENTRY: 16,
+  PROGRESS: 24,
+  CREDIT: 8,
+  COMPLETE: 8,
+} as const;
+
+export interface RegionInfo {
+  /** Start of the region in the image address space, bytes. */
+  offset: number;
+  /** Region length, bytes (a multiple of pageSizeBytes). */
+  sizeBytes: number;
+  /** Page size of the region, bytes (a power of two, >= 4096). */
+  pageSizeBytes: number;
+  name: string;
+}
+
+export interface PageRange {
+  /** Image offset, bytes, page-aligned. */
+  offset: number;
+  /** Length, bytes, a whole number of pages. */
+  length: number;
+}
+
+export type Frame =
+  | {
+      type: typeof FrameType.HELLO;
+      version: number;
+      channel: ChannelKind;
+      migrationId: string;
+      /** Reserved for the proof of the migration secret; empty in version 1. */
+      auth: Uint8Array;
+    }
+  | {
+      type: typeof FrameType.WELCOME;
+      version: number;
+      channel: ChannelKind;
+      /** 16 random bytes, for the auth proof to come. */
+      nonce: Uint8Array;
+      regions: RegionInfo[];
+    }
+  | { type: typeof FrameType.REQUEST; ranges: PageRange[] }
+  | {
+      type: typeof FrameType.DATA;
+      flags: number;
+      offset: number;
+      checksum: number;
+      /** A view into the received message: no copy. */
+      payload: Uint8Array;
+    }
+  | { type: typeof FrameType.ZERO; flags: number; offset: number; length: number }
+  | { type: typeof FrameType.PROGRESS; flags: number; sentBytes: number; totalBytes: number }
+  | { type: typeof FrameType.CREDIT; bytes: number }
+  | { type: typeof FrameType.COMPLETE; pages: number }
+  | { type: typeof FrameType.ERROR; code: string; message: string };
+
+export type FrameOf<T extends FrameTypeValue> = Extract<Frame, { type: T }>;
