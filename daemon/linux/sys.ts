@@ -88,6 +88,12 @@ const c = {
     'int getsockopt(int fd, int level, int name, _Out_ ucred *val, _Inout_ uint32_t *len)',
   ),
   getpid: libc.func('int getpid()'),
+  bind: libc.func('int bind(int fd, const void *addr, uint32_t len)'),
+  connect: libc.func('int connect(int fd, const void *addr, uint32_t len)'),
+  listen: libc.func('int listen(int fd, int backlog)'),
+  accept4: libc.func('int accept4(int fd, void *addr, void *len, int flags)'),
+  send: libc.func('long send(int fd, const void *buf, size_t len, int flags)'),
+  shutdown: libc.func('int shutdown(int fd, int how)'),
 };
 
 function fail(name: string, detail?: string): never {
@@ -330,8 +336,70 @@ export function peerCred(fd: number): PeerCred {
   return out;
 }
 
+/** struct sockaddr_un for a filesystem path, or an abstract name when `path` starts with '@'. */
+export function sockaddrUn(path: string): Buffer {
+  const name = Buffer.from(path.startsWith('@') ? '\0' + path.slice(1) : path, 'utf8');
+  if (name.length > 107) throw new RangeError(`UNIX socket path too long: ${path}`);
+  const addr = Buffer.alloc(2 + name.length + (path.startsWith('@') ? 0 : 1));
+  addr.writeUInt16LE(abi.AF_UNIX, 0);
+  name.copy(addr, 2);
+  return addr;
+}
+
+/** A non-blocking listening AF_UNIX stream socket bound to `path`. */
+export function listenUnix(path: string, backlog = 64): number {
+  const fd = socket(abi.AF_UNIX, abi.SOCK_STREAM | abi.SOCK_NONBLOCK);
+  try {
+    const addr = sockaddrUn(path);
+    check('bind', c.bind(fd, addr, addr.length) as number, path);
+    check('listen', c.listen(fd, backlog) as number);
+    return fd;
+  } catch (err) {
+    c.close(fd);
+    throw err;
+  }
+}
+
+/** A blocking AF_UNIX stream socket connected to `path`. */
+export function connectUnix(path: string): number {
+  const fd = socket(abi.AF_UNIX, abi.SOCK_STREAM);
+  const addr = sockaddrUn(path);
+  if ((c.connect(fd, addr, addr.length) as number) < 0) {
+    const err = new SyscallError('connect', koffi.errno(), path);
+    c.close(fd);
+    throw err;
+  }
+  return fd;
+}
+
+/** accept4 (non-blocking, CLOEXEC); returns the new fd or a negative errno (EAGAIN: none queued). */
+export function tryAccept(fd: number): number {
+  const rc = c.accept4(fd, null, null, abi.SOCK_NONBLOCK | abi.SOCK_CLOEXEC) as number;
+  return rc < 0 ? negErrno() : rc;
+}
+
+/** send(2) without SIGPIPE; returns bytes sent or a negative errno. */
+export function trySend(fd: number, buf: Buffer, flags = 0): number {
+  const rc = Number(c.send(fd, buf, buf.length, flags | abi.MSG_NOSIGNAL));
+  return rc < 0 ? negErrno() : rc;
+}
+
+export function shutdownBoth(fd: number): void {
+  c.shutdown(fd, 2);
+}
+
 export function getpid(): number {
   return c.getpid() as number;
+}
+
+let flushPending = false;
+/** Makes node run queued nextTicks and microtasks soon: processImmediate drains both. */
+function flushTicks(): void {
+  if (flushPending) return;
+  flushPending = true;
+  setImmediate(() => {
+    flushPending = false;
+  });
 }
 
 export interface FdWatch {
@@ -367,6 +435,7 @@ export function watchReadable(
     } catch (err) {
       onError(err);
     }
+    flushTicks();
   }) as never);
   return {
     stop() {

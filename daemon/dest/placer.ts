@@ -1,0 +1,67 @@
+/**
+ * Places page data and zero runs into the VMM's memory through its userfaultfd, skipping pages
+ * already settled, one ioctl per contiguous run (UFFDIO_COPY of a 256 KiB run is ~15x faster
+ * than 64 ioctls of 4 KiB on these machines). Kernel answers are data:
+ *  - a partial copy continues after the bytes copied;
+ *  - EEXIST marks that one page present and continues after it;
+ *  - EAGAIN (a REMOVE/UNMAP event is pending) stops and asks the caller to drain events, then retry;
+ *  - ESRCH/ENOENT... means the VMM's address space is gone.
+ */
+import * as uffd from '../uffd/uffd.js';
+import { PageState, type PageMap, type RegionMap } from './page-map.js';
+
+export type PlaceOutcome =
+  | { kind: 'done'; placed: number; existed: number }
+  /** Stopped at page `resumeAt` (absolute page index in the region): drain events, then retry. */
+  | { kind: 'retry'; placed: number; existed: number; resumeAt: number }
+  | { kind: 'gone'; errno: string };
+
+/**
+ * Places pages [first, first+count) of region `r`. `data` holds their bytes (count pages), or is
+ * null for a zero run. Only MISSING and REQUESTED pages are written.
+ */
+export function placeRun(
+  fd: number,
+  map: PageMap,
+  r: RegionMap,
+  first: number,
+  count: number,
+  data: Buffer | null,
+): PlaceOutcome {
+  const ps = r.pageSizeBytes;
+  const end = first + count;
+  let placed = 0;
+  let existed = 0;
+  let p = first;
+  while (p < end) {
+    // Skip settled pages, then take the longest run of unsettled ones.
+    while (p < end && r.state[p]! >= PageState.PRESENT) p++;
+    if (p >= end) break;
+    let q = p;
+    while (q < end && r.state[q]! < PageState.PRESENT) q++;
+    const len = (q - p) * ps;
+    const res = data
+      ? uffd.copy(fd, r.address(p), data.subarray((p - first) * ps, (q - first) * ps), len)
+      : uffd.zeropage(fd, r.address(p), len);
+    switch (res.kind) {
+      case 'placed': {
+        const pages = Math.floor(res.bytes / ps);
+        map.mark(r, p, pages, PageState.PRESENT);
+        placed += pages;
+        p += pages;
+        if (pages === 0) return { kind: 'retry', placed, existed, resumeAt: p };
+        break;
+      }
+      case 'exists':
+        map.mark(r, p, 1, PageState.PRESENT);
+        existed++;
+        p++;
+        break;
+      case 'retry':
+        return { kind: 'retry', placed, existed, resumeAt: p };
+      case 'gone':
+        return { kind: 'gone', errno: res.errno };
+    }
+  }
+  return { kind: 'done', placed, existed };
+}

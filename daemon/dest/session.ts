@@ -1,0 +1,609 @@
+/**
+ * One VM's migration on the destination: the userfaultfd from its handoff, its page map, and its
+ * two channels to the source. Faults are read in the event loop (uv_poll on the uffd), requested
+ * once each on the demand channel, and placed when their data arrives on either channel; the
+ * background channel fills in everything else under credit-based flow control.
+ *
+ * States (checked): connecting -> running -> completing -> done, and any -> failed.
+ * Ordering written down here:
+ *  - the uffd is watched from the start: faults that arrive before both channels are up are
+ *    kept as REQUESTED pages and sent as soon as the demand channel opens;
+ *  - a page is requested at most once while in flight (the page map dedupes);
+ *  - COMPLETE goes to the source only when every page is settled, and the VMM hears `complete`
+ *    after the source acknowledged it (or the ack timed out: the source then keeps its image).
+ */
+import { performance } from 'node:perf_hooks';
+import * as uffd from '../uffd/uffd.js';
+import * as sys from '../linux/sys.js';
+import { ERRNO } from '../linux/errors.js';
+import { UFFD_IOCTL_BIT_COPY, UFFD_IOCTL_BIT_ZEROPAGE } from '../linux/abi.js';
+import { encodeComplete, encodeCredit, encodeRequest } from '../../protocol/page-codec.js';
+import { ProtocolError } from '../../protocol/errors.js';
+import type { HandoffRequest } from '../../protocol/handoff.js';
+import {
+  Channel,
+  DataFlag,
+  FrameType,
+  HeaderSize,
+  Limits,
+  ProgressFlag,
+  type Frame,
+  type PageRange,
+  type RegionInfo,
+} from '../../protocol/wire.js';
+import type { CloseInfo, ConnectOptions, PageChannel } from '../transport/client.js';
+import type { HandoffConnection } from '../handoff/listener.js';
+import type { Logger } from '../ops/log.js';
+import type { DestMetrics, PagePath } from '../ops/metric-ports.js';
+import { PageMap, PageState, type RegionMap } from './page-map.js';
+import { placeRun } from './placer.js';
+
+export type SessionState = 'connecting' | 'running' | 'completing' | 'done' | 'failed';
+
+export class SessionError extends Error {
+  readonly code: string;
+  constructor(code: string, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'SessionError';
+    this.code = code;
+  }
+}
+
+export interface SessionConfig {
+  connectTimeoutMs: number;
+  completeTimeoutMs: number;
+  backgroundWindowBytes: number;
+  progressIntervalMs: number;
+  heartbeatMs: number;
+}
+
+export interface SessionDeps {
+  config: SessionConfig;
+  log: Logger;
+  metrics: DestMetrics;
+  connect(opts: ConnectOptions): Promise<PageChannel>;
+}
+
+export interface SessionStats {
+  migrationId: string;
+  state: SessionState;
+  totalPages: number;
+  presentPages: number;
+  demandPages: number;
+  backgroundPages: number;
+  zeroPages: number;
+  faults: number;
+  existed: number;
+  retries: number;
+  startedAt: number;
+  elapsedMs: number;
+  error?: { code: string; message: string };
+}
+
+const EVENT_BATCH = 64; // uffd_msg per read(2)
+const MAX_PLACE_RETRIES = 64;
+
+export class Session {
+  readonly migrationId: string;
+  private stateValue: SessionState = 'connecting';
+  private readonly map: PageMap;
+  private demand: PageChannel | null = null;
+  private background: PageChannel | null = null;
+  private uffdWatch: sys.FdWatch | null = null;
+  private readonly eventBuf = Buffer.alloc(32 * EVENT_BATCH);
+  private readonly events: uffd.UffdEvent[] = [];
+  /** Faults awaiting data: image offset of the page -> time the fault was read (ms). */
+  private readonly inflight = new Map<number, number>();
+  /** Pages to request at the next flush. */
+  private pendingRequests: PageRange[] = [];
+  private creditOwed = 0;
+  private progressTimer: NodeJS.Timeout | null = null;
+  private completeAck: (() => void) | null = null;
+  private sourceDone = false;
+  private readonly log: Logger;
+  private readonly startedAt = Date.now();
+  private finishedAt = 0;
+  private error: { code: string; message: string } | undefined;
+  private readonly counts = {
+    demand: 0,
+    background: 0,
+    zero: 0,
+    faults: 0,
+    existed: 0,
+    retries: 0,
+  };
+  private resolveDone!: (s: SessionStats) => void;
+  /** Settles when the session ends, completed or failed. Never rejects. */
+  readonly done: Promise<SessionStats>;
+
+  constructor(
+    private readonly request: HandoffRequest,
+    private readonly uffdFd: number,
+    private readonly conn: HandoffConnection,
+    private readonly deps: SessionDeps,
+  ) {
+    this.migrationId = request.migrationId;
+    this.map = new PageMap(request.regions);
+    this.log = deps.log.child({ migration: request.migrationId });
+    this.done = new Promise((resolve) => (this.resolveDone = resolve));
+  }
+
+  get state(): SessionState {
+    return this.stateValue;
+  }
+
+  stats(): SessionStats {
+    return {
+      migrationId: this.migrationId,
+      state: this.stateValue,
+      totalPages: this.map.totalPages,
+      presentPages: this.map.settledPages,
+      demandPages: this.counts.demand,
+      backgroundPages: this.counts.background,
+      zeroPages: this.counts.zero,
+      faults: this.counts.faults,
+      existed: this.counts.existed,
+      retries: this.counts.retries,
+      startedAt: this.startedAt,
+      elapsedMs: (this.finishedAt || Date.now()) - this.startedAt,
+      ...(this.error ? { error: this.error } : {}),
+    };
+  }
+
+  /**
+   * Checks the regions against the uffd, starts serving faults, opens both channels and acks the
+   * VMM. Rejects with a SessionError (the caller replies it to the VMM and closes); after it
+   * resolves, the session ends through `done`.
+   */
+  async start(): Promise<void> {
+    this.conn.onClose(() => this.fail('VMM_GONE', 'the VMM closed its handoff connection'));
+    try {
+      this.registerRegions();
+      this.uffdWatch = sys.watchReadable(this.uffdFd, (hangup) => this.onUffdReadable(hangup));
+      const opts = { url: this.request.source, migrationId: this.migrationId };
+      const timeoutMs = this.deps.config.connectTimeoutMs;
+      const heartbeatMs = this.deps.config.heartbeatMs;
+      const [demand, background] = await Promise.all([
+        this.deps.connect({ ...opts, channel: Channel.DEMAND, timeoutMs, heartbeatMs }),
+        this.deps.connect({ ...opts, channel: Channel.BACKGROUND, timeoutMs, heartbeatMs }),
+      ]).catch((err: unknown) => {
+        const code = (err as { code?: string }).code ?? 'SOURCE_UNREACHABLE';
+        throw new SessionError(code, (err as Error).message, { cause: err });
+      });
+      this.demand = demand;
+      this.background = background;
+      if (this.stateValue !== 'connecting') {
+        // The VMM went away while we were connecting.
+        demand.close();
+        background.close();
+        throw new SessionError(
+          this.error?.code ?? 'SESSION_FAILED',
+          this.error?.message ?? 'session ended',
+        );
+      }
+      checkSourceRegions(this.map, demand.welcome.regions);
+      for (const ch of [demand, background]) {
+        ch.onFrame = (frame, bytes) => this.onFrame(ch, frame, bytes);
+        ch.onClose = (info) => this.onChannelClosed(ch, info);
+      }
+    } catch (err) {
+      const e =
+        err instanceof SessionError
+          ? err
+          : new SessionError(
+              (err as { code?: string }).code ?? 'SESSION_FAILED',
+              (err as Error).message,
+              { cause: err },
+            );
+      this.fail(e.code, e.message);
+      throw e;
+    }
+    this.stateValue = 'running';
+    this.background!.send(encodeCredit(this.deps.config.backgroundWindowBytes));
+    this.conn.reply({
+      type: 'ack',
+      migrationId: this.migrationId,
+      totalPages: this.map.totalPages,
+    });
+    this.log.info('migration started', {
+      source: this.request.source,
+      pages: this.map.totalPages,
+      queuedFaults: this.inflight.size,
+    });
+    this.progressTimer = setInterval(
+      () => this.reportProgress(),
+      this.deps.config.progressIntervalMs,
+    );
+    this.progressTimer.unref();
+    // Faults read while connecting: request them now.
+    for (const off of this.inflight.keys()) this.queueRequest(off, this.pageSizeAt(off));
+    this.flushRequests();
+    this.checkComplete();
+  }
+
+  /** Re-registers each region (idempotent for this uffd) to prove it is mapped and can take UFFDIO_COPY. */
+  private registerRegions(): void {
+    for (const r of this.map.regions) {
+      let ioctls: number;
+      try {
+        ioctls = uffd.registerMissing(this.uffdFd, r.base, r.sizeBytes);
+      } catch (err) {
+        throw new SessionError(
+          'HANDOFF_REGISTER_FAILED',
+          `region ${r.name}: ${(err as Error).message}`,
+          { cause: err },
+        );
+      }
+      const needed = UFFD_IOCTL_BIT_COPY | (r.pageSizeBytes === 4096 ? UFFD_IOCTL_BIT_ZEROPAGE : 0);
+      if ((ioctls & needed) !== needed) {
+        throw new SessionError(
+          'HANDOFF_REGISTER_FAILED',
+          `region ${r.name}: UFFDIO_COPY/ZEROPAGE unavailable (ioctls 0x${ioctls.toString(16)})`,
+        );
+      }
+    }
+  }
+
+  private pageSizeAt(imageOffset: number): number {
+    return this.map.regionAtOffset(imageOffset)?.pageSizeBytes ?? 4096;
+  }
+
+  // --- faults ---
+
+  private onUffdReadable(hangup: boolean): void {
+    if (this.stateValue === 'done' || this.stateValue === 'failed') return;
+    const status = this.drainEvents();
+    this.flushRequests();
+    if (status === 'gone' || (hangup && this.events.length === 0)) {
+      this.fail('VMM_GONE', 'the userfaultfd reports the address space is gone');
+    }
+  }
+
+  /** Reads every queued uffd event and acts on it; returns 'gone' if the mm went away. */
+  private drainEvents(): 'ok' | 'gone' {
+    const events = this.events;
+    events.length = 0;
+    const status = uffd.drainEvents(this.uffdFd, this.eventBuf, events);
+    const now = performance.now();
+    for (const e of events) {
+      if (e.kind === 'pagefault') this.onFault(e.address, now);
+      else if (e.kind === 'remove' || e.kind === 'unmap') this.onDiscard(e.start, e.end);
+    }
+    return status;
+  }
+
+  private onFault(address: number, now: number): void {
+    this.counts.faults++;
+    this.deps.metrics.fault();
+    const r = this.map.regionAt(address);
+    if (!r) {
+      this.log.error('fault outside every handed-off region', { address });
+      this.deps.metrics.error('FAULT_OUTSIDE_REGIONS');
+      return;
+    }
+    const page = Math.floor((address - r.base) / r.pageSizeBytes);
+    switch (r.state[page]) {
+      case PageState.MISSING: {
+        this.map.mark(r, page, 1, PageState.REQUESTED);
+        const off = r.imageOffset(page);
+        this.inflight.set(off, now);
+        this.queueRequest(off, r.pageSizeBytes);
+        break;
+      }
+      case PageState.REQUESTED:
+        break; // already asked; its placement wakes every waiter on the page
+      case PageState.PRESENT:
+        // Placed between the fault and this read: the placement already woke it; waking again is harmless.
+        uffd.wake(this.uffdFd, r.address(page), r.pageSizeBytes);
+        break;
+      case PageState.DISCARDED:
+        // The guest freed this page: it reads as zeros, never as source data.
+        this.place(r, page, 1, null, 'demand');
+        break;
+    }
+  }
+
+  private onDiscard(start: number, end: number): void {
+    for (let addr = start; addr < end;) {
+      const r = this.map.regionAt(addr);
+      if (!r) break;
+      const first = Math.floor((addr - r.base) / r.pageSizeBytes);
+      const last = Math.min(
+        r.pages,
+        Math.ceil((Math.min(end, r.base + r.sizeBytes) - r.base) / r.pageSizeBytes),
+      );
+      this.map.mark(r, first, last - first, PageState.DISCARDED);
+      addr = r.base + last * r.pageSizeBytes;
+    }
+    this.checkComplete();
+  }
+
+  private queueRequest(offset: number, length: number): void {
+    const last = this.pendingRequests[this.pendingRequests.length - 1];
+    if (last && last.offset + last.length === offset) last.length += length;
+    else this.pendingRequests.push({ offset, length });
+  }
+
+  private flushRequests(): void {
+    if (this.pendingRequests.length === 0 || !this.demand?.isOpen || this.stateValue !== 'running')
+      return;
+    const reqs = this.pendingRequests;
+    this.pendingRequests = [];
+    for (let i = 0; i < reqs.length; i += Limits.MAX_REQUEST_ENTRIES) {
+      this.demand.send(encodeRequest(reqs.slice(i, i + Limits.MAX_REQUEST_ENTRIES)));
+    }
+  }
+
+  // --- frames ---
+
+  private onFrame(ch: PageChannel, frame: Frame, bytes: number): void {
+    if (this.stateValue !== 'running' && this.stateValue !== 'completing') return;
+    const channelName = ch.kind === Channel.DEMAND ? 'demand' : 'background';
+    this.deps.metrics.bytesReceived(channelName, bytes);
+    try {
+      switch (frame.type) {
+        case FrameType.DATA:
+        case FrameType.ZERO: {
+          const length = frame.type === FrameType.DATA ? frame.payload.byteLength : frame.length;
+          const { r, first, count } = this.locate(frame.offset, length);
+          const path: PagePath = frame.flags & DataFlag.DEMAND ? 'demand' : 'background';
+          const data =
+            frame.type === FrameType.DATA
+              ? Buffer.from(
+                  frame.payload.buffer,
+                  frame.payload.byteOffset,
+                  frame.payload.byteLength,
+                )
+              : null;
+          this.place(r, first, count, data, path);
+          if (ch.kind === Channel.BACKGROUND) {
+            this.grantCredit(frame.type === FrameType.DATA ? length : HeaderSize.ZERO);
+          }
+          break;
+        }
+        case FrameType.PROGRESS:
+          if (frame.flags & ProgressFlag.DONE) this.sourceDone = true;
+          break;
+        case FrameType.COMPLETE:
+          if (this.stateValue !== 'completing')
+            throw new ProtocolError('BAD_STATE', 'COMPLETE before we sent ours');
+          this.completeAck?.();
+          break;
+        default:
+          throw new ProtocolError(
+            'BAD_STATE',
+            `frame type ${frame.type} is not legal from the source`,
+          );
+      }
+    } catch (err) {
+      const code = (err as { code?: string }).code ?? 'SESSION_FAILED';
+      ch.close(code, (err as Error).message);
+      this.fail(code, `source sent a bad frame: ${(err as Error).message}`);
+    }
+  }
+
+  private locate(offset: number, length: number): { r: RegionMap; first: number; count: number } {
+    const r = this.map.regionAtOffset(offset);
+    if (!r || offset + length > r.offset + r.sizeBytes) {
+      throw new ProtocolError(
+        'OUT_OF_RANGE',
+        `pages at ${offset}+${length} are outside every region`,
+      );
+    }
+    const rel = offset - r.offset;
+    if (rel % r.pageSizeBytes || length % r.pageSizeBytes) {
+      throw new ProtocolError('FRAME_BAD_VALUE', `run at ${offset}+${length} is not page-aligned`);
+    }
+    return { r, first: rel / r.pageSizeBytes, count: length / r.pageSizeBytes };
+  }
+
+  private grantCredit(bytes: number): void {
+    this.creditOwed += bytes;
+    // Batch grants: a CREDIT frame per quarter window keeps the stream full without chatter.
+    if (this.creditOwed >= this.deps.config.backgroundWindowBytes / 4) {
+      this.background?.send(encodeCredit(this.creditOwed));
+      this.creditOwed = 0;
+    }
+  }
+
+  /** Places a run and accounts for it; on EAGAIN drains uffd events (REMOVE) and retries. */
+  private place(
+    r: RegionMap,
+    first: number,
+    count: number,
+    data: Buffer | null,
+    path: PagePath,
+  ): void {
+    const end = first + count;
+    let at = first;
+    for (let attempt = 0; ; attempt++) {
+      const out = placeRun(
+        this.uffdFd,
+        this.map,
+        r,
+        at,
+        end - at,
+        data ? data.subarray((at - first) * r.pageSizeBytes) : null,
+      );
+      if (out.kind === 'gone') {
+        this.fail('VMM_GONE', `placement failed with ${out.errno}: the VMM's memory is gone`);
+        return;
+      }
+      this.account(path, data === null, out.placed, out.existed);
+      if (out.kind === 'done') break;
+      this.counts.retries++;
+      this.deps.metrics.placeRetry();
+      if (attempt >= MAX_PLACE_RETRIES) {
+        // Still EAGAIN after draining: the event may need the VMM to progress. Try again shortly.
+        const resumeAt = out.resumeAt;
+        setImmediate(() => {
+          if (this.stateValue === 'running' || this.stateValue === 'completing') {
+            this.place(
+              r,
+              resumeAt,
+              end - resumeAt,
+              data ? data.subarray((resumeAt - first) * r.pageSizeBytes) : null,
+              path,
+            );
+          }
+        });
+        return;
+      }
+      at = out.resumeAt;
+      if (this.drainEvents() === 'gone') {
+        this.fail('VMM_GONE', 'the userfaultfd reports the address space is gone');
+        return;
+      }
+    }
+    this.settleInflight(r, first, count);
+    this.checkComplete();
+  }
+
+  private account(path: PagePath, zero: boolean, placed: number, existed: number): void {
+    if (existed) {
+      this.counts.existed += existed;
+      for (let i = 0; i < existed; i++) this.deps.metrics.placeExists();
+    }
+    if (placed === 0) return;
+    if (zero) this.counts.zero += placed;
+    else if (path === 'demand') this.counts.demand += placed;
+    else this.counts.background += placed;
+    this.deps.metrics.pagesPlaced(path, zero ? 'zero' : 'data', placed);
+  }
+
+  /** Faults on pages now settled are served: record how long each vCPU waited. */
+  private settleInflight(r: RegionMap, first: number, count: number): void {
+    if (this.inflight.size === 0) return;
+    const now = performance.now();
+    for (let p = first; p < first + count; p++) {
+      const off = r.imageOffset(p);
+      const t0 = this.inflight.get(off);
+      if (t0 !== undefined && r.state[p]! >= PageState.PRESENT) {
+        this.inflight.delete(off);
+        this.deps.metrics.faultServiceSeconds((now - t0) / 1000);
+      }
+    }
+  }
+
+  // --- completion and failure ---
+
+  private checkComplete(): void {
+    if (this.stateValue !== 'running' || !this.map.complete) return;
+    this.stateValue = 'completing';
+    void this.complete();
+  }
+
+  private async complete(): Promise<void> {
+    const ch = this.background?.isOpen ? this.background : this.demand;
+    const acked = await new Promise<boolean>((resolve) => {
+      const timer = setTimeout(() => resolve(false), this.deps.config.completeTimeoutMs);
+      this.completeAck = () => {
+        clearTimeout(timer);
+        resolve(true);
+      };
+      if (!ch?.send(encodeComplete(this.map.totalPages))) {
+        clearTimeout(timer);
+        resolve(false);
+      }
+    });
+    if (this.stateValue !== 'completing') return;
+    if (!acked) {
+      this.log.warn('the source did not acknowledge COMPLETE; it keeps its image until told', {
+        timeoutMs: this.deps.config.completeTimeoutMs,
+      });
+    }
+    for (const r of this.map.regions) uffd.unregister(this.uffdFd, r.base, r.sizeBytes);
+    this.stateValue = 'done';
+    const s = this.stats();
+    this.conn.reply({
+      type: 'complete',
+      totalPages: s.totalPages,
+      demandPages: s.demandPages,
+      backgroundPages: s.backgroundPages,
+      zeroPages: s.zeroPages,
+    });
+    this.log.info('migration complete', { ...s, sourceAcked: acked, sourceDone: this.sourceDone });
+    this.deps.metrics.sessionEnded('complete');
+    this.teardown();
+  }
+
+  private onChannelClosed(ch: PageChannel, info: CloseInfo): void {
+    if (this.stateValue === 'done' || this.stateValue === 'failed') return;
+    if (this.stateValue === 'completing' && ch === this.background) return; // the ack may still come on demand
+    this.fail(
+      info.code === 'CLOSED' ? 'SOURCE_LOST' : info.code,
+      `${ch.kind === Channel.DEMAND ? 'demand' : 'background'} channel closed: ${info.message}`,
+    );
+  }
+
+  /**
+   * Ends the session with a coded error. Blocked guest threads are not woken with bad data:
+   * the VMM keeps its own reference to the uffd, so they stay blocked until it acts.
+   */
+  fail(code: string, message: string): void {
+    if (this.stateValue === 'done' || this.stateValue === 'failed') return;
+    this.stateValue = 'failed';
+    this.error = { code, message };
+    this.log.error('migration failed', {
+      code,
+      message,
+      present: this.map.settledPages,
+      total: this.map.totalPages,
+    });
+    this.deps.metrics.sessionEnded(code);
+    this.deps.metrics.error(code);
+    this.conn.reply({ type: 'error', code, message });
+    this.teardown();
+  }
+
+  /** Stops the session (daemon shutdown): the VMM is told, the source is not told complete. */
+  stop(reason = 'the daemon is shutting down'): void {
+    this.fail('DAEMON_STOPPING', reason);
+  }
+
+  private teardown(): void {
+    this.finishedAt = Date.now();
+    if (this.progressTimer) clearInterval(this.progressTimer);
+    this.uffdWatch?.stop();
+    this.uffdWatch = null;
+    this.demand?.close();
+    this.background?.close();
+    try {
+      sys.close(this.uffdFd);
+    } catch (err) {
+      if ((err as { errno?: number }).errno !== ERRNO.EBADF) throw err;
+    }
+    this.conn.close();
+    this.resolveDone(this.stats());
+  }
+
+  private reportProgress(): void {
+    if (this.stateValue !== 'running') return;
+    this.conn.reply({
+      type: 'progress',
+      presentPages: this.map.settledPages,
+      totalPages: this.map.totalPages,
+    });
+  }
+}
+
+/** Every handed-off region must lie inside one source region with the same page size. */
+function checkSourceRegions(map: PageMap, source: readonly RegionInfo[]): void {
+  for (const r of map.regions) {
+    const s = source.find(
+      (x) => r.offset >= x.offset && r.offset + r.sizeBytes <= x.offset + x.sizeBytes,
+    );
+    if (!s) {
+      throw new SessionError(
+        'SOURCE_MISMATCH',
+        `region ${r.name} (image ${r.offset}+${r.sizeBytes}) is not inside the source image`,
+      );
+    }
+    if (s.pageSizeBytes !== r.pageSizeBytes) {
+      throw new SessionError(
+        'SOURCE_MISMATCH',
+        `region ${r.name}: page size ${r.pageSizeBytes} but the source has ${s.pageSizeBytes}`,
+      );
+    }
+  }
+}

@@ -1,0 +1,243 @@
+/**
+ * The destination side of the transport: one ws connection to `yabusame source` per channel
+ * (demand, background), HELLO sent and WELCOME awaited before the channel is handed out.
+ * The rest of the daemon sees PageChannel, never ws.
+ */
+import WebSocket from 'ws';
+import { decodeFrame, encodeHello } from '../../protocol/page-codec.js';
+import { ProtocolError } from '../../protocol/errors.js';
+import {
+  Channel,
+  FrameType,
+  Limits,
+  PROTOCOL_VERSION,
+  type ChannelKind,
+  type Frame,
+  type FrameOf,
+} from '../../protocol/wire.js';
+
+export class TransportError extends Error {
+  readonly code: string;
+  constructor(code: string, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'TransportError';
+    this.code = code;
+  }
+}
+
+export interface CloseInfo {
+  /** Why: a protocol/transport code (SOURCE_CLOSED, HEARTBEAT_TIMEOUT, FRAME_*, or the ERROR frame's code). */
+  code: string;
+  message: string;
+}
+
+export interface PageChannel {
+  readonly kind: ChannelKind;
+  readonly welcome: FrameOf<typeof FrameType.WELCOME>;
+  /** Sends one frame; false when the channel is closed. */
+  send(frame: Uint8Array): boolean;
+  /** Frames received, in order; `bytes` is the message size. Set by the owner. */
+  onFrame: (frame: Frame, bytes: number) => void;
+  /** Called once when the channel closes for any reason. Set by the owner. */
+  onClose: (info: CloseInfo) => void;
+  close(code?: string, message?: string): void;
+  readonly isOpen: boolean;
+}
+
+export interface ConnectOptions {
+  /** Source base URL, e.g. ws://10.0.0.5:7070. */
+  url: string;
+  migrationId: string;
+  channel: ChannelKind;
+  timeoutMs: number;
+  /** Interval of ws pings; the channel closes with HEARTBEAT_TIMEOUT when a pong is missed. */
+  heartbeatMs?: number;
+}
+
+const channelName = (kind: ChannelKind): string =>
+  kind === Channel.DEMAND ? 'demand' : 'background';
+
+export function pagesUrl(base: string): string {
+  return base.replace(/\/+$/, '') + '/v1/pages';
+}
+
+/** Opens a channel: resolves after a valid WELCOME, rejects with a TransportError otherwise. */
+export function connectPageChannel(opts: ConnectOptions): Promise<PageChannel> {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(pagesUrl(opts.url), {
+      perMessageDeflate: false,
+      maxPayload: Limits.MAX_FRAME_BYTES,
+      handshakeTimeout: opts.timeoutMs,
+    });
+    ws.binaryType = 'nodebuffer';
+    let settled = false;
+    let channel: ChannelImpl | null = null;
+    const timer = setTimeout(() => {
+      fail(
+        new TransportError(
+          'SOURCE_TIMEOUT',
+          `no WELCOME from ${opts.url} within ${opts.timeoutMs} ms`,
+        ),
+      );
+      ws.terminate();
+    }, opts.timeoutMs);
+    const fail = (err: TransportError): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      reject(err);
+    };
+    ws.on('open', () => {
+      ws.send(encodeHello(opts.channel, PROTOCOL_VERSION, opts.migrationId));
+    });
+    ws.on('error', (err) => {
+      if (!settled) {
+        fail(
+          new TransportError('SOURCE_UNREACHABLE', `cannot reach ${opts.url}: ${err.message}`, {
+            cause: err,
+          }),
+        );
+      } else {
+        channel?.closeWith({ code: 'SOURCE_IO', message: err.message });
+      }
+    });
+    ws.on('close', (code, reason) => {
+      if (!settled) {
+        fail(
+          new TransportError(
+            'SOURCE_CLOSED',
+            `source closed during hello (${code} ${reason.toString()})`,
+          ),
+        );
+      }
+      channel?.closeWith({
+        code: 'SOURCE_CLOSED',
+        message: `ws closed ${code} ${reason.toString()}`,
+      });
+    });
+    ws.on('message', (data: Buffer, isBinary: boolean) => {
+      if (channel) {
+        channel.deliver(data, isBinary);
+        return;
+      }
+      let frame: Frame;
+      try {
+        if (!isBinary) throw new ProtocolError('FRAME_TEXT', 'text message from source');
+        frame = decodeFrame(data);
+      } catch (err) {
+        const code = err instanceof ProtocolError ? err.code : 'FRAME_BAD';
+        fail(new TransportError(code, `bad hello answer: ${(err as Error).message}`));
+        ws.terminate();
+        return;
+      }
+      if (frame.type === FrameType.ERROR) {
+        fail(
+          new TransportError(
+            frame.code,
+            `source refused ${channelName(opts.channel)}: ${frame.message}`,
+          ),
+        );
+        ws.close();
+        return;
+      }
+      if (frame.type !== FrameType.WELCOME || frame.channel !== opts.channel) {
+        fail(
+          new TransportError(
+            'BAD_STATE',
+            'source answered HELLO with something other than WELCOME',
+          ),
+        );
+        ws.terminate();
+        return;
+      }
+      if (frame.version !== PROTOCOL_VERSION) {
+        fail(new TransportError('VERSION_UNSUPPORTED', `source speaks version ${frame.version}`));
+        ws.terminate();
+        return;
+      }
+      settled = true;
+      clearTimeout(timer);
+      channel = new ChannelImpl(ws, opts.channel, frame, opts.heartbeatMs ?? 0);
+      resolve(channel);
+    });
+  });
+}
+
+class ChannelImpl implements PageChannel {
+  onFrame: (frame: Frame, bytes: number) => void = () => {};
+  onClose: (info: CloseInfo) => void = () => {};
+  private open = true;
+  private heartbeat: NodeJS.Timeout | null = null;
+  private awaitingPong = false;
+
+  constructor(
+    private readonly ws: WebSocket,
+    readonly kind: ChannelKind,
+    readonly welcome: FrameOf<typeof FrameType.WELCOME>,
+    heartbeatMs: number,
+  ) {
+    if (heartbeatMs > 0) {
+      ws.on('pong', () => {
+        this.awaitingPong = false;
+      });
+      this.heartbeat = setInterval(() => {
+        if (this.awaitingPong) {
+          this.closeWith({
+            code: 'HEARTBEAT_TIMEOUT',
+            message: `no pong within ${heartbeatMs} ms`,
+          });
+          ws.terminate();
+          return;
+        }
+        this.awaitingPong = true;
+        ws.ping();
+      }, heartbeatMs);
+      this.heartbeat.unref();
+    }
+  }
+
+  get isOpen(): boolean {
+    return this.open;
+  }
+
+  deliver(data: Buffer, isBinary: boolean): void {
+    if (!this.open) return;
+    let frame: Frame;
+    try {
+      if (!isBinary) throw new ProtocolError('FRAME_TEXT', 'text message from source');
+      frame = decodeFrame(data);
+    } catch (err) {
+      const code = err instanceof ProtocolError ? err.code : 'FRAME_BAD';
+      this.closeWith({ code, message: (err as Error).message });
+      this.ws.terminate();
+      return;
+    }
+    if (frame.type === FrameType.ERROR) {
+      this.closeWith({ code: frame.code, message: frame.message });
+      this.ws.close();
+      return;
+    }
+    this.onFrame(frame, data.length);
+  }
+
+  send(frame: Uint8Array): boolean {
+    if (!this.open || this.ws.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(frame);
+    return true;
+  }
+
+  close(code = 'CLOSED', message = 'closed by the destination'): void {
+    if (!this.open) return;
+    this.closeWith({ code, message });
+    this.ws.close(1000);
+    // A peer that never answers the close handshake must not keep the socket alive.
+    setTimeout(() => this.ws.terminate(), 2000).unref();
+  }
+
+  closeWith(info: CloseInfo): void {
+    if (!this.open) return;
+    this.open = false;
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    this.onClose(info);
+  }
+}
