@@ -182,10 +182,6 @@ export class Session {
         );
       }
       checkSourceRegions(this.map, demand.welcome.regions);
-      for (const ch of [demand, background]) {
-        ch.onFrame = (frame, bytes) => this.onFrame(ch, frame, bytes);
-        ch.onClose = (info) => this.onChannelClosed(ch, info);
-      }
     } catch (err) {
       const e =
         err instanceof SessionError
@@ -199,12 +195,19 @@ export class Session {
       throw e;
     }
     this.stateValue = 'running';
-    this.background!.send(encodeCredit(this.deps.config.backgroundWindowBytes));
     this.conn.reply({
       type: 'ack',
       migrationId: this.migrationId,
       totalPages: this.map.totalPages,
     });
+    for (const ch of [this.demand!, this.background!]) {
+      ch.attach(
+        (frame, bytes) => this.onFrame(ch, frame, bytes),
+        (info) => this.onChannelClosed(ch, info),
+      );
+    }
+    if (this.stateValue !== 'running') return; // a frame delivered on attach ended it
+    this.background!.send(encodeCredit(this.deps.config.backgroundWindowBytes));
     this.log.info('migration started', {
       source: this.request.source,
       pages: this.map.totalPages,

@@ -36,10 +36,12 @@ export interface PageChannel {
   readonly welcome: FrameOf<typeof FrameType.WELCOME>;
   /** Sends one frame; false when the channel is closed. */
   send(frame: Uint8Array): boolean;
-  /** Frames received, in order; `bytes` is the message size. Set by the owner. */
-  onFrame: (frame: Frame, bytes: number) => void;
-  /** Called once when the channel closes for any reason. Set by the owner. */
-  onClose: (info: CloseInfo) => void;
+  /**
+   * Starts delivery: frames in order (`bytes` is the message size), then one `onClose` when the
+   * channel closes for any reason. Frames and a close that arrive before attach are kept and
+   * delivered by it, so nothing sent right behind WELCOME is lost.
+   */
+  attach(onFrame: (frame: Frame, bytes: number) => void, onClose: (info: CloseInfo) => void): void;
   close(code?: string, message?: string): void;
   readonly isOpen: boolean;
 }
@@ -164,8 +166,10 @@ export function connectPageChannel(opts: ConnectOptions): Promise<PageChannel> {
 }
 
 class ChannelImpl implements PageChannel {
-  onFrame: (frame: Frame, bytes: number) => void = () => {};
-  onClose: (info: CloseInfo) => void = () => {};
+  private onFrame: ((frame: Frame, bytes: number) => void) | null = null;
+  private onClose: ((info: CloseInfo) => void) | null = null;
+  private early: Array<[Frame, number]> = [];
+  private earlyClose: CloseInfo | null = null;
   private open = true;
   private heartbeat: NodeJS.Timeout | null = null;
   private awaitingPong = false;
@@ -217,7 +221,15 @@ class ChannelImpl implements PageChannel {
       this.ws.close();
       return;
     }
-    this.onFrame(frame, data.length);
+    if (this.onFrame) this.onFrame(frame, data.length);
+    else this.early.push([frame, data.length]);
+  }
+
+  attach(onFrame: (frame: Frame, bytes: number) => void, onClose: (info: CloseInfo) => void): void {
+    this.onFrame = onFrame;
+    this.onClose = onClose;
+    for (const [frame, bytes] of this.early.splice(0)) onFrame(frame, bytes);
+    if (this.earlyClose) onClose(this.earlyClose);
   }
 
   send(frame: Uint8Array): boolean {
@@ -238,6 +250,7 @@ class ChannelImpl implements PageChannel {
     if (!this.open) return;
     this.open = false;
     if (this.heartbeat) clearInterval(this.heartbeat);
-    this.onClose(info);
+    if (this.onClose) this.onClose(info);
+    else this.earlyClose = info;
   }
 }

@@ -1,0 +1,146 @@
+// A source that sends malformed frames ends only its own migration, with a coded error to the
+// VMM; the daemon keeps serving.
+import t from 'tap';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { once } from 'node:events';
+import { WebSocketServer, type WebSocket } from 'ws';
+import * as sys from '../../daemon/linux/sys.js';
+import * as abi from '../../daemon/linux/abi.js';
+import * as uffd from '../../daemon/uffd/uffd.js';
+import { startDestDaemon, type DestDaemon } from '../../daemon/dest/daemon.js';
+import { silentLogger } from '../../daemon/ops/log.js';
+import { noopDestMetrics } from '../../daemon/ops/metric-ports.js';
+import { encodeHandoff } from '../../protocol/handoff.js';
+import { decodeFrame, encodeData, encodeWelcome, encodeZero } from '../../protocol/page-codec.js';
+import { FrameType } from '../../protocol/wire.js';
+import { connectHandoff, sendRaw } from '../helpers/vmm-client.js';
+
+const SIZE = 1 << 20;
+const dir = mkdtempSync(join(tmpdir(), 'yabusame-badsrc-'));
+const socketPath = join(dir, 'dest.sock');
+let daemon: DestDaemon;
+let wss: WebSocketServer;
+let port = 0;
+/** What the scripted source sends on the background channel after WELCOME, per migration id. */
+const scripts = new Map<string, (ws: WebSocket) => void>();
+
+t.before(async () => {
+  wss = new WebSocketServer({ host: '127.0.0.1', port: 0, path: '/v1/pages' });
+  await once(wss, 'listening');
+  port = (wss.address() as { port: number }).port;
+  wss.on('connection', (ws) => {
+    ws.once('message', (data: Buffer) => {
+      const hello = decodeFrame(data);
+      if (hello.type !== FrameType.HELLO) return;
+      ws.send(
+        encodeWelcome(hello.channel, 1, new Uint8Array(16), [
+          { offset: 0, sizeBytes: SIZE, pageSizeBytes: 4096, name: 'ram0' },
+        ]),
+      );
+      if (hello.channel === 2) scripts.get(hello.migrationId)?.(ws);
+    });
+  });
+  daemon = await startDestDaemon({
+    socketPath,
+    http: null,
+    maxSessions: 8,
+    handoffTimeoutMs: 2000,
+    session: {
+      connectTimeoutMs: 2000,
+      completeTimeoutMs: 2000,
+      backgroundWindowBytes: 1 << 20,
+      progressIntervalMs: 1000,
+      heartbeatMs: 0,
+    },
+    log: silentLogger,
+    metrics: noopDestMetrics,
+  });
+});
+t.teardown(async () => {
+  await daemon.close();
+  wss.close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+async function migrate(
+  id: string,
+): Promise<{ replies: Awaited<ReturnType<typeof connectHandoff>>; fd: number }> {
+  const base = sys.mmap(SIZE, abi.PROT_READ | abi.PROT_WRITE, abi.MAP_PRIVATE | abi.MAP_ANONYMOUS);
+  const { fd } = uffd.create(0);
+  uffd.registerMissing(fd, base, SIZE);
+  const c = await connectHandoff(socketPath);
+  sendRaw(
+    c,
+    encodeHandoff({
+      type: 'handoff',
+      version: 1,
+      migrationId: id,
+      source: `ws://127.0.0.1:${port}`,
+      regions: [{ name: 'ram0', base, sizeBytes: SIZE, offset: 0, pageSizeBytes: 4096 }],
+    }),
+    [fd],
+  );
+  return { replies: c, fd };
+}
+
+const cases: Array<[string, string, (ws: WebSocket) => void]> = [
+  ['unknown frame type', 'FRAME_UNKNOWN_TYPE', (ws) => ws.send(Buffer.from([0x7f, 0, 0, 0]))],
+  [
+    'DATA whose length field lies',
+    'FRAME_BAD_LENGTH',
+    (ws) => {
+      const f = encodeData(0, 0, Buffer.alloc(4096, 1));
+      f.writeUInt32LE(8192, 4);
+      ws.send(f);
+    },
+  ],
+  ['a text message', 'FRAME_TEXT', (ws) => ws.send('hello')],
+  ['a zero run outside the image', 'OUT_OF_RANGE', (ws) => ws.send(encodeZero(0, SIZE, 4096))],
+  ['an unaligned run', 'FRAME_BAD_VALUE', (ws) => ws.send(encodeZero(0, 100, 4096))],
+  [
+    'a frame only the dest may send',
+    'BAD_STATE',
+    (ws) => ws.send(Buffer.from([FrameType.CREDIT, 0, 0, 0, 0, 0, 0, 0])),
+  ],
+];
+
+for (const [name, code, script] of cases) {
+  t.test(name, async (t) => {
+    const id = `bad-${code.toLowerCase().replace(/_/g, '-')}`;
+    scripts.set(id, script);
+    const { replies, fd } = await migrate(id);
+    const ack = await replies.next();
+    t.equal(ack.type, 'ack', 'the handoff was accepted');
+    const err = await replies.next();
+    t.equal(
+      err.type === 'error' && err.code,
+      code,
+      `the VMM hears ${code}: ${JSON.stringify(err)}`,
+    );
+    await replies.closed;
+    sys.close(fd);
+  });
+}
+
+t.test('a good migration after all the bad ones still completes', async (t) => {
+  scripts.set('good', (ws) => {
+    ws.on('message', (data: Buffer) => {
+      const f = decodeFrame(data);
+      if (f.type === FrameType.COMPLETE) ws.send(data);
+    });
+    ws.send(encodeZero(0, 0, SIZE));
+  });
+  const { replies, fd } = await migrate('good');
+  t.equal((await replies.next()).type, 'ack');
+  let reply = await replies.next();
+  while (reply.type === 'progress') reply = await replies.next();
+  t.equal(reply.type, 'complete');
+  t.equal(
+    reply.type === 'complete' && reply.zeroPages,
+    SIZE / 4096,
+    'every page placed as a zero page',
+  );
+  sys.close(fd);
+});
