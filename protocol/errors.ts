@@ -10,3 +10,47 @@ export class ProtocolError extends Error {
     this.code = code;
   }
 }
+
+/** Codes decodeFrame throws; each means the message was malformed (see README.md). */
+export const FRAME_ERROR_CODES = [
+  'FRAME_EMPTY',
+  'FRAME_UNKNOWN_TYPE',
+  'FRAME_TRUNCATED',
+  'FRAME_BAD_LENGTH',
+  'FRAME_BAD_MAGIC',
+  'FRAME_BAD_CHANNEL',
+  'FRAME_BAD_VALUE',
+] as const;
+
+/** Every code an ERROR frame may carry (README.md, "Error codes"). */
+export const PAGE_ERROR_CODES = [
+  ...FRAME_ERROR_CODES,
+  'FRAME_TEXT',
+  'VERSION_UNSUPPORTED',
+  'UNKNOWN_MIGRATION',
+  'BAD_STATE',
+  'OUT_OF_RANGE',
+  'IMAGE_IO',
+  'MIGRATION_ABORTED',
+] as const;
+export type PageErrorCode = (typeof PAGE_ERROR_CODES)[number];
+
+/** Every code a handoff `error` reply may carry (README.md, "Handoff protocol"). */
+export const HANDOFF_ERROR_CODES = [
+  'HANDOFF_BAD_JSON',
+  'HANDOFF_INVALID',
+  'HANDOFF_BAD_PAGE_SIZE',
+  'HANDOFF_UNALIGNED',
+  'HANDOFF_OVERLAP',
+  'HANDOFF_NO_FD',
+  'HANDOFF_TOO_MANY_FDS',
+  'HANDOFF_NOT_UFFD',
+  'HANDOFF_REGISTER_FAILED',
+  'HANDOFF_TOO_LARGE',
+  'HANDOFF_TIMEOUT',
+  'SOURCE_UNREACHABLE',
+  'SOURCE_MISMATCH',
+  'DUPLICATE_MIGRATION',
+  'SESSION_FAILED',
+] as const;
+export type HandoffErrorCode = (typeof HANDOFF_ERROR_CODES)[number];

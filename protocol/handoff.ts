@@ -24,8 +24,8 @@ export const HandoffRegion = z.strictObject({
   sizeBytes: safeInt.min(1),
   /** Where the region starts in the source's image address space, bytes. */
   offset: safeInt,
-  /** Page size, bytes (4096, or a huge page size). */
-  pageSizeBytes: safeInt.min(4096),
+  /** Page size, bytes (4096, or a huge page size); checked by checkRegions. */
+  pageSizeBytes: safeInt,
 });
 export type HandoffRegion = z.infer<typeof HandoffRegion>;
 
@@ -57,8 +57,12 @@ export const HandoffReply = z.discriminatedUnion('type', [
 ]);
 export type HandoffReply = z.infer<typeof HandoffReply>;
 
-function isPowerOfTwo(n: number): boolean {
-  return n > 0 && (n & (n - 1)) === 0 && n <= 2 ** 30;
+/**
+ * A power of two from 4 KiB to Limits.MAX_PAGE_BYTES (16 MiB): 4 KiB and 2 MiB pages; not 1 GiB
+ * pages, which do not fit in one DATA frame (protocol/README.md, "Pages").
+ */
+function isPageSize(n: number): boolean {
+  return n >= 4096 && n <= Limits.MAX_PAGE_BYTES && (n & (n - 1)) === 0;
 }
 
 /**
@@ -68,10 +72,10 @@ function isPowerOfTwo(n: number): boolean {
 export function checkRegions(regions: readonly HandoffRegion[]): void {
   for (const r of regions) {
     const label = r.name ?? `0x${r.base.toString(16)}`;
-    if (!isPowerOfTwo(r.pageSizeBytes)) {
+    if (!isPageSize(r.pageSizeBytes)) {
       throw new ProtocolError(
         'HANDOFF_BAD_PAGE_SIZE',
-        `region ${label}: page size ${r.pageSizeBytes} is not a power of two`,
+        `region ${label}: page size ${r.pageSizeBytes} is not a power of two in [4 KiB, 16 MiB]`,
       );
     }
     if (r.base % r.pageSizeBytes || r.sizeBytes % r.pageSizeBytes || r.offset % r.pageSizeBytes) {
@@ -79,6 +83,13 @@ export function checkRegions(regions: readonly HandoffRegion[]): void {
         'HANDOFF_UNALIGNED',
         `region ${label}: base, size and offset must be multiples of ${r.pageSizeBytes}`,
       );
+    }
+    // Ends must be exact numbers, or the overlap test below could round two regions apart.
+    if (
+      r.base + r.sizeBytes > Number.MAX_SAFE_INTEGER ||
+      r.offset + r.sizeBytes > Number.MAX_SAFE_INTEGER
+    ) {
+      throw new ProtocolError('HANDOFF_INVALID', `region ${label}: ends beyond 2^53`);
     }
   }
   const overlaps = (key: 'base' | 'offset'): boolean => {
@@ -90,11 +101,20 @@ export function checkRegions(regions: readonly HandoffRegion[]): void {
     throw new ProtocolError('HANDOFF_OVERLAP', 'regions overlap in the image');
 }
 
+const utf8 = new TextDecoder('utf-8', { fatal: true });
+
 /** Parses and validates one handoff line (without its newline). */
 export function decodeHandoff(line: Uint8Array): HandoffRequest {
+  if (line.byteLength >= MAX_HANDOFF_BYTES) {
+    throw new ProtocolError(
+      'HANDOFF_TOO_LARGE',
+      `handoff line of ${line.byteLength} bytes; at most ${MAX_HANDOFF_BYTES - 1} plus newline`,
+    );
+  }
   let json: unknown;
   try {
-    json = JSON.parse(Buffer.from(line).toString('utf8'));
+    // fatal: invalid UTF-8 is bad JSON, not U+FFFD smuggled into names.
+    json = JSON.parse(utf8.decode(line));
   } catch (err) {
     throw new ProtocolError('HANDOFF_BAD_JSON', 'handoff is not valid JSON', { cause: err });
   }

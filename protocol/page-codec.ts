@@ -41,6 +41,12 @@ function setU64(dv: DataView, off: number, value: number): void {
   dv.setUint32(off + 4, Math.floor(value / TWO32), true);
 }
 
+/** Rejects a range whose end is not exactly representable (the image lies below 2^53). */
+function checkEnd(offset: number, length: number, field: string): void {
+  if (offset + length > Number.MAX_SAFE_INTEGER)
+    bad('FRAME_BAD_VALUE', `${field} ends beyond 2^53`);
+}
+
 function need(buf: Uint8Array, len: number, what: string): void {
   if (buf.byteLength < len) {
     bad('FRAME_TRUNCATED', `${what} frame needs ${len} bytes, got ${buf.byteLength}`);
@@ -211,10 +217,22 @@ export function encodeComplete(pages: number): Buffer {
 }
 
 // --- ERROR: u8 type, u8 codeLen, u16 messageLen, code (ASCII), message (UTF-8) ---
+const ERROR_CODE_RE = /^[A-Z0-9_]+$/;
+
+/** Throws RangeError for a code that is not 1..64 of [A-Z0-9_]; the message is cut to 1024 bytes. */
 export function encodeError(code: string, message: string): Buffer {
-  const c = Buffer.from(code.slice(0, Limits.MAX_ERROR_CODE_BYTES), 'ascii');
+  if (code.length > Limits.MAX_ERROR_CODE_BYTES || !ERROR_CODE_RE.test(code)) {
+    throw new RangeError(`ERROR code ${JSON.stringify(code)} is not 1..64 of [A-Z0-9_]`);
+  }
+  const c = Buffer.from(code, 'ascii');
   let m = Buffer.from(message, 'utf8');
-  if (m.length > Limits.MAX_ERROR_MESSAGE_BYTES) m = m.subarray(0, Limits.MAX_ERROR_MESSAGE_BYTES);
+  if (m.length > Limits.MAX_ERROR_MESSAGE_BYTES) {
+    // Cut at a character boundary: back off over UTF-8 continuation bytes (10xxxxxx), or the
+    // peer's fatal UTF-8 decoder would reject the whole frame.
+    let end = Limits.MAX_ERROR_MESSAGE_BYTES;
+    while (end > 0 && (m[end]! & 0xc0) === 0x80) end--;
+    m = m.subarray(0, end);
+  }
   const buf = Buffer.alloc(4 + c.length + m.length);
   buf[0] = FrameType.ERROR;
   buf[1] = c.length;
@@ -242,10 +260,31 @@ function decodeHello(buf: Uint8Array, dv: DataView): Frame {
   };
 }
 
+/**
+ * A region the dest can map pages into: power-of-two page size in [4 KiB, 16 MiB], page-aligned
+ * offset and size, not empty, ending below 2^53, and after the previous region (the table is
+ * sorted by offset and regions do not overlap).
+ */
+function checkRegion(r: RegionInfo, prev: RegionInfo | undefined): void {
+  const p = r.pageSizeBytes;
+  if (p < 4096 || p > Limits.MAX_PAGE_BYTES || (p & (p - 1)) !== 0) {
+    bad('FRAME_BAD_VALUE', `region page size ${p} is not a power of two in [4 KiB, 16 MiB]`);
+  }
+  if (r.sizeBytes === 0 || r.sizeBytes % p !== 0 || r.offset % p !== 0) {
+    bad('FRAME_BAD_VALUE', `region at ${r.offset} is empty or not aligned to its page size`);
+  }
+  checkEnd(r.offset, r.sizeBytes, 'region');
+  if (prev && prev.offset + prev.sizeBytes > r.offset) {
+    bad('FRAME_BAD_VALUE', `region at ${r.offset} overlaps or precedes the previous region`);
+  }
+}
+
 function decodeWelcome(buf: Uint8Array, dv: DataView): Frame {
   need(buf, 24, 'WELCOME');
   const count = dv.getUint16(4, true);
-  if (count > Limits.MAX_REGIONS) bad('FRAME_BAD_VALUE', `WELCOME with ${count} regions`);
+  if (count === 0 || count > Limits.MAX_REGIONS) {
+    bad('FRAME_BAD_VALUE', `WELCOME with ${count} regions`);
+  }
   const regions: RegionInfo[] = [];
   let off = 24;
   for (let i = 0; i < count; i++) {
@@ -253,12 +292,14 @@ function decodeWelcome(buf: Uint8Array, dv: DataView): Frame {
     const nameLen = dv.getUint16(off + 20, true);
     if (nameLen > Limits.MAX_REGION_NAME_BYTES) bad('FRAME_BAD_VALUE', 'region name too long');
     need(buf, off + REGION_FIXED + nameLen, 'WELCOME');
-    regions.push({
+    const region: RegionInfo = {
       offset: getU64(dv, off, 'region offset'),
       sizeBytes: getU64(dv, off + 8, 'region size'),
       pageSizeBytes: dv.getUint32(off + 16, true),
       name: text(buf, off + REGION_FIXED, nameLen, 'region name'),
-    });
+    };
+    checkRegion(region, regions[regions.length - 1]);
+    regions.push(region);
     off += REGION_FIXED + nameLen;
   }
   exact(buf, off, 'WELCOME');
@@ -283,7 +324,9 @@ function decodeRequest(buf: Uint8Array, dv: DataView): Frame {
     const off = HeaderSize.REQUEST + i * HeaderSize.REQUEST_ENTRY;
     const length = dv.getUint32(off + 8, true);
     if (length === 0) bad('FRAME_BAD_VALUE', 'REQUEST entry of zero length');
-    ranges.push({ offset: getU64(dv, off, 'request offset'), length });
+    const offset = getU64(dv, off, 'request offset');
+    checkEnd(offset, length, 'REQUEST entry');
+    ranges.push({ offset, length });
   }
   return { type: FrameType.REQUEST, ranges };
 }
@@ -294,10 +337,12 @@ function decodeDataFrame(buf: Uint8Array, dv: DataView): Frame {
   if (length === 0 || length > Limits.MAX_DATA_BYTES)
     bad('FRAME_BAD_VALUE', `DATA of ${length} bytes`);
   exact(buf, HeaderSize.DATA + length, 'DATA');
+  const offset = getU64(dv, 8, 'DATA offset');
+  checkEnd(offset, length, 'DATA');
   return {
     type: FrameType.DATA,
     flags: buf[1]!,
-    offset: getU64(dv, 8, 'DATA offset'),
+    offset,
     checksum: dv.getUint32(16, true),
     payload: buf.subarray(HeaderSize.DATA),
   };
@@ -307,17 +352,17 @@ function decodeZero(buf: Uint8Array, dv: DataView): Frame {
   exact(buf, HeaderSize.ZERO, 'ZERO');
   const length = dv.getUint32(4, true);
   if (length === 0) bad('FRAME_BAD_VALUE', 'ZERO run of zero length');
-  return { type: FrameType.ZERO, flags: buf[1]!, length, offset: getU64(dv, 8, 'ZERO offset') };
+  const offset = getU64(dv, 8, 'ZERO offset');
+  checkEnd(offset, length, 'ZERO');
+  return { type: FrameType.ZERO, flags: buf[1]!, length, offset };
 }
 
 function decodeProgress(buf: Uint8Array, dv: DataView): Frame {
   exact(buf, HeaderSize.PROGRESS, 'PROGRESS');
-  return {
-    type: FrameType.PROGRESS,
-    flags: buf[1]!,
-    sentBytes: getU64(dv, 8, 'PROGRESS sent'),
-    totalBytes: getU64(dv, 16, 'PROGRESS total'),
-  };
+  const sentBytes = getU64(dv, 8, 'PROGRESS sent');
+  const totalBytes = getU64(dv, 16, 'PROGRESS total');
+  if (sentBytes > totalBytes) bad('FRAME_BAD_VALUE', 'PROGRESS sent exceeds total');
+  return { type: FrameType.PROGRESS, flags: buf[1]!, sentBytes, totalBytes };
 }
 
 function decodeError(buf: Uint8Array, dv: DataView): Frame {
@@ -327,8 +372,9 @@ function decodeError(buf: Uint8Array, dv: DataView): Frame {
   exact(buf, 4 + codeLen + msgLen, 'ERROR');
   if (codeLen === 0 || codeLen > Limits.MAX_ERROR_CODE_BYTES)
     bad('FRAME_BAD_VALUE', 'ERROR code length');
+  if (msgLen > Limits.MAX_ERROR_MESSAGE_BYTES) bad('FRAME_BAD_VALUE', 'ERROR message length');
   const code = text(buf, 4, codeLen, 'error code');
-  if (!/^[A-Z0-9_]+$/.test(code)) bad('FRAME_BAD_VALUE', 'ERROR code is not [A-Z0-9_]');
+  if (!ERROR_CODE_RE.test(code)) bad('FRAME_BAD_VALUE', 'ERROR code is not [A-Z0-9_]');
   return { type: FrameType.ERROR, code, message: text(buf, 4 + codeLen, msgLen, 'error message') };
 }
 

@@ -60,6 +60,11 @@ export const Limits = {
   MAX_REQUEST_ENTRIES: 1024,
   /** DATA payload bytes in one frame. */
   MAX_DATA_BYTES: 16 * 1024 * 1024,
+  /**
+   * Largest page size, bytes: a page travels in one DATA frame (UFFDIO_COPY places a huge page
+   * whole), so it cannot exceed MAX_DATA_BYTES. 1 GiB pages need a page-fragment rule first.
+   */
+  MAX_PAGE_BYTES: 16 * 1024 * 1024,
   MAX_ERROR_CODE_BYTES: 64,
   MAX_ERROR_MESSAGE_BYTES: 1024,
   /** Largest ws message a peer accepts: a full DATA frame and its header. */
@@ -82,7 +87,7 @@ export interface RegionInfo {
   offset: number;
   /** Region length, bytes (a multiple of pageSizeBytes). */
   sizeBytes: number;
-  /** Page size of the region, bytes (a power of two, >= 4096). */
+  /** Page size of the region, bytes (a power of two, 4096..Limits.MAX_PAGE_BYTES). */
   pageSizeBytes: number;
   name: string;
 }

@@ -58,12 +58,7 @@ function request(base: number, patch: Partial<HandoffRequest> = {}): HandoffRequ
   };
 }
 
-async function expectRefusal(
-  t: Test,
-  data: Buffer,
-  fds: number[],
-  code: string,
-): Promise<void> {
+async function expectRefusal(t: Test, data: Buffer, fds: number[], code: string): Promise<void> {
   const c = await connectHandoff(socketPath);
   sendRaw(c, data, fds);
   const reply = await c.next();
