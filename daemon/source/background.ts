@@ -1,0 +1,168 @@
+/**
+ * The background streamer of one migration: sends every page not sent yet, from a cursor that
+ * follows the faults (after a demand request for [P, P + n) it continues at P + n, as QEMU does:
+ * guests touch neighbours), wrapping around until every page went out. Non-zero pages go in DATA
+ * frames of up to `frameBytes`; holes and zero pages in ZERO runs.
+ *
+ * Flow control: DATA payload only within the credit the dest granted (a ZERO frame costs 16), and
+ * no new chunk while the socket holds more than `maxBufferedBytes`. One chunk per event loop turn
+ * (setImmediate), so REQUESTs arriving meanwhile are read and answered before the next chunk.
+ */
+import { encodeProgress } from '../../protocol/page-codec.js';
+import { HeaderSize, ProgressFlag } from '../../protocol/wire.js';
+import type { SourceChannel } from '../transport/source-channel.js';
+import { PageClass, type MemoryImage } from './image.js';
+import { newSpanStats, type PageWriter, type SpanStats } from './page-writer.js';
+import type { SentMap } from './sent-map.js';
+
+export interface BackgroundOptions {
+  /** Largest DATA payload per frame (a whole page at least). */
+  frameBytes: number;
+  /** Pause while the socket holds more than this many unwritten bytes. */
+  maxBufferedBytes: number;
+  /** PROGRESS at most this often while streaming. */
+  progressIntervalMs: number;
+}
+
+export interface BackgroundHooks {
+  sent(stats: SpanStats): void;
+  /** Frame bytes that are not pages (PROGRESS). */
+  overhead(bytes: number): void;
+  failed(code: string): void;
+}
+
+const MAX_ZERO_RUN_BYTES = 0xffffffff;
+
+const isSkip = (cls: number): boolean => cls === PageClass.HOLE || cls === PageClass.ZERO;
+
+export class BackgroundStreamer {
+  private channel: SourceChannel | null = null;
+  private creditBytes = 0;
+  private cursor = 0;
+  private running = false;
+  private scheduled = false;
+  private waitingDrain = false;
+  private doneSent = false;
+  private lastProgressMs = 0;
+
+  constructor(
+    private readonly image: MemoryImage,
+    private readonly sent: SentMap,
+    private readonly writer: PageWriter,
+    private readonly opts: BackgroundOptions,
+    private readonly hooks: BackgroundHooks,
+  ) {}
+
+  get credit(): number {
+    return this.creditBytes;
+  }
+
+  /** A (new) background connection: credit starts at zero. */
+  attach(channel: SourceChannel): void {
+    this.channel = channel;
+    this.creditBytes = 0;
+    this.waitingDrain = false;
+    this.doneSent = false;
+    this.kick();
+  }
+
+  detach(channel: SourceChannel): void {
+    if (this.channel === channel) this.channel = null;
+  }
+
+  addCredit(bytes: number): void {
+    this.creditBytes = Math.min(this.creditBytes + bytes, Number.MAX_SAFE_INTEGER);
+    this.kick();
+  }
+
+  /** The image is frozen: stream. */
+  start(): void {
+    this.running = true;
+    this.kick();
+  }
+
+  stop(): void {
+    this.running = false;
+  }
+
+  /** Continue at global page `page` (after a demand request). */
+  continueFrom(page: number): void {
+    this.cursor = page >= this.image.totalPages ? 0 : page;
+    this.kick();
+  }
+
+  private kick(): void {
+    if (this.scheduled || this.waitingDrain || !this.running || !this.channel) return;
+    this.scheduled = true;
+    setImmediate(() => {
+      this.scheduled = false;
+      this.step();
+    });
+  }
+
+  private step(): void {
+    const ch = this.channel;
+    if (!this.running || !ch || !ch.isOpen) return;
+    if (ch.bufferedBytes > this.opts.maxBufferedBytes) {
+      this.waitingDrain = true;
+      ch.whenBufferedBelow(this.opts.maxBufferedBytes, () => {
+        this.waitingDrain = false;
+        if (this.channel === ch) this.kick();
+      });
+      return;
+    }
+    const page = this.sent.nextUnsent(this.cursor);
+    if (page < 0) {
+      if (!this.doneSent) {
+        this.doneSent = true;
+        this.progress(ch, ProgressFlag.DONE);
+      }
+      return;
+    }
+    const image = this.image;
+    const r = image.regions[image.regionIndexOfPage(page)]!;
+    const size = r.pageSizeBytes;
+    const regionEnd = r.firstPage + r.pageCount;
+    const cls = image.pageClass;
+    const skip = isSkip(cls[page]!);
+    // A ZERO run costs 16 bytes of credit; a read chunk at most its size (zero pages found in it
+    // cost 16 per run, which is less than the page they replace).
+    const maxPages = skip
+      ? this.creditBytes >= HeaderSize.ZERO
+        ? Math.floor(MAX_ZERO_RUN_BYTES / size)
+        : 0
+      : Math.floor(Math.min(Math.max(this.opts.frameBytes, size), this.creditBytes) / size);
+    if (maxPages === 0) return; // wait for CREDIT
+    let end = page + 1;
+    while (
+      end < regionEnd &&
+      end - page < maxPages &&
+      !this.sent.isSent(end) &&
+      isSkip(cls[end]!) === skip
+    ) {
+      end++;
+    }
+    const stats = newSpanStats();
+    try {
+      this.writer.write(r, page, end - page, 0, this.opts.frameBytes, (f) => ch.send(f), stats);
+    } catch (err) {
+      const code = (err as { code?: unknown }).code;
+      this.hooks.failed(typeof code === 'string' ? code : 'IMAGE_IO');
+      ch.fail('IMAGE_IO', (err as Error).message);
+      return;
+    }
+    this.sent.mark(page, end - page, size);
+    this.cursor = end >= image.totalPages ? 0 : end;
+    this.creditBytes -= stats.payloadBytes + HeaderSize.ZERO * stats.zeroFrames;
+    this.hooks.sent(stats);
+    const now = Date.now();
+    if (now - this.lastProgressMs >= this.opts.progressIntervalMs) this.progress(ch, 0);
+    this.kick();
+  }
+
+  private progress(ch: SourceChannel, flags: number): void {
+    this.lastProgressMs = Date.now();
+    const frame = encodeProgress(flags, this.sent.sentBytes, this.image.totalBytes);
+    if (ch.send(frame)) this.hooks.overhead(frame.byteLength);
+  }
+}

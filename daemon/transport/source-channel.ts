@@ -1,0 +1,159 @@
+/**
+ * The source side of one page connection after its HELLO was accepted: what the source core sees
+ * instead of a ws socket. Frames arrive decoded and already checked to be legal for the channel
+ * kind; frames go out as whole buffers, without a copy (ws writes an unmasked server frame as its
+ * header followed by our buffer).
+ */
+import WebSocket from 'ws';
+import { ProtocolError } from '../../protocol/errors.js';
+import { decodeFrame, encodeError } from '../../protocol/page-codec.js';
+import { Channel, FrameType, type ChannelKind, type Frame } from '../../protocol/wire.js';
+
+export interface ChannelCloseInfo {
+  /** Why: CLOSED (peer or normal close), REPLACED, an ERROR code we sent, or the peer's ERROR code. */
+  code: string;
+  message: string;
+}
+
+export interface SourceChannel {
+  readonly kind: ChannelKind;
+  readonly migrationId: string;
+  /** Connection serial, for logs. */
+  readonly serial: number;
+  readonly remoteAddress: string;
+  readonly isOpen: boolean;
+  /** Bytes handed to send() whose socket write has not completed yet. */
+  readonly bufferedBytes: number;
+  /** Sends one frame; false when the channel is closed. Do not modify `frame` afterwards. */
+  send(frame: Uint8Array): boolean;
+  /** Calls `fn` once, as soon as bufferedBytes <= `bytes` (at once if it already is). */
+  whenBufferedBelow(bytes: number, fn: () => void): void;
+  /** Frames from the peer, in order, legal for this channel kind. Set by the owner. */
+  onFrame: (frame: Frame, bytes: number) => void;
+  /** Called once when the channel closes for any reason. Set by the owner. */
+  onClose: (info: ChannelCloseInfo) => void;
+  /** Sends an ERROR frame with `code` and closes. */
+  fail(code: string, message: string): void;
+  /** Closes normally (ws 1000), after the frames already sent. */
+  close(code?: string, message?: string): void;
+}
+
+/** Frames a destination may send after HELLO, by channel kind (protocol/README.md). */
+const LEGAL: Record<ChannelKind, ReadonlySet<number>> = {
+  [Channel.DEMAND]: new Set([FrameType.REQUEST, FrameType.COMPLETE, FrameType.ERROR]),
+  [Channel.BACKGROUND]: new Set([FrameType.CREDIT, FrameType.COMPLETE, FrameType.ERROR]),
+};
+
+/** A peer that never answers our close frame must not keep the socket open. */
+const CLOSE_GRACE_MS = 2000;
+
+export const channelName = (kind: ChannelKind): 'demand' | 'background' =>
+  kind === Channel.DEMAND ? 'demand' : 'background';
+
+interface Waiter {
+  bytes: number;
+  fn: () => void;
+}
+
+export class WsSourceChannel implements SourceChannel {
+  onFrame: (frame: Frame, bytes: number) => void = () => {};
+  onClose: (info: ChannelCloseInfo) => void = () => {};
+  private open = true;
+  private buffered = 0;
+  private waiters: Waiter[] = [];
+
+  constructor(
+    private readonly ws: WebSocket,
+    readonly kind: ChannelKind,
+    readonly migrationId: string,
+    readonly serial: number,
+    readonly remoteAddress: string,
+  ) {}
+
+  get isOpen(): boolean {
+    return this.open;
+  }
+
+  get bufferedBytes(): number {
+    return this.buffered;
+  }
+
+  send(frame: Uint8Array): boolean {
+    if (!this.open || this.ws.readyState !== WebSocket.OPEN) return false;
+    const len = frame.byteLength;
+    this.buffered += len;
+    // The callback runs once the socket write completed (or failed: the close path handles it).
+    this.ws.send(frame, { binary: true, compress: false }, () => this.written(len));
+    return true;
+  }
+
+  private written(len: number): void {
+    this.buffered -= len;
+    if (this.waiters.length === 0) return;
+    const ready = this.waiters.filter((w) => this.buffered <= w.bytes);
+    if (ready.length === 0) return;
+    this.waiters = this.waiters.filter((w) => this.buffered > w.bytes);
+    for (const w of ready) w.fn();
+  }
+
+  whenBufferedBelow(bytes: number, fn: () => void): void {
+    if (this.buffered <= bytes) fn();
+    else this.waiters.push({ bytes, fn });
+  }
+
+  /** A ws message from the peer: decode, check legality, deliver or fail the channel. */
+  deliver(data: Buffer, isBinary: boolean): void {
+    if (!this.open) return;
+    let frame: Frame;
+    try {
+      if (!isBinary)
+        throw new ProtocolError('FRAME_TEXT', 'text messages are not part of the protocol');
+      frame = decodeFrame(data);
+    } catch (err) {
+      const code = err instanceof ProtocolError ? err.code : 'FRAME_BAD_VALUE';
+      this.fail(code, (err as Error).message);
+      return;
+    }
+    if (!LEGAL[this.kind].has(frame.type)) {
+      this.fail(
+        'BAD_STATE',
+        `frame type 0x${frame.type.toString(16)} is not legal on a ${channelName(this.kind)} channel`,
+      );
+      return;
+    }
+    if (frame.type === FrameType.ERROR) {
+      this.end({ code: frame.code, message: `peer: ${frame.message}` }, 1000);
+      return;
+    }
+    this.onFrame(frame, data.length);
+  }
+
+  fail(code: string, message: string): void {
+    if (!this.open) return;
+    if (this.ws.readyState === WebSocket.OPEN) this.ws.send(encodeError(code, message));
+    this.end({ code, message }, 1008);
+  }
+
+  close(code = 'CLOSED', message = 'closed by the source'): void {
+    this.end({ code, message }, 1000);
+  }
+
+  /** The socket closed under us (peer close, error, heartbeat timeout). */
+  closed(info: ChannelCloseInfo): void {
+    this.finish(info);
+  }
+
+  private end(info: ChannelCloseInfo, wsCode: number): void {
+    if (!this.open) return;
+    this.finish(info);
+    this.ws.close(wsCode, info.code.slice(0, 100));
+    setTimeout(() => this.ws.terminate(), CLOSE_GRACE_MS).unref();
+  }
+
+  private finish(info: ChannelCloseInfo): void {
+    if (!this.open) return;
+    this.open = false;
+    this.waiters = [];
+    this.onClose(info);
+  }
+}

@@ -1,0 +1,528 @@
+import t from 'tap';
+import http from 'node:http';
+import WebSocket from 'ws';
+import { startSourceServer, type SourceServer } from '../../daemon/source/server.js';
+import type { SourceServerOptions } from '../../daemon/source/server.js';
+import { silentLogger } from '../../daemon/ops/log.js';
+import { noopSourceMetrics } from '../../daemon/ops/metric-ports.js';
+import {
+  encodeComplete,
+  encodeCredit,
+  encodeHello,
+  encodeRequest,
+} from '../../protocol/page-codec.js';
+import {
+  Channel,
+  DataFlag,
+  FrameType,
+  HeaderSize,
+  ProgressFlag,
+  type Frame,
+  type FrameOf,
+} from '../../protocol/wire.js';
+import { RawDest } from '../fixtures/raw-dest.js';
+import { writeTestImage } from '../fixtures/memory-image.js';
+
+const img = writeTestImage();
+t.teardown(() => img.remove());
+const PAGE = 4096;
+const RAM1 = 1024 * 1024;
+const TOTAL_PAGES = img.totalPages;
+
+async function start(t: Tap, opts: Partial<SourceServerOptions> = {}): Promise<SourceServer> {
+  const server = await startSourceServer({
+    listen: { host: '127.0.0.1', port: 0 },
+    metrics: noopSourceMetrics,
+    log: silentLogger,
+    ...opts,
+  });
+  t.teardown(() => server.close());
+  return server;
+}
+/** The assertions the helpers below use (tap's subtest type is not exported by name). */
+interface Tap {
+  equal(found: unknown, wanted: unknown, message: string): unknown;
+  equal(found: unknown, wanted: unknown): unknown;
+  ok(value: unknown, message: string): unknown;
+  teardown(fn: () => unknown): void;
+}
+
+/** Control API answers as the tests read them (a field absent at run time fails its assertion). */
+interface ApiBody {
+  state: string;
+  pendingRequests: number;
+  connections: { demand: boolean; background: boolean };
+  pages: { total: number; sent: number; background: number };
+  migrations: unknown[];
+  error: { code: string; message: string };
+}
+
+function api(
+  port: number,
+  method: string,
+  path: string,
+  body?: unknown,
+): Promise<{ status: number; json: ApiBody }> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: '127.0.0.1', port, method, path }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => {
+        const text = Buffer.concat(chunks).toString();
+        let json: unknown = text;
+        try {
+          json = JSON.parse(text);
+        } catch {
+          /* plain text */
+        }
+        resolve({ status: res.statusCode ?? 0, json: json as ApiBody });
+      });
+    });
+    req.on('error', reject);
+    if (body !== undefined) req.end(typeof body === 'string' ? body : JSON.stringify(body));
+    else req.end();
+  });
+}
+
+async function register(port: number, id: string, frozen = false): Promise<void> {
+  const res = await api(port, 'POST', '/v1/migrations', {
+    id,
+    image: img.path,
+    regions: img.regions,
+    frozen,
+  });
+  if (res.status !== 201)
+    throw new Error(`register ${id}: ${res.status} ${JSON.stringify(res.json)}`);
+}
+
+type DataFrame = FrameOf<typeof FrameType.DATA>;
+type ZeroFrame = FrameOf<typeof FrameType.ZERO>;
+const isPage = (f: Frame): f is DataFrame | ZeroFrame =>
+  f.type === FrameType.DATA || f.type === FrameType.ZERO;
+
+function expectError(t: Tap, f: Frame | undefined, code: string): void {
+  t.equal(f?.type, FrameType.ERROR, `an ERROR frame (${code})`);
+  if (f?.type === FrameType.ERROR) t.equal(f.code, code);
+}
+
+/** Checks every page frame against the file; returns bytes covered. */
+function checkPages(t: Tap, frames: Frame[]): number {
+  let covered = 0;
+  for (const f of frames.filter(isPage)) {
+    if (f.type === FrameType.DATA) {
+      t.ok(
+        Buffer.from(f.payload).equals(img.expected(f.offset, f.payload.length)),
+        `DATA at ${f.offset} equals the file`,
+      );
+      covered += f.payload.length;
+    } else {
+      t.ok(
+        img.expected(f.offset, f.length).every((b) => b === 0),
+        `ZERO at ${f.offset} covers zeros`,
+      );
+      covered += f.length;
+    }
+  }
+  return covered;
+}
+
+t.test('HELLO gets a WELCOME with channel echo, nonce and the region table', async (t) => {
+  const server = await start(t);
+  await register(server.port, 'm1');
+  const a = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  const b = await RawDest.open(server.port, Channel.BACKGROUND, 'm1');
+  t.equal(a.welcome.version, 1);
+  t.equal(a.welcome.channel, Channel.DEMAND);
+  t.equal(b.welcome.channel, Channel.BACKGROUND);
+  t.equal(a.welcome.nonce.length, 16);
+  t.not(
+    Buffer.from(a.welcome.nonce).toString('hex'),
+    Buffer.from(b.welcome.nonce).toString('hex'),
+    'nonces differ',
+  );
+  t.same(
+    a.welcome.regions,
+    img.regions.map(({ fileOffset: _f, ...r }) => r),
+  );
+  const status = await api(server.port, 'GET', '/v1/migrations/m1');
+  t.same(status.json.connections, { demand: true, background: true });
+  t.equal(status.json.state, 'registered');
+});
+
+t.test('unknown migration, bad version, non-HELLO first frame: ERROR and close', async (t) => {
+  const server = await start(t);
+  await register(server.port, 'm1');
+  const unknown = await RawDest.hello(server.port, Channel.DEMAND, 'nope');
+  expectError(t, unknown.answer, 'UNKNOWN_MIGRATION');
+  t.ok((await unknown.dest.closed).code > 0, 'closed');
+  const version = await RawDest.hello(server.port, Channel.DEMAND, 'm1', 2);
+  expectError(t, version.answer, 'VERSION_UNSUPPORTED');
+  await version.dest.closed;
+  const early = await RawDest.connect(server.port);
+  early.send(encodeCredit(4096));
+  expectError(t, await early.frameAt(0), 'BAD_STATE');
+  await early.closed;
+  const magic = await RawDest.connect(server.port);
+  const hello = encodeHello(Channel.DEMAND, 1, 'm1');
+  hello[4] = 0;
+  magic.send(hello);
+  expectError(t, await magic.frameAt(0), 'FRAME_BAD_MAGIC');
+  await magic.closed;
+});
+
+t.test('garbage, text and frames illegal for the channel close that connection only', async (t) => {
+  const server = await start(t, {});
+  await register(server.port, 'm1', true);
+  await register(server.port, 'm2', true);
+  const keeper = await RawDest.open(server.port, Channel.DEMAND, 'm2');
+
+  const text = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  text.dest.send('hello?');
+  expectError(t, await text.dest.frameAt(1), 'FRAME_TEXT');
+  await text.dest.closed;
+
+  const garbage = await RawDest.open(server.port, Channel.BACKGROUND, 'm1');
+  garbage.dest.send(Buffer.from([0xff, 1, 2, 3]));
+  expectError(t, await garbage.dest.frameAt(1), 'FRAME_UNKNOWN_TYPE');
+  await garbage.dest.closed;
+
+  const truncated = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  truncated.dest.send(encodeRequest([{ offset: 0, length: PAGE }]).subarray(0, 12));
+  expectError(t, await truncated.dest.frameAt(1), 'FRAME_BAD_LENGTH');
+  await truncated.dest.closed;
+
+  const illegal = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  illegal.dest.send(encodeCredit(1 << 20));
+  expectError(t, await illegal.dest.frameAt(1), 'BAD_STATE');
+  await illegal.dest.closed;
+
+  const bgRequest = await RawDest.open(server.port, Channel.BACKGROUND, 'm1');
+  bgRequest.dest.send(encodeRequest([{ offset: 0, length: PAGE }]));
+  expectError(t, await bgRequest.dest.frameAt(1), 'BAD_STATE');
+  await bgRequest.dest.closed;
+
+  const second = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  second.dest.send(encodeHello(Channel.DEMAND, 1, 'm1'));
+  expectError(t, await second.dest.frameAt(1), 'BAD_STATE');
+  await second.dest.closed;
+
+  const outside = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  outside.dest.send(encodeRequest([{ offset: 48 * PAGE, length: PAGE }]));
+  expectError(t, await outside.dest.frameAt(1), 'OUT_OF_RANGE');
+  await outside.dest.closed;
+
+  const misaligned = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  misaligned.dest.send(encodeRequest([{ offset: RAM1 + PAGE, length: PAGE }]));
+  expectError(t, await misaligned.dest.frameAt(1), 'OUT_OF_RANGE');
+  await misaligned.dest.closed;
+
+  // The other migration's connection still works.
+  keeper.dest.send(encodeRequest([{ offset: 0, length: PAGE }]));
+  const f = await keeper.dest.frameAt(1);
+  t.equal(f.type, FrameType.DATA, 'm2 still served');
+  t.equal(checkPages(t, [f]), PAGE);
+  const list = await api(server.port, 'GET', '/v1/migrations');
+  t.equal(list.json.migrations.length, 2, 'server still answers HTTP');
+});
+
+t.test('requests before the freeze wait, and are served in order after it', async (t) => {
+  const server = await start(t);
+  await register(server.port, 'm1');
+  const { dest } = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  dest.send(encodeRequest([{ offset: 16 * PAGE, length: 2 * PAGE }]));
+  dest.send(encodeRequest([{ offset: RAM1, length: 16384 }]));
+  await dest.roundTrip(); // both REQUESTs were handled by now
+  t.equal(dest.frames.length, 1, 'nothing but the WELCOME before the freeze');
+  const before = await api(server.port, 'GET', '/v1/migrations/m1');
+  t.equal(before.json.pendingRequests, 2);
+  const frozen = await api(server.port, 'POST', '/v1/migrations/m1/freeze');
+  t.equal(frozen.status, 200);
+  t.equal(frozen.json.state, 'frozen');
+  await dest.frameAt(2);
+  const [a, b] = dest.frames.slice(1) as DataFrame[];
+  t.equal(a!.type, FrameType.DATA);
+  t.equal(a!.offset, 16 * PAGE, 'first request first');
+  t.equal(a!.flags & DataFlag.DEMAND, DataFlag.DEMAND);
+  t.equal(b!.offset, RAM1);
+  t.equal(checkPages(t, [a!, b!]), 2 * PAGE + 16384);
+  const again = await api(server.port, 'POST', '/v1/migrations/m1/freeze');
+  t.equal(again.status, 409, 'freezing twice is illegal');
+  t.equal(again.json.error.code, 'BAD_STATE');
+});
+
+t.test(
+  'demand answers: file bytes, ZERO runs for zeros and holes, repeated pages answered again',
+  async (t) => {
+    const server = await start(t);
+    await register(server.port, 'm1', true);
+    const { dest } = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+    // pages 2..17: D D Z Z Z Z H*8 D D ; plus ram1 pages 1..3 (D Z H, 16 KiB pages)
+    dest.send(
+      encodeRequest([
+        { offset: 2 * PAGE, length: 16 * PAGE },
+        { offset: RAM1 + 16384, length: 3 * 16384 },
+      ]),
+    );
+    await dest.roundTrip();
+    const frames = dest.frames.slice(1);
+    const summary = frames.map((f) =>
+      f.type === FrameType.DATA
+        ? `D${f.offset}+${f.payload.length}`
+        : f.type === FrameType.ZERO
+          ? `Z${f.offset}+${f.length}`
+          : `?${f.type}`,
+    );
+    t.same(summary, [
+      `D${2 * PAGE}+${2 * PAGE}`,
+      `Z${4 * PAGE}+${12 * PAGE}`,
+      `D${16 * PAGE}+${2 * PAGE}`,
+      `D${RAM1 + 16384}+16384`,
+      `Z${RAM1 + 32768}+32768`,
+    ]);
+    t.ok(
+      frames.every((f) => isPage(f) && (f.flags & DataFlag.DEMAND) !== 0),
+      'all flagged DEMAND',
+    );
+    t.equal(checkPages(t, frames), 16 * PAGE + 3 * 16384);
+    dest.send(encodeRequest([{ offset: 2 * PAGE, length: PAGE }]));
+    await dest.roundTrip();
+    const last = dest.frames[dest.frames.length - 1]!;
+    t.ok(
+      last.type === FrameType.DATA && last.offset === 2 * PAGE,
+      'a page sent before is sent again on demand',
+    );
+  },
+);
+
+/** Streams the background with `credit` granted as payload is consumed; checks the credit rule. */
+async function streamAll(
+  t: Tap,
+  dest: RawDest,
+  grantBytes: number,
+): Promise<{ frames: Frame[]; grantedBytes: number; consumedBytes: number }> {
+  let granted = 0;
+  let consumed = 0;
+  let seen = 1; // WELCOME
+  let violations = 0;
+  const grant = (): void => {
+    granted += grantBytes;
+    dest.send(encodeCredit(grantBytes));
+  };
+  grant();
+  await dest.until(() => {
+    for (; seen < dest.frames.length; seen++) {
+      const f = dest.frames[seen]!;
+      if (f.type === FrameType.DATA) consumed += f.payload.length;
+      if (f.type === FrameType.ZERO) consumed += HeaderSize.ZERO;
+      if (consumed > granted) violations++;
+      if (f.type === FrameType.PROGRESS && f.flags & ProgressFlag.DONE) return true;
+    }
+    // The source waits once the rest cannot hold the next page (16 KiB pages in ram1).
+    while (granted - consumed < 16384) grant();
+    return false;
+  });
+  t.equal(
+    violations,
+    0,
+    `never more than the granted credit in flight (${consumed} of ${granted})`,
+  );
+  return { frames: dest.frames.slice(1), grantedBytes: granted, consumedBytes: consumed };
+}
+
+/** Rebuilds the image from page frames (zeros stay zero) and compares it with the file. */
+function reassemble(t: Tap, frames: Frame[]): void {
+  const out = Buffer.alloc(img.fileSizeBytes, 0x5a);
+  const covered = new Uint8Array(img.fileSizeBytes);
+  for (const f of frames.filter(isPage)) {
+    const region = img.regions.find(
+      (r) => f.offset >= r.offset && f.offset < r.offset + r.sizeBytes,
+    )!;
+    const at = region.fileOffset + f.offset - region.offset;
+    const len = f.type === FrameType.DATA ? f.payload.length : f.length;
+    if (f.type === FrameType.DATA) out.set(f.payload, at);
+    else out.fill(0, at, at + len);
+    covered.fill(1, at, at + len);
+  }
+  t.equal(covered.indexOf(0), -1, 'DATA and ZERO frames cover every byte of the image');
+  t.ok(out.equals(img.bytes), 'reassembled image equals the file byte for byte');
+}
+
+t.test('background streams every page within credit, zero pages never as DATA', async (t) => {
+  const server = await start(t, { backgroundFrameBytes: 16384 });
+  await register(server.port, 'm1', true);
+  const { dest } = await RawDest.open(server.port, Channel.BACKGROUND, 'm1');
+  const { frames } = await streamAll(t, dest, 10_000);
+  reassemble(t, frames);
+  const data = frames.filter((f): f is DataFrame => f.type === FrameType.DATA);
+  t.ok(
+    data.every((f) => f.payload.length <= 16384),
+    'DATA frames within backgroundFrameBytes',
+  );
+  t.ok(
+    data.every((f) => (f.flags & DataFlag.DEMAND) === 0),
+    'background frames are not flagged DEMAND',
+  );
+  const zeroPage4k = Buffer.alloc(PAGE);
+  let zeroInData = 0;
+  for (const f of data) {
+    for (let o = 0; o < f.payload.length; o += PAGE)
+      if (zeroPage4k.equals(f.payload.subarray(o, o + PAGE))) zeroInData++;
+  }
+  t.equal(zeroInData, 0, 'no all-zero page in any DATA payload');
+  const done = frames[frames.length - 1]!;
+  t.ok(
+    done.type === FrameType.PROGRESS &&
+      done.sentBytes === done.totalBytes &&
+      done.totalBytes === 48 * PAGE + 8 * 16384,
+    'PROGRESS DONE carries totals',
+  );
+  const status = await api(server.port, 'GET', '/v1/migrations/m1');
+  t.equal(status.json.pages.sent, TOTAL_PAGES);
+  t.equal(status.json.pages.background, TOTAL_PAGES);
+});
+
+t.test(
+  'after a demand request for [P, P+n) the background continues at P+n, then wraps',
+  async (t) => {
+    const server = await start(t, { backgroundFrameBytes: 8192 });
+    await register(server.port, 'm1', true);
+    const bg = await RawDest.open(server.port, Channel.BACKGROUND, 'm1');
+    const dm = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+    dm.dest.send(encodeRequest([{ offset: 20 * PAGE, length: 2 * PAGE }]));
+    await dm.dest.frameAt(1);
+    await bg.dest.roundTrip();
+    t.equal(bg.dest.frames.length, 1, 'no background frame without credit');
+    const { frames } = await streamAll(t, bg.dest, 1 << 20);
+    const first = frames.find(isPage)!;
+    t.equal(
+      first.offset,
+      22 * PAGE,
+      'first background frame starts right after the demanded range',
+    );
+    const offsets = frames.filter(isPage).map((f) => f.offset);
+    t.notOk(offsets.includes(20 * PAGE), 'demanded pages are not streamed again');
+    reassemble(t, [...dm.dest.frames.slice(1), ...frames]);
+  },
+);
+
+t.test('COMPLETE is acknowledged, the image released and the migration complete', async (t) => {
+  const server = await start(t);
+  await register(server.port, 'm1');
+  const events: string[] = [];
+  server.registry.onEvent((e) => events.push(`${e.type}:${e.id}`));
+  const dm = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  dm.dest.send(encodeComplete(TOTAL_PAGES));
+  expectError(t, await dm.dest.frameAt(1), 'BAD_STATE');
+  await dm.dest.closed;
+  await api(server.port, 'POST', '/v1/migrations/m1/freeze');
+  const bg = await RawDest.open(server.port, Channel.BACKGROUND, 'm1');
+  await streamAll(t, bg.dest, 1 << 20);
+  const wrong = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  wrong.dest.send(encodeComplete(TOTAL_PAGES - 1));
+  expectError(t, await wrong.dest.frameAt(1), 'BAD_STATE');
+  t.equal(server.registry.get('m1')!.image.closed, false, 'not released on a wrong COMPLETE');
+  bg.dest.send(encodeComplete(TOTAL_PAGES));
+  const n = bg.dest.frames.length;
+  const ack = await bg.dest.frameAt(n);
+  t.ok(ack.type === FrameType.COMPLETE && ack.pages === TOTAL_PAGES, 'COMPLETE answered');
+  await bg.dest.closed;
+  const m = server.registry.get('m1')!;
+  t.equal(m.state, 'complete');
+  t.equal(m.image.closed, true, 'image fd closed');
+  t.same(events, ['frozen:m1', 'complete:m1']);
+  const hello = await RawDest.hello(server.port, Channel.DEMAND, 'm1');
+  expectError(t, hello.answer, 'BAD_STATE');
+  const del = await api(server.port, 'DELETE', '/v1/migrations/m1');
+  t.equal(del.json.state, 'complete', 'DELETE forgets a complete migration');
+  t.equal((await api(server.port, 'GET', '/v1/migrations/m1')).status, 404);
+});
+
+t.test('a second connection of the same kind replaces the first', async (t) => {
+  const server = await start(t);
+  await register(server.port, 'm1', true);
+  const first = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  const second = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  await first.dest.closed;
+  second.dest.send(encodeRequest([{ offset: 0, length: PAGE }]));
+  t.equal((await second.dest.frameAt(1)).type, FrameType.DATA, 'the new connection is served');
+});
+
+t.test('abort releases the image and tells connected dests', async (t) => {
+  const server = await start(t);
+  await register(server.port, 'm1', true);
+  const m = server.registry.get('m1')!;
+  const dm = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  const res = await api(server.port, 'DELETE', '/v1/migrations/m1');
+  t.equal(res.status, 200);
+  t.equal(res.json.state, 'aborted');
+  expectError(t, await dm.dest.frameAt(1), 'MIGRATION_ABORTED');
+  t.equal(m.image.closed, true);
+  const hello = await RawDest.hello(server.port, Channel.DEMAND, 'm1');
+  expectError(t, hello.answer, 'UNKNOWN_MIGRATION');
+});
+
+t.test('control API: validation, coded errors, fall-through handler', async (t) => {
+  const server = await start(t, {
+    httpHandler: (req, res) => {
+      res.writeHead(200, { 'content-type': 'text/plain' });
+      res.end(`metrics for ${req.url}`);
+    },
+  });
+  const p = server.port;
+  const bad = await api(p, 'POST', '/v1/migrations', { id: 'x', image: img.path, regions: [] });
+  t.equal(bad.status, 400);
+  t.equal(bad.json.error.code, 'INVALID_REQUEST');
+  const notJson = await api(p, 'POST', '/v1/migrations', '{nope');
+  t.equal(notJson.json.error.code, 'INVALID_JSON');
+  const misaligned = await api(p, 'POST', '/v1/migrations', {
+    id: 'x',
+    image: img.path,
+    regions: [{ name: 'r', offset: 100, sizeBytes: PAGE }],
+  });
+  t.equal(misaligned.status, 400);
+  t.equal(misaligned.json.error.code, 'IMAGE_REGION_MISALIGNED');
+  const missing = await api(p, 'POST', '/v1/migrations', {
+    id: 'x',
+    image: '/nonexistent',
+    regions: [{ name: 'r', offset: 0, sizeBytes: PAGE }],
+  });
+  t.equal(missing.status, 422);
+  t.equal(missing.json.error.code, 'IMAGE_OPEN');
+  const created = await api(p, 'POST', '/v1/migrations', {
+    id: 'x',
+    image: img.path,
+    regions: [{ name: 'r', offset: 0, sizeBytes: 4 * PAGE }],
+  });
+  t.equal(created.status, 201);
+  t.equal(created.json.pages.total, 4);
+  const dup = await api(p, 'POST', '/v1/migrations', {
+    id: 'x',
+    image: img.path,
+    regions: [{ name: 'r', offset: 0, sizeBytes: PAGE }],
+  });
+  t.equal(dup.status, 409);
+  t.equal(dup.json.error.code, 'MIGRATION_EXISTS');
+  const unknown = await api(p, 'POST', '/v1/migrations/nope/freeze');
+  t.equal(unknown.status, 404);
+  t.equal(unknown.json.error.code, 'UNKNOWN_MIGRATION');
+  t.equal((await api(p, 'PUT', '/v1/migrations/x')).status, 405);
+  const metrics = await api(p, 'GET', '/metrics');
+  t.equal(metrics.json, 'metrics for /metrics', 'other paths go to the injected handler');
+  const server2 = await start(t);
+  t.equal((await api(server2.port, 'GET', '/metrics')).status, 404, 'or 404 without one');
+});
+
+t.test('ws upgrades only on /v1/pages; a peer that misses pongs is terminated', async (t) => {
+  const server = await start(t, { heartbeatIntervalMs: 100 });
+  await register(server.port, 'm1', true);
+  await t.rejects(RawDest.connect(server.port, {}, '/other'), 'upgrade elsewhere refused');
+  const silent = await RawDest.connect(server.port, { autoPong: false });
+  silent.send(encodeHello(Channel.DEMAND, 1, 'm1'));
+  await silent.frameAt(0);
+  const closed = await silent.closed;
+  t.equal(closed.code, 1006, 'terminated without a close frame');
+  const lively = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  lively.dest.send(encodeRequest([{ offset: 0, length: PAGE }]));
+  t.equal((await lively.dest.frameAt(1)).type, FrameType.DATA, 'a peer answering pings stays');
+  t.equal(lively.dest.ws.readyState, WebSocket.OPEN);
+});
