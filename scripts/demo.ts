@@ -3,17 +3,20 @@
  * pages, a real `yabusame source` and `yabusame dest` on loopback (separate processes), and
  * vm-sim as the VMM, migrating under a running workload and verifying every page at the end.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { createWriteStream, mkdtempSync, rmSync, accessSync, constants as fsc } from 'node:fs';
-import { createServer } from 'node:net';
+import { mkdtempSync, rmSync, accessSync, constants as fsc } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { generateImage, parseSize } from './image/gen-image.js';
 import { runVmSim, type VmSimResult } from './vm-sim/vm-sim.js';
-
-const CLI = fileURLToPath(new URL('../daemon/cli.js', import.meta.url));
+import {
+  freezeMigration,
+  migrationState,
+  startDest,
+  startSource,
+  type Daemon,
+} from './lib/daemons.js';
 
 const USAGE = `Usage: npm run demo -- [options]   (or: yabusame demo [options])
 
@@ -25,49 +28,6 @@ const USAGE = `Usage: npm run demo -- [options]   (or: yabusame demo [options])
   --json           print the result as JSON instead of a table
   -h, --help
 `;
-
-/** A free TCP port on loopback (bound then released; the daemon binds it right after). */
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', () => r()));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
-}
-
-/** Polls `url` until it answers 200 (the daemon is up), or fails after `timeoutMs`. */
-async function waitHttp(url: string, child: ChildProcess, timeoutMs = 15_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (let delay = 20; ; delay = Math.min(delay * 2, 250)) {
-    if (child.exitCode !== null)
-      throw new Error(`${url}: the daemon exited with ${child.exitCode}`);
-    try {
-      const res = await fetch(url);
-      if (res.ok) return;
-    } catch {
-      /* not listening yet */
-    }
-    if (Date.now() > deadline) throw new Error(`${url} did not answer within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, delay));
-  }
-}
-
-function startDaemon(args: string[], logPath: string): ChildProcess {
-  const child = spawn(process.execPath, ['--enable-source-maps', CLI, ...args], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  child.stderr!.pipe(createWriteStream(logPath));
-  return child;
-}
-
-async function stopDaemon(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise<void>((r) => child.once('exit', () => r()));
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-  await exited;
-  clearTimeout(timer);
-}
 
 function defaultDir(): string {
   try {
@@ -109,7 +69,7 @@ export async function main(argv: string[] = process.argv.slice(2)): Promise<void
     if (!values.json) process.stderr.write(s + '\n');
   };
   const image = join(dir, 'vm.ram');
-  const children: ChildProcess[] = [];
+  const daemons: Daemon[] = [];
   let result: VmSimResult | undefined;
   try {
     say(`yabusame demo: ${fmtBytes(sizeBytes)} guest, working folder ${dir}`);
@@ -123,28 +83,14 @@ export async function main(argv: string[] = process.argv.slice(2)): Promise<void
         `${pct(gen.pages.text)} text, ${pct(gen.pages.random)} random`,
     );
 
-    const sourcePort = await freePort();
-    const destHttpPort = await freePort();
-    const socket = join(dir, 'dest.sock');
-    const source = startDaemon(
-      ['source', '--listen', `127.0.0.1:${sourcePort}`, '--migration', `id=demo-vm,image=${image}`],
-      join(dir, 'source.log'),
-    );
-    children.push(source);
-    const dest = startDaemon(
-      ['dest', '--socket', socket, '--metrics-listen', `127.0.0.1:${destHttpPort}`],
-      join(dir, 'dest.log'),
-    );
-    children.push(dest);
-    await waitHttp(`http://127.0.0.1:${sourcePort}/v1/migrations`, source);
-    await waitHttp(`http://127.0.0.1:${destHttpPort}/healthz`, dest);
-    say(`  source on 127.0.0.1:${sourcePort}, dest on ${socket} (logs in ${dir})`);
+    const source = await startSource(dir, ['--migration', `id=demo-vm,image=${image}`]);
+    daemons.push(source);
+    const dest = await startDest(dir);
+    daemons.push(dest);
+    say(`  source on ${source.ws}, dest on ${dest.socket} (logs in ${dir})`);
 
     // The VM stops on the source (its pages can no longer change), then resumes on the dest.
-    const freeze = await fetch(`http://127.0.0.1:${sourcePort}/v1/migrations/demo-vm/freeze`, {
-      method: 'POST',
-    });
-    if (!freeze.ok) throw new Error(`freeze failed: ${freeze.status} ${await freeze.text()}`);
+    await freezeMigration(source, 'demo-vm');
     say('  VM frozen on the source; resuming on the destination with empty RAM');
 
     t0 = performance.now();
@@ -152,8 +98,8 @@ export async function main(argv: string[] = process.argv.slice(2)): Promise<void
     result = await runVmSim({
       image,
       migrationId: 'demo-vm',
-      source: `ws://127.0.0.1:${sourcePort}`,
-      destSocket: socket,
+      source: source.ws,
+      destSocket: dest.socket,
       workers: Number(values.workers),
       pattern: values.pattern as 'mixed',
       timeoutMs: 10 * 60_000,
@@ -169,10 +115,7 @@ export async function main(argv: string[] = process.argv.slice(2)): Promise<void
         );
       },
     });
-    const sourceState = (await (
-      await fetch(`http://127.0.0.1:${sourcePort}/v1/migrations/demo-vm`)
-    ).json()) as { state?: string; migration?: { state?: string } };
-    const released = (sourceState.state ?? sourceState.migration?.state) === 'complete';
+    const released = (await migrationState(source, 'demo-vm')) === 'complete';
 
     const r = result;
     const ok = r.mismatchCount === 0 && r.missingPages === 0 && r.pagesVerified === r.totalPages;
@@ -229,7 +172,7 @@ export async function main(argv: string[] = process.argv.slice(2)): Promise<void
     }
     if (!ok || !released) process.exitCode = 1;
   } finally {
-    await Promise.all(children.map(stopDaemon));
+    await Promise.all(daemons.map((d) => d.stop()));
     if (!values.keep && (result || !values.dir)) rmSync(dir, { recursive: true, force: true });
   }
 }

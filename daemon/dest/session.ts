@@ -55,6 +55,8 @@ export interface SessionConfig {
   backgroundWindowBytes: number;
   progressIntervalMs: number;
   heartbeatMs: number;
+  /** Withhold the background channel's first CREDIT this long (0: at once). */
+  backgroundDelayMs?: number;
 }
 
 export interface SessionDeps {
@@ -98,6 +100,7 @@ export class Session {
   private pendingRequests: PageRange[] = [];
   private creditOwed = 0;
   private progressTimer: NodeJS.Timeout | null = null;
+  private backgroundTimer: NodeJS.Timeout | null = null;
   private completeAck: (() => void) | null = null;
   private sourceDone = false;
   private readonly log: Logger;
@@ -207,7 +210,14 @@ export class Session {
       );
     }
     if (this.stateValue !== 'running') return; // a frame delivered on attach ended it
-    this.background!.send(encodeCredit(this.deps.config.backgroundWindowBytes));
+    const openWindow = (): void => {
+      if (this.stateValue === 'running') {
+        this.background?.send(encodeCredit(this.deps.config.backgroundWindowBytes));
+      }
+    };
+    const delayMs = this.deps.config.backgroundDelayMs ?? 0;
+    if (delayMs > 0) this.backgroundTimer = setTimeout(openWindow, delayMs);
+    else openWindow();
     this.log.info('migration started', {
       source: this.request.source,
       pages: this.map.totalPages,
@@ -567,6 +577,7 @@ export class Session {
   private teardown(): void {
     this.finishedAt = Date.now();
     if (this.progressTimer) clearInterval(this.progressTimer);
+    if (this.backgroundTimer) clearTimeout(this.backgroundTimer);
     this.uffdWatch?.stop();
     this.uffdWatch = null;
     this.demand?.close();

@@ -88,6 +88,13 @@ export const DestConfigSchema = z.strictObject({
   completeTimeoutMs: timeoutMs.default(10_000),
   /** Background bytes in flight (requested but not yet placed): the flow-control window. */
   backgroundWindowBytes: pageMultiple(64 * KiB, 1 * GiB).default(8 * MiB),
+  /**
+   * Hold the background stream back for this long after a session starts: only faulting pages
+   * move meanwhile. 0 (the default) streams at once; benchmarks use it to measure demand alone.
+   */
+  backgroundDelayMs: int(0, 3_600_000).default(0),
+  /** ws ping interval on both channels; a missed pong closes the channel. 0 disables. */
+  heartbeatMs: int(0, 3_600_000).default(5000),
   /** Interval of `progress` replies to the VMM and of progress logs. */
   progressIntervalMs: int(10, 3_600_000).default(1000),
   logLevel: logLevel.default('info'),

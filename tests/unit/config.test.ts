@@ -52,6 +52,8 @@ t.test('dest defaults', async (t) => {
     connectTimeoutMs: 5000,
     completeTimeoutMs: 10000,
     backgroundWindowBytes: 8 * 1024 * 1024,
+    backgroundDelayMs: 0,
+    heartbeatMs: 5000,
     progressIntervalMs: 1000,
     logLevel: 'info',
   });
