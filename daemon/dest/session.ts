@@ -99,6 +99,7 @@ export class Session {
   /** Pages to request at the next flush. */
   private pendingRequests: PageRange[] = [];
   private creditOwed = 0;
+  private readonly windowBytes: number;
   private progressTimer: NodeJS.Timeout | null = null;
   private backgroundTimer: NodeJS.Timeout | null = null;
   private completeAck: (() => void) | null = null;
@@ -127,6 +128,10 @@ export class Session {
   ) {
     this.migrationId = request.migrationId;
     this.map = new PageMap(request.regions);
+    // The source sends a page only within credit, and we grant in quarters of the window: a
+    // quarter must hold the largest page, or a huge-page region would stall for want of credit.
+    const largestPage = Math.max(...this.map.regions.map((r) => r.pageSizeBytes));
+    this.windowBytes = Math.max(deps.config.backgroundWindowBytes, 4 * largestPage);
     this.log = deps.log.child({ migration: request.migrationId });
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
   }
@@ -211,9 +216,7 @@ export class Session {
     }
     if (this.stateValue !== 'running') return; // a frame delivered on attach ended it
     const openWindow = (): void => {
-      if (this.stateValue === 'running') {
-        this.background?.send(encodeCredit(this.deps.config.backgroundWindowBytes));
-      }
+      if (this.stateValue === 'running') this.background?.send(encodeCredit(this.windowBytes));
     };
     const delayMs = this.deps.config.backgroundDelayMs ?? 0;
     if (delayMs > 0) this.backgroundTimer = setTimeout(openWindow, delayMs);
@@ -413,7 +416,7 @@ export class Session {
   private grantCredit(bytes: number): void {
     this.creditOwed += bytes;
     // Batch grants: a CREDIT frame per quarter window keeps the stream full without chatter.
-    if (this.creditOwed >= this.deps.config.backgroundWindowBytes / 4) {
+    if (this.creditOwed >= this.windowBytes / 4) {
       this.background?.send(encodeCredit(this.creditOwed));
       this.creditOwed = 0;
     }
@@ -601,7 +604,11 @@ export class Session {
   }
 }
 
-/** Every handed-off region must lie inside one source region with the same page size. */
+/**
+ * Every handed-off region must lie inside one source region with the same page size, and
+ * together they must cover the whole image: the source releases its image only on a COMPLETE
+ * that counts every one of its pages.
+ */
 function checkSourceRegions(map: PageMap, source: readonly RegionInfo[]): void {
   for (const r of map.regions) {
     const s = source.find(
@@ -619,5 +626,13 @@ function checkSourceRegions(map: PageMap, source: readonly RegionInfo[]): void {
         `region ${r.name}: page size ${r.pageSizeBytes} but the source has ${s.pageSizeBytes}`,
       );
     }
+  }
+  // Handoff regions never overlap (checked at the handoff), so equal page counts mean full cover.
+  const sourcePages = source.reduce((n, x) => n + x.sizeBytes / x.pageSizeBytes, 0);
+  if (sourcePages !== map.totalPages) {
+    throw new SessionError(
+      'SOURCE_MISMATCH',
+      `the handoff covers ${map.totalPages} pages but the source image has ${sourcePages}`,
+    );
   }
 }

@@ -1,7 +1,7 @@
 /**
  * The source's JSON control API, on the page server's HTTP port:
  *   GET    /v1/migrations              list
- *   POST   /v1/migrations              register {id, image, regions, frozen?}
+ *   POST   /v1/migrations              register {id, image, regions?, frozen?}
  *   GET    /v1/migrations/:id          status
  *   POST   /v1/migrations/:id/freeze   the VM stopped: serve pages
  *   DELETE /v1/migrations/:id          abort (releases the image) and forget
@@ -28,7 +28,8 @@ const RegionBody = z.strictObject({
 export const RegisterBody = z.strictObject({
   id: z.string().refine(validMigrationId, 'migration id: 1..128 bytes of [A-Za-z0-9._:-]'),
   image: z.string().min(1),
-  regions: z.array(RegionBody).min(1).max(64),
+  /** Default: one region `ram0` over the whole file with 4 KiB pages. */
+  regions: z.array(RegionBody).min(1).max(64).optional(),
   frozen: z.boolean().default(false),
 });
 
@@ -124,7 +125,7 @@ export function controlApi(
           id: body.id,
           image: body.image,
           frozen: body.frozen,
-          regions: body.regions.map((r) => ({ ...r, fileOffset: r.fileOffset ?? r.offset })),
+          regions: body.regions?.map((r) => ({ ...r, fileOffset: r.fileOffset ?? r.offset })),
         });
         log.info('migration registered', { migration: body.id, image: body.image });
         return send(res, 201, status);

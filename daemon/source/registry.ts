@@ -1,3 +1,4 @@
+import { statSync } from 'node:fs';
 /**
  * The migrations this source serves, by id. The page server asks it to accept each HELLO;
  * the control API registers, freezes and aborts through it.
@@ -20,9 +21,21 @@ export interface RegisterRequest {
   id: string;
   /** Path of the memory image file. */
   image: string;
-  regions: readonly ImageRegionSpec[];
+  /** Default: one region `ram0` covering the whole file with 4 KiB pages. */
+  regions?: readonly ImageRegionSpec[] | undefined;
   /** Already frozen (e.g. a snapshot file): serve at once. */
   frozen?: boolean;
+}
+
+/** One region `ram0` over the whole file, 4 KiB pages (a raw RAM dump or memory-backend-file). */
+function wholeFileRegion(path: string): ImageRegionSpec[] {
+  let sizeBytes: number;
+  try {
+    sizeBytes = statSync(path).size;
+  } catch (err) {
+    throw new SourceError('IMAGE_OPEN', `cannot stat image ${path}`, { cause: err });
+  }
+  return [{ name: 'ram0', offset: 0, sizeBytes, fileOffset: 0, pageSizeBytes: 4096 }];
 }
 
 export type MigrationListener = (event: MigrationEvent, status: MigrationStatus) => void;
@@ -45,7 +58,7 @@ export class MigrationRegistry {
     if (this.migrations.has(req.id)) {
       throw new SourceError('MIGRATION_EXISTS', `migration ${req.id} is already registered`);
     }
-    const image = openImage(req.image, req.regions);
+    const image = openImage(req.image, req.regions ?? wholeFileRegion(req.image));
     const m = new Migration(
       req.id,
       image,
