@@ -14,6 +14,7 @@ import {
   metricsText,
 } from './ops/metrics.js';
 import * as sd from './ops/sdnotify.js';
+import * as sys from './linux/sys.js';
 import { startDestDaemon } from './dest/daemon.js';
 import { startSourceServer } from './source/server.js';
 
@@ -293,6 +294,7 @@ async function runFreeze(args: string[]): Promise<void> {
 
 async function main(argv: string[]): Promise<void> {
   const [cmd, ...rest] = argv;
+  if (cmd === 'dest' || cmd === 'source') sys.keepFreedBuffers(64 * 1024 * 1024);
   switch (cmd) {
     case 'dest':
       return runDest(rest);
