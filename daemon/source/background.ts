@@ -144,7 +144,15 @@ export class BackgroundStreamer {
     }
     const stats = newSpanStats();
     try {
-      this.writer.write(r, page, end - page, 0, this.opts.frameBytes, (f) => ch.send(f), stats);
+      this.writer.write(
+        r,
+        page,
+        end - page,
+        0,
+        this.opts.frameBytes,
+        (f, onWritten) => ch.send(f, onWritten),
+        stats,
+      );
     } catch (err) {
       const code = (err as { code?: unknown }).code;
       this.hooks.failed(typeof code === 'string' ? code : 'IMAGE_IO');

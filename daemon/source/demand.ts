@@ -142,8 +142,8 @@ export class DemandServer {
 
   private serve(p: Pending): void {
     const stats = newSpanStats();
-    const sink = (frame: Uint8Array): void => {
-      p.channel.send(frame);
+    const sink = (frame: Uint8Array, onWritten?: () => void): void => {
+      p.channel.send(frame, onWritten);
     };
     let next = 0;
     try {

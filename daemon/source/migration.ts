@@ -12,6 +12,7 @@ import { ProtocolError } from '../../protocol/errors.js';
 import { encodeComplete } from '../../protocol/page-codec.js';
 import {
   Channel,
+  HeaderSize,
   FrameType,
   type ChannelKind,
   type Frame,
@@ -30,6 +31,7 @@ import { SourceError } from './errors.js';
 import type { MemoryImage } from './image.js';
 import { PageWriter, type SpanStats } from './page-writer.js';
 import { SentMap } from './sent-map.js';
+import { SlabPool } from './slab-pool.js';
 
 export type MigrationState = 'registered' | 'frozen' | 'complete' | 'aborted';
 
@@ -99,7 +101,9 @@ export class Migration {
     opts: MigrationOptions = {},
   ) {
     this.sent = new SentMap(image.totalPages);
-    const writer = new PageWriter(image);
+    // Slabs sized for a full background frame; enough idle ones to refill the socket buffer.
+    const frameBytes = opts.backgroundFrameBytes ?? DEFAULT_BACKGROUND_FRAME_BYTES;
+    const writer = new PageWriter(image, new SlabPool(HeaderSize.DATA + frameBytes, 32));
     this.demand = new DemandServer(
       image,
       this.sent,

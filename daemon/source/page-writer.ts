@@ -9,8 +9,13 @@
 import { encodeDataHeaderInto, encodeZero } from '../../protocol/page-codec.js';
 import { HeaderSize } from '../../protocol/wire.js';
 import { PageClass, type ImageRegion, type MemoryImage } from './image.js';
+import type { SlabPool } from './slab-pool.js';
 
-export type FrameSink = (frame: Uint8Array) => void;
+/**
+ * Hands one frame to the socket. `onWritten`, when given, must be called once the frame's bytes
+ * are no longer needed (written, or the connection gone): its buffer is then reused.
+ */
+export type FrameSink = (frame: Uint8Array, onWritten?: () => void) => void;
 
 /** What a span cost; callers accumulate across spans. */
 export interface SpanStats {
@@ -37,7 +42,10 @@ const MAX_ZERO_RUN_BYTES = 0xffffffff;
 const isSkip = (cls: number): boolean => cls === PageClass.HOLE || cls === PageClass.ZERO;
 
 export class PageWriter {
-  constructor(private readonly image: MemoryImage) {}
+  constructor(
+    private readonly image: MemoryImage,
+    private readonly pool: SlabPool,
+  ) {}
 
   /**
    * Emits `count` pages of region `r` from global page `page`. DATA frames carry at most
@@ -90,8 +98,14 @@ export class PageWriter {
       while (q < end && q - p < readPages && !isSkip(cls[q]!)) q++;
       const n = q - p;
       // Not zero-filled: every byte that is sent is overwritten by pread or a header first.
-      const buf = Buffer.allocUnsafe(HeaderSize.DATA + n * size);
-      image.read(image.pageOffset(r, p), n * size, buf, HeaderSize.DATA);
+      const slab = this.pool.acquire(HeaderSize.DATA + n * size);
+      const buf = slab.buf;
+      try {
+        image.read(image.pageOffset(r, p), n * size, buf, HeaderSize.DATA);
+      } catch (err) {
+        slab.release();
+        throw err;
+      }
       image.classify(r, p, n, buf, HeaderSize.DATA);
       let i = 0;
       while (i < n) {
@@ -107,12 +121,13 @@ export class PageWriter {
         // zero page i - 1, which is not sent.
         const frame = buf.subarray(i * size, HeaderSize.DATA + j * size);
         encodeDataHeaderInto(frame, flags, image.pageOffset(r, p + i));
-        sink(frame);
+        sink(frame, slab.retain().release);
         stats.dataPages += j - i;
         stats.payloadBytes += (j - i) * size;
         stats.frameBytes += frame.byteLength;
         i = j;
       }
+      slab.release();
       p = q;
     }
     flushZero();

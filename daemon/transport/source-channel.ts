@@ -24,8 +24,11 @@ export interface SourceChannel {
   readonly isOpen: boolean;
   /** Bytes handed to send() whose socket write has not completed yet. */
   readonly bufferedBytes: number;
-  /** Sends one frame; false when the channel is closed. Do not modify `frame` afterwards. */
-  send(frame: Uint8Array): boolean;
+  /**
+   * Sends one frame; false when the channel is closed (then `onWritten` is not called). Do not
+   * modify `frame` until `onWritten` ran: it runs once the bytes are in the kernel.
+   */
+  send(frame: Uint8Array, onWritten?: () => void): boolean;
   /** Calls `fn` once, as soon as bufferedBytes <= `bytes` (at once if it already is). */
   whenBufferedBelow(bytes: number, fn: () => void): void;
   /** Frames from the peer, in order, legal for this channel kind. Set by the owner. */
@@ -78,17 +81,18 @@ export class WsSourceChannel implements SourceChannel {
     return this.buffered;
   }
 
-  send(frame: Uint8Array): boolean {
+  send(frame: Uint8Array, onWritten?: () => void): boolean {
     if (!this.open || this.ws.readyState !== WebSocket.OPEN) return false;
     const len = frame.byteLength;
     this.buffered += len;
     // The callback runs once the socket write completed (or failed: the close path handles it).
-    this.ws.send(frame, { binary: true, compress: false }, () => this.written(len));
+    this.ws.send(frame, { binary: true, compress: false }, () => this.written(len, onWritten));
     return true;
   }
 
-  private written(len: number): void {
+  private written(len: number, onWritten?: () => void): void {
     this.buffered -= len;
+    onWritten?.();
     if (this.waiters.length === 0) return;
     const ready = this.waiters.filter((w) => this.buffered <= w.bytes);
     if (ready.length === 0) return;

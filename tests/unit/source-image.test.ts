@@ -1,3 +1,4 @@
+import { SlabPool } from '../../daemon/source/slab-pool.js';
 import t from 'tap';
 import { statSync } from 'node:fs';
 import { makeExtents } from '../../daemon/source/extents.js';
@@ -152,7 +153,7 @@ t.test(
   async (t) => {
     const image = openImage(img.path, img.regions);
     t.teardown(() => image.close());
-    const writer = new PageWriter(image);
+    const writer = new PageWriter(image, new SlabPool(24 + 256 * 1024, 4));
     const frames: Frame[] = [];
     const stats = newSpanStats();
     // ram0 pages 0..47 whole, 16 KiB reads.
