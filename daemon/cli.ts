@@ -159,6 +159,7 @@ async function runDest(args: string[]): Promise<void> {
       backgroundWindowBytes: config.backgroundWindowBytes,
       progressIntervalMs: config.progressIntervalMs,
       heartbeatMs: config.heartbeatMs,
+      reconnectTimeoutMs: config.reconnectTimeoutMs,
       backgroundDelayMs: config.backgroundDelayMs,
     },
     log,

@@ -20,6 +20,7 @@ export const FRAME_ERROR_CODES = [
   'FRAME_BAD_MAGIC',
   'FRAME_BAD_CHANNEL',
   'FRAME_BAD_VALUE',
+  'FRAME_CHECKSUM',
 ] as const;
 
 /** Every code an ERROR frame may carry (README.md, "Error codes"). */

@@ -36,6 +36,11 @@ export const HandoffRequest = z.strictObject({
   /** ws URL of `yabusame source`, e.g. ws://10.0.0.5:7070. */
   source: z.url({ protocol: /^wss?$/ }),
   regions: z.array(HandoffRegion).min(1).max(Limits.MAX_REGIONS),
+  /**
+   * This uffd was handed to a daemon before (which died): some pages may already be present and
+   * faults it read are lost. The daemon wakes every range so blocked threads fault again.
+   */
+  resume: z.boolean().optional(),
 });
 export type HandoffRequest = z.infer<typeof HandoffRequest>;
 

@@ -4,6 +4,7 @@
  * allocate once at the final size, except encodeDataHeaderInto, which writes into a buffer the
  * caller already filled with the payload after HeaderSize.DATA bytes (the source preads there).
  */
+import { crc32 } from 'node:zlib';
 import { ProtocolError } from './errors.js';
 import {
   Channel,
@@ -146,39 +147,39 @@ export function encodeRequest(ranges: readonly PageRange[]): Buffer {
 }
 
 // --- DATA: u8 type, u8 flags, u16 0, u32 length, u64 offset, u32 checksum, u32 0, payload ---
-/** Writes a DATA header into the first HeaderSize.DATA bytes of `frame`; payload follows it. */
-export function encodeDataHeaderInto(
-  frame: Uint8Array,
-  flags: number,
-  offset: number,
-  checksum = 0,
-): void {
+/**
+ * Writes a DATA header into the first HeaderSize.DATA bytes of `frame`; the payload follows it.
+ * The checksum is CRC-32 over header bytes 0..15, then the payload: a flipped bit in the page
+ * or in its address is caught before anything reaches UFFDIO_COPY.
+ */
+export function encodeDataHeaderInto(frame: Uint8Array, flags: number, offset: number): void {
   const length = frame.byteLength - HeaderSize.DATA;
-  if (length <= 0 || length > Limits.MAX_DATA_BYTES)
+  if (length <= 0 || length > Limits.MAX_DATA_BYTES) {
     throw new RangeError(`bad DATA length ${length}`);
+  }
   const dv = view(frame);
   frame[0] = FrameType.DATA;
   frame[1] = flags;
   dv.setUint16(2, 0, true);
   dv.setUint32(4, length, true);
   setU64(dv, 8, offset);
-  dv.setUint32(16, checksum >>> 0, true);
+  dv.setUint32(16, dataChecksum(frame), true);
   dv.setUint32(20, 0, true);
 }
 
-export function encodeData(
-  flags: number,
-  offset: number,
-  payload: Uint8Array,
-  checksum = 0,
-): Buffer {
+/** CRC-32 of a DATA frame: header bytes 0..15, then the payload. */
+function dataChecksum(frame: Uint8Array): number {
+  return crc32(frame.subarray(HeaderSize.DATA), crc32(frame.subarray(0, 16)));
+}
+
+export function encodeData(flags: number, offset: number, payload: Uint8Array): Buffer {
   const buf = Buffer.alloc(HeaderSize.DATA + payload.byteLength);
   buf.set(payload, HeaderSize.DATA);
-  encodeDataHeaderInto(buf, flags, offset, checksum);
+  encodeDataHeaderInto(buf, flags, offset);
   return buf;
 }
 
-// --- ZERO: u8 type, u8 flags, u16 0, u32 length, u64 offset ---
+// --- ZERO: u8 type, u8 flags, u16 0, u32 length, u64 offset, u32 checksum, u32 0 ---
 export function encodeZero(flags: number, offset: number, length: number): Buffer {
   const buf = Buffer.alloc(HeaderSize.ZERO);
   const dv = view(buf);
@@ -186,7 +187,30 @@ export function encodeZero(flags: number, offset: number, length: number): Buffe
   buf[1] = flags;
   dv.setUint32(4, length, true);
   setU64(dv, 8, offset);
+  dv.setUint32(16, crc32(buf.subarray(0, 16)), true);
   return buf;
+}
+
+// --- HAVE: u8 type, u8 flags, u16 count, u32 checksum, then count x (u64 offset, u64 length) ---
+/** Encodes the ranges a dest holds; checksum is CRC-32 of bytes 0..3 then the entries. */
+export function encodeHave(flags: number, ranges: readonly PageRange[]): Buffer {
+  if (ranges.length > Limits.MAX_HAVE_ENTRIES) throw new RangeError('too many HAVE entries');
+  const buf = Buffer.alloc(HeaderSize.HAVE + HeaderSize.HAVE_ENTRY * ranges.length);
+  const dv = view(buf);
+  buf[0] = FrameType.HAVE;
+  buf[1] = flags;
+  dv.setUint16(2, ranges.length, true);
+  ranges.forEach((r, i) => {
+    const off = HeaderSize.HAVE + i * HeaderSize.HAVE_ENTRY;
+    setU64(dv, off, r.offset);
+    setU64(dv, off + 8, r.length);
+  });
+  dv.setUint32(4, haveChecksum(buf), true);
+  return buf;
+}
+
+function haveChecksum(buf: Uint8Array): number {
+  return crc32(buf.subarray(HeaderSize.HAVE), crc32(buf.subarray(0, 4)));
 }
 
 // --- PROGRESS: u8 type, u8 flags, u16 0, u32 0, u64 sentBytes, u64 totalBytes ---
@@ -339,22 +363,45 @@ function decodeDataFrame(buf: Uint8Array, dv: DataView): Frame {
   exact(buf, HeaderSize.DATA + length, 'DATA');
   const offset = getU64(dv, 8, 'DATA offset');
   checkEnd(offset, length, 'DATA');
+  const checksum = dv.getUint32(16, true);
+  if (checksum !== dataChecksum(buf)) bad('FRAME_CHECKSUM', `DATA at ${offset}: checksum mismatch`);
   return {
     type: FrameType.DATA,
     flags: buf[1]!,
     offset,
-    checksum: dv.getUint32(16, true),
+    checksum,
     payload: buf.subarray(HeaderSize.DATA),
   };
 }
 
 function decodeZero(buf: Uint8Array, dv: DataView): Frame {
   exact(buf, HeaderSize.ZERO, 'ZERO');
+  if (dv.getUint32(16, true) !== crc32(buf.subarray(0, 16))) {
+    bad('FRAME_CHECKSUM', 'ZERO frame: checksum mismatch');
+  }
   const length = dv.getUint32(4, true);
   if (length === 0) bad('FRAME_BAD_VALUE', 'ZERO run of zero length');
   const offset = getU64(dv, 8, 'ZERO offset');
   checkEnd(offset, length, 'ZERO');
   return { type: FrameType.ZERO, flags: buf[1]!, length, offset };
+}
+
+function decodeHave(buf: Uint8Array, dv: DataView): Frame {
+  need(buf, HeaderSize.HAVE, 'HAVE');
+  const count = dv.getUint16(2, true);
+  if (count > Limits.MAX_HAVE_ENTRIES) bad('FRAME_BAD_VALUE', `HAVE with ${count} entries`);
+  exact(buf, HeaderSize.HAVE + count * HeaderSize.HAVE_ENTRY, 'HAVE');
+  if (dv.getUint32(4, true) !== haveChecksum(buf)) bad('FRAME_CHECKSUM', 'HAVE: checksum mismatch');
+  const ranges: PageRange[] = [];
+  for (let i = 0; i < count; i++) {
+    const off = HeaderSize.HAVE + i * HeaderSize.HAVE_ENTRY;
+    const offset = getU64(dv, off, 'HAVE offset');
+    const length = getU64(dv, off + 8, 'HAVE length');
+    if (length === 0) bad('FRAME_BAD_VALUE', 'HAVE entry of zero length');
+    checkEnd(offset, length, 'HAVE entry');
+    ranges.push({ offset, length });
+  }
+  return { type: FrameType.HAVE, flags: buf[1]!, ranges };
 }
 
 function decodeProgress(buf: Uint8Array, dv: DataView): Frame {
@@ -380,7 +427,8 @@ function decodeError(buf: Uint8Array, dv: DataView): Frame {
 
 /**
  * Decodes one ws message. Throws ProtocolError with code FRAME_EMPTY, FRAME_UNKNOWN_TYPE,
- * FRAME_TRUNCATED, FRAME_BAD_LENGTH, FRAME_BAD_MAGIC, FRAME_BAD_CHANNEL or FRAME_BAD_VALUE.
+ * FRAME_TRUNCATED, FRAME_BAD_LENGTH, FRAME_BAD_MAGIC, FRAME_BAD_CHANNEL, FRAME_BAD_VALUE or
+ * FRAME_CHECKSUM (DATA, ZERO and HAVE carry a CRC-32, always verified).
  */
 export function decodeFrame(buf: Uint8Array): Frame {
   if (buf.byteLength === 0) bad('FRAME_EMPTY', 'empty message');
@@ -397,6 +445,8 @@ export function decodeFrame(buf: Uint8Array): Frame {
       return decodeDataFrame(buf, dv);
     case FrameType.ZERO:
       return decodeZero(buf, dv);
+    case FrameType.HAVE:
+      return decodeHave(buf, dv);
     case FrameType.PROGRESS:
       return decodeProgress(buf, dv);
     case FrameType.CREDIT:
@@ -404,6 +454,11 @@ export function decodeFrame(buf: Uint8Array): Frame {
       return { type: FrameType.CREDIT, bytes: dv.getUint32(4, true) };
     case FrameType.COMPLETE:
       exact(buf, HeaderSize.COMPLETE, 'COMPLETE');
+      // Bytes 1..3 must be zero: an empty HAVE with LAST set is one bit away from a COMPLETE
+      // of the same size, and COMPLETE (which releases the source's image) has no checksum.
+      if (buf[1] !== 0 || dv.getUint16(2, true) !== 0) {
+        bad('FRAME_BAD_VALUE', 'COMPLETE reserved bytes must be zero');
+      }
       return { type: FrameType.COMPLETE, pages: dv.getUint32(4, true) };
     case FrameType.ERROR:
       return decodeError(buf, dv);

@@ -29,6 +29,12 @@ export const FrameType = {
   COMPLETE: 0x08,
   /** either way: a coded error; the sender closes the connection after it. */
   ERROR: 0x09,
+  /**
+   * dest -> source (background): ranges the dest already holds, sent after every WELCOME on
+   * the background channel (a reconnect, a restarted peer) and again whenever PROGRESS says DONE
+   * while the dest still misses pages. The last frame of a sync carries HaveFlag.LAST.
+   */
+  HAVE: 0x0a,
 } as const;
 export type FrameTypeValue = (typeof FrameType)[keyof typeof FrameType];
 
@@ -39,8 +45,14 @@ export type ChannelKind = (typeof Channel)[keyof typeof Channel];
 export const DataFlag = {
   /** Sent in answer to a REQUEST (demand), rather than by the background stream. */
   DEMAND: 0x01,
-  /** The `checksum` field holds a checksum of the payload (reserved in version 1). */
-  CHECKSUM: 0x02,
+  /** Reserved (0x02 was "checksum present"; every DATA and ZERO frame now carries one). */
+  RESERVED_CHECKSUM: 0x02,
+} as const;
+
+/** HAVE flags. */
+export const HaveFlag = {
+  /** The last HAVE frame of this sync: the source may stream what the ranges leave out. */
+  LAST: 0x01,
 } as const;
 
 /** PROGRESS flags. */
@@ -58,6 +70,8 @@ export const Limits = {
   MAX_REGION_NAME_BYTES: 64,
   /** Entries in one REQUEST frame. */
   MAX_REQUEST_ENTRIES: 1024,
+  /** Entries in one HAVE frame. */
+  MAX_HAVE_ENTRIES: 4096,
   /** DATA payload bytes in one frame. */
   MAX_DATA_BYTES: 16 * 1024 * 1024,
   /**
@@ -74,7 +88,9 @@ export const Limits = {
 /** Fixed header sizes, in bytes. */
 export const HeaderSize = {
   DATA: 24,
-  ZERO: 16,
+  ZERO: 24,
+  HAVE: 8,
+  HAVE_ENTRY: 16,
   REQUEST: 8,
   REQUEST_ENTRY: 16,
   PROGRESS: 24,
@@ -121,11 +137,13 @@ export type Frame =
       type: typeof FrameType.DATA;
       flags: number;
       offset: number;
+      /** CRC-32 of header bytes 0..15 then the payload (verified by decodeFrame). */
       checksum: number;
       /** A view into the received message: no copy. */
       payload: Uint8Array;
     }
   | { type: typeof FrameType.ZERO; flags: number; offset: number; length: number }
+  | { type: typeof FrameType.HAVE; flags: number; ranges: PageRange[] }
   | { type: typeof FrameType.PROGRESS; flags: number; sentBytes: number; totalBytes: number }
   | { type: typeof FrameType.CREDIT; bytes: number }
   | { type: typeof FrameType.COMPLETE; pages: number }

@@ -8,7 +8,13 @@
  * Ordering written down here:
  *  - the uffd is watched from the start: faults that arrive before both channels are up are
  *    kept as REQUESTED pages and sent as soon as the demand channel opens;
- *  - a page is requested at most once while in flight (the page map dedupes);
+ *  - a page is requested at most once per demand connection (the page map dedupes); every new
+ *    demand connection re-requests every page still awaited;
+ *  - every new background connection starts with a HAVE sync (what we hold) before its CREDIT,
+ *    and a PROGRESS DONE while pages are still missing triggers another sync;
+ *  - a lost connection never wakes a guest thread: blocked threads wait until their page is
+ *    placed, the link reconnects with backoff, and only after reconnectTimeoutMs does the
+ *    session fail (the VMM keeps its uffd, so its threads stay blocked, never zero-filled);
  *  - COMPLETE goes to the source only when every page is settled, and the VMM hears `complete`
  *    after the source acknowledged it (or the ack timed out: the source then keeps its image).
  */
@@ -17,26 +23,34 @@ import * as uffd from '../uffd/uffd.js';
 import * as sys from '../linux/sys.js';
 import { ERRNO } from '../linux/errors.js';
 import { UFFD_IOCTL_BIT_COPY, UFFD_IOCTL_BIT_ZEROPAGE } from '../linux/abi.js';
-import { encodeComplete, encodeCredit, encodeRequest } from '../../protocol/page-codec.js';
+import {
+  encodeComplete,
+  encodeCredit,
+  encodeHave,
+  encodeRequest,
+} from '../../protocol/page-codec.js';
 import { ProtocolError } from '../../protocol/errors.js';
 import type { HandoffRequest } from '../../protocol/handoff.js';
 import {
   Channel,
   DataFlag,
   FrameType,
+  HaveFlag,
   HeaderSize,
   Limits,
   ProgressFlag,
+  type ChannelKind,
   type Frame,
   type PageRange,
   type RegionInfo,
 } from '../../protocol/wire.js';
-import type { CloseInfo, ConnectOptions, PageChannel } from '../transport/client.js';
+import type { ConnectOptions, PageChannel } from '../transport/client.js';
 import type { HandoffConnection } from '../handoff/listener.js';
 import type { Logger } from '../ops/log.js';
 import type { DestMetrics, PagePath } from '../ops/metric-ports.js';
 import { PageMap, PageState, type RegionMap } from './page-map.js';
 import { placeRun } from './placer.js';
+import { Link } from './link.js';
 
 export type SessionState = 'connecting' | 'running' | 'completing' | 'done' | 'failed';
 
@@ -55,6 +69,8 @@ export interface SessionConfig {
   backgroundWindowBytes: number;
   progressIntervalMs: number;
   heartbeatMs: number;
+  /** How long a lost channel may stay down before the session fails. */
+  reconnectTimeoutMs: number;
   /** Withhold the background channel's first CREDIT this long (0: at once). */
   backgroundDelayMs?: number;
 }
@@ -77,6 +93,7 @@ export interface SessionStats {
   faults: number;
   existed: number;
   retries: number;
+  reconnects: number;
   startedAt: number;
   elapsedMs: number;
   error?: { code: string; message: string };
@@ -89,8 +106,10 @@ export class Session {
   readonly migrationId: string;
   private stateValue: SessionState = 'connecting';
   private readonly map: PageMap;
-  private demand: PageChannel | null = null;
-  private background: PageChannel | null = null;
+  private demand: Link | null = null;
+  private background: Link | null = null;
+  /** The background window opens (first CREDIT) after backgroundDelayMs. */
+  private backgroundOpen = false;
   private uffdWatch: sys.FdWatch | null = null;
   private readonly eventBuf = Buffer.alloc(32 * EVENT_BATCH);
   private readonly events: uffd.UffdEvent[] = [];
@@ -152,6 +171,7 @@ export class Session {
       faults: this.counts.faults,
       existed: this.counts.existed,
       retries: this.counts.retries,
+      reconnects: (this.demand?.reconnects ?? 0) + (this.background?.reconnects ?? 0),
       startedAt: this.startedAt,
       elapsedMs: (this.finishedAt || Date.now()) - this.startedAt,
       ...(this.error ? { error: this.error } : {}),
@@ -168,22 +188,47 @@ export class Session {
     try {
       this.registerRegions();
       this.uffdWatch = sys.watchReadable(this.uffdFd, (hangup) => this.onUffdReadable(hangup));
-      const opts = { url: this.request.source, migrationId: this.migrationId };
-      const timeoutMs = this.deps.config.connectTimeoutMs;
-      const heartbeatMs = this.deps.config.heartbeatMs;
-      const [demand, background] = await Promise.all([
-        this.deps.connect({ ...opts, channel: Channel.DEMAND, timeoutMs, heartbeatMs }),
-        this.deps.connect({ ...opts, channel: Channel.BACKGROUND, timeoutMs, heartbeatMs }),
-      ]).catch((err: unknown) => {
-        const code = (err as { code?: string }).code ?? 'SOURCE_UNREACHABLE';
-        throw new SessionError(code, (err as Error).message, { cause: err });
-      });
-      this.demand = demand;
-      this.background = background;
+      if (this.request.resume) {
+        // A previous daemon may have read faults and died: wake every range so the blocked
+        // threads retry their access and fault again, to us.
+        for (const r of this.map.regions) uffd.wake(this.uffdFd, r.base, r.sizeBytes);
+      }
+      const link = (kind: ChannelKind): Link =>
+        new Link(
+          {
+            connect: this.deps.connect,
+            url: this.request.source,
+            migrationId: this.migrationId,
+            kind,
+            connectTimeoutMs: this.deps.config.connectTimeoutMs,
+            heartbeatMs: this.deps.config.heartbeatMs,
+            reconnectTimeoutMs: this.deps.config.reconnectTimeoutMs,
+            log: this.log,
+          },
+          {
+            opened: (ch, reconnect) => this.onLinkOpened(kind, ch, reconnect),
+            frame: (ch, frame, bytes) => this.onFrame(ch, frame, bytes),
+            lost: (info) => {
+              this.deps.metrics.reconnect(kind === Channel.DEMAND ? 'demand' : 'background');
+              this.deps.metrics.error(info.code);
+            },
+            gaveUp: (info) =>
+              this.fail(
+                info.code,
+                `no working connection to the source for ${this.deps.config.reconnectTimeoutMs} ms; last: ${info.message}`,
+              ),
+          },
+        );
+      this.demand = link(Channel.DEMAND);
+      this.background = link(Channel.BACKGROUND);
+      const [demand] = await Promise.all([this.demand.open(), this.background.open()]).catch(
+        (err: unknown) => {
+          const code = (err as { code?: string }).code ?? 'SOURCE_UNREACHABLE';
+          throw new SessionError(code, (err as Error).message, { cause: err });
+        },
+      );
       if (this.stateValue !== 'connecting') {
         // The VMM went away while we were connecting.
-        demand.close();
-        background.close();
         throw new SessionError(
           this.error?.code ?? 'SESSION_FAILED',
           this.error?.message ?? 'session ended',
@@ -208,33 +253,81 @@ export class Session {
       migrationId: this.migrationId,
       totalPages: this.map.totalPages,
     });
-    for (const ch of [this.demand!, this.background!]) {
-      ch.attach(
-        (frame, bytes) => this.onFrame(ch, frame, bytes),
-        (info) => this.onChannelClosed(ch, info),
-      );
-    }
-    if (this.stateValue !== 'running') return; // a frame delivered on attach ended it
-    const openWindow = (): void => {
-      if (this.stateValue === 'running') this.background?.send(encodeCredit(this.windowBytes));
-    };
-    const delayMs = this.deps.config.backgroundDelayMs ?? 0;
-    if (delayMs > 0) this.backgroundTimer = setTimeout(openWindow, delayMs);
-    else openWindow();
     this.log.info('migration started', {
       source: this.request.source,
       pages: this.map.totalPages,
       queuedFaults: this.inflight.size,
+      resume: this.request.resume ?? false,
     });
     this.progressTimer = setInterval(
       () => this.reportProgress(),
       this.deps.config.progressIntervalMs,
     );
     this.progressTimer.unref();
-    // Faults read while connecting: request them now.
-    for (const off of this.inflight.keys()) this.queueRequest(off, this.pageSizeAt(off));
-    this.flushRequests();
+    const delayMs = this.deps.config.backgroundDelayMs ?? 0;
+    this.backgroundOpen = delayMs === 0;
+    if (delayMs > 0) {
+      this.backgroundTimer = setTimeout(() => {
+        this.backgroundOpen = true;
+        if (this.background?.isOpen) this.grantWindow();
+      }, delayMs);
+    }
+    this.demand!.start();
+    this.background!.start();
     this.checkComplete();
+  }
+
+  /**
+   * A connection is up (first or restored). Demand: ask again for every page still awaited (the
+   * old connection may have swallowed the requests or their answers). Background: tell the source
+   * what we hold, then open the credit window.
+   */
+  private onLinkOpened(kind: ChannelKind, ch: PageChannel, reconnect: boolean): void {
+    if (this.stateValue === 'done' || this.stateValue === 'failed') return;
+    if (reconnect) {
+      try {
+        checkSourceRegions(this.map, ch.welcome.regions);
+      } catch (err) {
+        this.fail((err as SessionError).code, (err as Error).message);
+        return;
+      }
+    }
+    if (kind === Channel.DEMAND) {
+      if (reconnect) {
+        this.pendingRequests = [];
+        for (const off of this.inflight.keys()) this.queueRequest(off, this.pageSizeAt(off));
+      }
+      this.flushRequests();
+    } else {
+      this.sendHave();
+      this.creditOwed = 0;
+      if (this.backgroundOpen) this.grantWindow();
+    }
+    if (this.stateValue === 'completing') this.sendComplete();
+  }
+
+  private grantWindow(): void {
+    this.background?.send(encodeCredit(this.windowBytes));
+  }
+
+  /** A HAVE sync: every settled range, LAST on the final frame (one empty frame if none). */
+  private sendHave(): void {
+    const ranges: PageRange[] = [];
+    for (const r of this.map.regions) {
+      let p = 0;
+      while (p < r.pages) {
+        while (p < r.pages && r.state[p]! < PageState.PRESENT) p++;
+        if (p >= r.pages) break;
+        const first = p;
+        while (p < r.pages && r.state[p]! >= PageState.PRESENT) p++;
+        ranges.push({ offset: r.imageOffset(first), length: (p - first) * r.pageSizeBytes });
+      }
+    }
+    const max = Limits.MAX_HAVE_ENTRIES;
+    for (let i = 0; i < ranges.length || i === 0; i += max) {
+      const last = i + max >= ranges.length;
+      this.background?.send(encodeHave(last ? HaveFlag.LAST : 0, ranges.slice(i, i + max)));
+    }
   }
 
   /** Re-registers each region (idempotent for this uffd) to prove it is mapped and can take UFFDIO_COPY. */
@@ -378,11 +471,16 @@ export class Session {
           break;
         }
         case FrameType.PROGRESS:
-          if (frame.flags & ProgressFlag.DONE) this.sourceDone = true;
+          if (frame.flags & ProgressFlag.DONE) {
+            this.sourceDone = true;
+            // The source sent everything, yet pages are missing: frames were lost in a cut.
+            if (!this.map.complete && ch.kind === Channel.BACKGROUND) this.sendHave();
+          }
           break;
         case FrameType.COMPLETE:
-          if (this.stateValue !== 'completing')
+          if (this.stateValue !== 'completing') {
             throw new ProtocolError('BAD_STATE', 'COMPLETE before we sent ours');
+          }
           this.completeAck?.();
           break;
         default:
@@ -392,9 +490,13 @@ export class Session {
           );
       }
     } catch (err) {
+      // Well-formed but wrong (outside the image, misaligned, illegal here): drop this
+      // connection and reconnect; a source that keeps doing it fails the session when the
+      // link gives up, with this code.
       const code = (err as { code?: string }).code ?? 'SESSION_FAILED';
-      ch.close(code, (err as Error).message);
-      this.fail(code, `source sent a bad frame: ${(err as Error).message}`);
+      this.deps.metrics.error(code);
+      const link = ch.kind === Channel.DEMAND ? this.demand : this.background;
+      link?.reset({ code, message: (err as Error).message });
     }
   }
 
@@ -509,18 +611,18 @@ export class Session {
     void this.complete();
   }
 
+  /**
+   * Every page is settled. COMPLETE goes out now and again on every restored connection until
+   * the source acknowledges it or completeTimeoutMs passes; then the VMM hears `complete`.
+   */
   private async complete(): Promise<void> {
-    const ch = this.background?.isOpen ? this.background : this.demand;
     const acked = await new Promise<boolean>((resolve) => {
       const timer = setTimeout(() => resolve(false), this.deps.config.completeTimeoutMs);
       this.completeAck = () => {
         clearTimeout(timer);
         resolve(true);
       };
-      if (!ch?.send(encodeComplete(this.map.totalPages))) {
-        clearTimeout(timer);
-        resolve(false);
-      }
+      this.sendComplete();
     });
     if (this.stateValue !== 'completing') return;
     if (!acked) {
@@ -543,13 +645,9 @@ export class Session {
     this.teardown();
   }
 
-  private onChannelClosed(ch: PageChannel, info: CloseInfo): void {
-    if (this.stateValue === 'done' || this.stateValue === 'failed') return;
-    if (this.stateValue === 'completing' && ch === this.background) return; // the ack may still come on demand
-    this.fail(
-      info.code === 'CLOSED' ? 'SOURCE_LOST' : info.code,
-      `${ch.kind === Channel.DEMAND ? 'demand' : 'background'} channel closed: ${info.message}`,
-    );
+  private sendComplete(): void {
+    const frame = encodeComplete(this.map.totalPages);
+    if (!this.background?.send(frame)) this.demand?.send(frame);
   }
 
   /**

@@ -93,6 +93,11 @@ export const DestConfigSchema = z.strictObject({
    * move meanwhile. 0 (the default) streams at once; benchmarks use it to measure demand alone.
    */
   backgroundDelayMs: int(0, 3_600_000).default(0),
+  /**
+   * How long a lost connection to the source may stay down (reconnecting with backoff) before
+   * the session fails. The guest's faulting threads wait meanwhile; they never get zero pages.
+   */
+  reconnectTimeoutMs: timeoutMs.default(120_000),
   /** ws ping interval on both channels; a missed pong closes the channel. 0 disables. */
   heartbeatMs: int(0, 3_600_000).default(5000),
   /** Interval of `progress` replies to the VMM and of progress logs. */

@@ -41,6 +41,8 @@ export interface DestMetrics {
   sessionEnded(result: string): void;
   /** Sessions currently running (gauge). */
   sessionsActive(n: number): void;
+  /** A connection to the source was lost and is being re-established. */
+  reconnect(channel: ChannelName): void;
   /** A coded error. */
   error(code: string): void;
 }
@@ -64,5 +66,6 @@ export const noopDestMetrics: DestMetrics = {
   handoff: noop,
   sessionEnded: noop,
   sessionsActive: noop,
+  reconnect: noop,
   error: noop,
 };

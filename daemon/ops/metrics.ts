@@ -116,10 +116,17 @@ export function createDestMetrics(registry: Registry): DestMetrics {
     labelNames: ['code'] as const,
     registers,
   });
+  const reconnects = new Counter({
+    name: `${p}reconnects_total`,
+    help: 'Connections to the source lost and re-established, by channel.',
+    labelNames: ['channel'] as const,
+    registers,
+  });
 
   // Every bounded combination is exported from the start (at 0), so rate() sees the first page.
   for (const path of PATHS) for (const kind of KINDS) pagesPlaced.inc({ path, kind }, 0);
   for (const channel of CHANNELS) bytesReceived.inc({ channel }, 0);
+  for (const channel of CHANNELS) reconnects.inc({ channel }, 0);
   handoffs.inc({ result: 'ok' }, 0);
   sessionsEnded.inc({ result: 'complete' }, 0);
 
@@ -133,6 +140,7 @@ export function createDestMetrics(registry: Registry): DestMetrics {
     bytesReceived: (channel, bytes) => bytesReceived.inc({ channel }, bytes),
     placeExists: () => placeExists.inc(),
     placeRetry: () => placeRetries.inc(),
+    reconnect: (channel) => reconnects.inc({ channel }),
     handoff: (result) => handoffs.inc({ result: handoffResult(result) }),
     sessionEnded: (result) => sessionsEnded.inc({ result: sessionResult(result) }),
     sessionsActive: (n) => sessionsActive.set(n),

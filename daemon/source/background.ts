@@ -44,6 +44,7 @@ export class BackgroundStreamer {
   private waitingDrain = false;
   private doneSent = false;
   private lastProgressMs = 0;
+  private awaitingHave = false;
 
   constructor(
     private readonly image: MemoryImage,
@@ -57,11 +58,18 @@ export class BackgroundStreamer {
     return this.creditBytes;
   }
 
-  /** A (new) background connection: credit starts at zero. */
+  /** A (new) background connection: credit starts at zero; nothing goes out before its HAVE sync. */
   attach(channel: SourceChannel): void {
     this.channel = channel;
     this.creditBytes = 0;
     this.waitingDrain = false;
+    this.doneSent = false;
+    this.awaitingHave = true;
+  }
+
+  /** The dest's HAVE sync is complete: stream what it does not hold. */
+  synced(): void {
+    this.awaitingHave = false;
     this.doneSent = false;
     this.kick();
   }
@@ -92,7 +100,15 @@ export class BackgroundStreamer {
   }
 
   private kick(): void {
-    if (this.scheduled || this.waitingDrain || !this.running || !this.channel) return;
+    if (
+      this.scheduled ||
+      this.waitingDrain ||
+      this.awaitingHave ||
+      !this.running ||
+      !this.channel
+    ) {
+      return;
+    }
     this.scheduled = true;
     setImmediate(() => {
       this.scheduled = false;
@@ -102,7 +118,7 @@ export class BackgroundStreamer {
 
   private step(): void {
     const ch = this.channel;
-    if (!this.running || !ch || !ch.isOpen) return;
+    if (!this.running || this.awaitingHave || !ch || !ch.isOpen) return;
     if (ch.bufferedBytes > this.opts.maxBufferedBytes) {
       this.waitingDrain = true;
       ch.whenBufferedBelow(this.opts.maxBufferedBytes, () => {

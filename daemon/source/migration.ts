@@ -12,7 +12,9 @@ import { ProtocolError } from '../../protocol/errors.js';
 import { encodeComplete } from '../../protocol/page-codec.js';
 import {
   Channel,
+  HaveFlag,
   HeaderSize,
+  type PageRange,
   FrameType,
   type ChannelKind,
   type Frame,
@@ -89,7 +91,8 @@ export class Migration {
   private readonly demand: DemandServer;
   private readonly background: BackgroundStreamer;
   private readonly channels: Partial<Record<ChannelKind, SourceChannel>> = {};
-  private hadBackground = false;
+  /** A HAVE sync is under way (its first frame arrived, its LAST not yet). */
+  private haveSyncOpen = false;
   private readonly counts = { demand: 0, background: 0, zero: 0 };
 
   constructor(
@@ -169,10 +172,9 @@ export class Migration {
     channel.onFrame = (frame) => this.onFrame(channel, frame);
     channel.onClose = (info) => this.onClosed(channel, info);
     if (kind === Channel.BACKGROUND) {
-      // Pages in flight on the old connection may be lost: stream everything again (the dest
-      // treats what it already has as EEXIST).
-      if (this.hadBackground) this.sent.reset();
-      this.hadBackground = true;
+      // Pages in flight on the old connection may be lost: the dest's HAVE sync says what it
+      // holds, and the stream waits for it before sending anything.
+      this.haveSyncOpen = false;
       this.background.attach(channel);
     }
   }
@@ -235,12 +237,46 @@ export class Migration {
       case FrameType.CREDIT:
         this.background.addCredit(frame.bytes);
         return;
+      case FrameType.HAVE:
+        this.onHave(channel, frame.flags, frame.ranges);
+        return;
       case FrameType.COMPLETE:
         this.complete(channel, frame.pages);
         return;
       default:
         // The transport delivers only frames legal for the channel; anything else is a bug here.
         channel.fail('BAD_STATE', `unexpected frame type ${frame.type}`);
+    }
+  }
+
+  /**
+   * A HAVE sync from the dest: the first frame of a sync forgets what was sent, every frame marks
+   * the ranges the dest holds, and the LAST one lets the background stream the rest.
+   */
+  private onHave(channel: SourceChannel, flags: number, ranges: readonly PageRange[]): void {
+    if (!this.haveSyncOpen) {
+      this.sent.reset();
+      this.haveSyncOpen = true;
+    }
+    for (const range of ranges) {
+      let pos = range.offset;
+      const end = range.offset + range.length;
+      while (pos < end) {
+        const idx = this.image.regionIndexAt(pos);
+        const r = idx < 0 ? undefined : this.image.regions[idx];
+        if (!r || (pos - r.offset) % r.pageSizeBytes !== 0) {
+          channel.fail('OUT_OF_RANGE', `HAVE range at ${pos} is not page-aligned inside the image`);
+          return;
+        }
+        const stop = Math.min(end, r.offset + r.sizeBytes);
+        const first = r.firstPage + (pos - r.offset) / r.pageSizeBytes;
+        this.sent.mark(first, Math.ceil((stop - pos) / r.pageSizeBytes), r.pageSizeBytes);
+        pos = stop;
+      }
+    }
+    if (flags & HaveFlag.LAST) {
+      this.haveSyncOpen = false;
+      this.background.synced();
     }
   }
 

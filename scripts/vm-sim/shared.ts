@@ -41,6 +41,13 @@ export interface WorkerConfig {
   seed: number;
   /** Operations each worker performs after the daemon reported `complete`. */
   opsAfterComplete: number;
+  /**
+   * Touch phase: when not null, the worker first-touches exactly this many distinct pages of its
+   * own (random order; in order for `sequential`), as fast as it can, posts `touched`, then waits
+   * for `complete` (or stop) before its `opsAfterComplete` operations. null: the ordinary
+   * workload (operations until `complete`).
+   */
+  touches: number | null;
   /** Uint32Array(pages): last stamp version written to each page, 0 = never written. */
   stamps: SharedArrayBuffer;
   /** Int32Array(CONTROL_WORDS). */
@@ -69,6 +76,8 @@ export interface WorkerStats {
 
 export type WorkerMessage =
   | { type: 'ready'; worker: number }
+  /** The touch phase ended: `touches` first touches done (fewer if `complete` or stop came first). */
+  | { type: 'touched'; worker: number; touches: number }
   | { type: 'mismatch'; worker: number; page: number; reason: string }
   | {
       type: 'done';

@@ -13,8 +13,13 @@
  * loop that reads the daemon's replies). After `complete` it checks residency with mincore, then
  * unregisters the RAM so that a page the daemon never placed reads as zeros instead of hanging.
  *
+ * Benchmarks use `touches` (a fixed number of first touches, then wait: faults measured in that
+ * phase only), `workers: 0` (no workload: the background stream alone) and runVmSimTouches (end
+ * after the touch phase, verifying only the pages placed so far).
+ *
  * CLI: node dist/scripts/vm-sim/vm-sim.js --size 256M --image /path --source ws://127.0.0.1:7070 \
- *        --socket /run/yabusame/dest.sock --id vm1 [--workers 4] [--pattern mixed] [--json]
+ *        --socket /run/yabusame/dest.sock --id vm1 [--workers 4] [--pattern mixed] [--touches N]
+ *        [--json]
  * exit 0: every page verified; 1: mismatch; 2: usage, handoff or migration error.
  */
 import * as fs from 'node:fs';
@@ -110,6 +115,19 @@ export interface VmSimOptions {
   maxMismatches?: number;
   onProgress?: (p: { presentPages: number; totalPages: number }) => void;
   handoff?: HandoffFn;
+  /**
+   * Touch phase (benchmarks): the workers first-touch this many distinct pages in all (split
+   * evenly; random order, in order for `sequential`) as fast as they can, then wait for
+   * `complete`; no other operations before it. Default: the ordinary workload.
+   */
+  touches?: number;
+  /**
+   * Called synchronously when the measured phase ends, before verification: at `complete`, or
+   * (runVmSimTouches) when the touch phase ended first. Benchmarks read CPU counters here.
+   */
+  onPhaseEnd?: (why: 'complete' | 'touched') => void;
+  /** Aborting fails the run with VMSIM_ABORTED (the reason in the message), like a timeout. */
+  signal?: AbortSignal;
 }
 
 export interface Mismatch {
@@ -145,6 +163,12 @@ export interface VmSimResult {
   /** Final verification time, ms. */
   verifyMs: number;
   daemonReport: Extract<HandoffReply, { type: 'complete' }>;
+  /** Pages resident when the run ended (totalPages - missingPages). */
+  presentPages: number;
+  /** Wall clock (epoch ms) when the handoff was sent. */
+  startedAtMs: number;
+  /** With `touches`: workload start (ack) → the last worker ended its touch phase, ms. */
+  touchPhaseMs?: number;
   workload: {
     ops: number;
     reads: number;
@@ -154,6 +178,17 @@ export interface VmSimResult {
     prePlaced: number;
     perWorker: WorkerStats[];
   };
+}
+
+/**
+ * A run that may end after its touch phase (runVmSimTouches). `partial` is true when it ended
+ * before `complete`: the daemon was left with the migration unfinished, only the pages it had
+ * placed were verified, and `missingPages` counts the others (expected, not an error).
+ */
+export interface VmSimPartialResult extends Omit<VmSimResult, 'daemonReport'> {
+  partial: boolean;
+  /** Present when the migration completed (partial false). */
+  daemonReport?: VmSimResult['daemonReport'];
 }
 
 const DEFAULTS = {
@@ -245,6 +280,25 @@ interface WorkerHandle {
 }
 
 export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
+  const r = await runCore(opts, false);
+  return r as VmSimResult; // never partial: it waited for complete
+}
+
+/**
+ * Like runVmSim with a touch phase (`touches` is required), but ends the run as soon as every
+ * worker finished its touches, without waiting for `complete` (benchmarks of demand faults with
+ * the background stream held back). If the migration completes first, this is a full run.
+ */
+export async function runVmSimTouches(
+  opts: VmSimOptions & { touches: number },
+): Promise<VmSimPartialResult> {
+  if (!(opts.touches >= 0) || (opts.workers ?? DEFAULTS.workers) < 1) {
+    throw new VmSimError('VMSIM_USAGE', 'runVmSimTouches needs touches >= 0 and workers >= 1');
+  }
+  return runCore(opts, true);
+}
+
+async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<VmSimPartialResult> {
   const o = { ...DEFAULTS, ...stripUndefined(opts) };
   const imageSize = fs.statSync(o.image).size;
   const sizeBytes = o.sizeBytes ?? imageSize;
@@ -256,8 +310,10 @@ export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
     throw new VmSimError('VMSIM_USAGE', `RAM size ${sizeBytes} exceeds the image (${imageSize})`);
   }
   if (!PATTERNS.includes(o.pattern)) throw new VmSimError('VMSIM_USAGE', `pattern ${o.pattern}`);
-  if (!(o.workers >= 1 && Number.isInteger(o.workers)))
-    throw new VmSimError('VMSIM_USAGE', 'workers must be a positive integer');
+  if (!(o.workers >= 0 && Number.isInteger(o.workers)))
+    throw new VmSimError('VMSIM_USAGE', 'workers must be a non-negative integer');
+  if (o.touches !== undefined && !(o.touches >= 0 && Number.isSafeInteger(o.touches)))
+    throw new VmSimError('VMSIM_USAGE', 'touches must be a non-negative integer');
   const handoff = o.handoff ?? (o.destSocket ? socketHandoff(o.destSocket) : undefined);
   if (!handoff) throw new VmSimError('VMSIM_USAGE', 'destSocket or handoff is required');
   const totalPages = sizeBytes / P;
@@ -275,6 +331,7 @@ export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
   const control = new Int32Array(new SharedArrayBuffer(4 * CONTROL_WORDS));
   let session: HandoffSession | undefined;
   let timer: NodeJS.Timeout | undefined;
+  let abortCleanup = (): void => undefined;
 
   const release = (): void => {
     // Unregistering wakes every thread blocked on a fault; they then see ordinary anonymous
@@ -307,6 +364,15 @@ export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
       workerFailure = reject;
     });
     workerFailed.catch(() => undefined);
+    let touchedWorkers = 0;
+    let goAt = 0;
+    let touchPhaseMs: number | undefined;
+    let onAllTouched = (): void => undefined;
+    const onTouched = (_n: number): void => {
+      if (++touchedWorkers < o.workers) return;
+      touchPhaseMs = Math.round((performance.now() - goAt) * 10) / 10;
+      onAllTouched();
+    };
     for (let index = 0; index < o.workers; index++) {
       const config: WorkerConfig = {
         index,
@@ -319,6 +385,10 @@ export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
         writeFraction: o.writeFraction,
         seed: o.seed,
         opsAfterComplete: o.opsAfterComplete,
+        touches:
+          o.touches === undefined
+            ? null
+            : Math.floor(o.touches / o.workers) + (index < o.touches % o.workers ? 1 : 0),
         stamps,
         control: control.buffer as SharedArrayBuffer,
         latencyCapacity: Math.ceil(DEFAULTS.latencyCapacity / o.workers),
@@ -342,6 +412,7 @@ export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
       done.catch(() => undefined);
       worker.on('message', (m: WorkerMessage) => {
         if (m.type === 'ready') readyResolve();
+        else if (m.type === 'touched') onTouched(m.touches);
         else if (m.type === 'done') doneResolve(m);
         else if (m.type === 'mismatch') {
           onlineCount++;
@@ -359,20 +430,29 @@ export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
     await Promise.race([Promise.all(workers.map((w) => w.ready)), workerFailed]);
 
     // --- handoff: replies drive a small state machine ---
-    type State = 'handoff' | 'running' | 'complete' | 'failed';
+    type State = 'handoff' | 'running' | 'complete' | 'touched' | 'failed';
     let state: State = 'handoff';
     let report!: Extract<HandoffReply, { type: 'complete' }>;
     let settle!: { resolve: () => void; reject: (err: Error) => void };
     const finished = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
     finished.catch(() => undefined); // awaited below; this only keeps an early failure handled
+    const ended = (): boolean => state === 'complete' || state === 'touched' || state === 'failed';
     const failWith = (err: Error): void => {
-      if (state === 'complete' || state === 'failed') return;
+      if (ended()) return;
       state = 'failed';
       settle.reject(err);
     };
+    if (endAfterTouches) {
+      onAllTouched = () => {
+        if (state !== 'running') return;
+        state = 'touched';
+        o.onPhaseEnd?.('touched');
+        settle.resolve();
+      };
+    }
     const sink: HandoffSink = {
       reply(r) {
-        if (state === 'complete' || state === 'failed') return;
+        if (ended()) return;
         switch (r.type) {
           case 'ack':
             if (state !== 'handoff')
@@ -386,6 +466,7 @@ export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
               );
             }
             state = 'running';
+            goAt = performance.now();
             Atomics.store(control, CONTROL_GO, 1);
             Atomics.notify(control, CONTROL_GO);
             return;
@@ -399,6 +480,7 @@ export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
               return failWith(new VmSimError('VMSIM_PROTOCOL', 'complete before ack'));
             state = 'complete';
             report = r;
+            o.onPhaseEnd?.('complete');
             o.onProgress?.({ presentPages: r.totalPages, totalPages: r.totalPages });
             settle.resolve();
             return;
@@ -424,6 +506,12 @@ export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
       );
     }
 
+    const onAbort = (): void =>
+      failWith(new VmSimError('VMSIM_ABORTED', `aborted: ${String(o.signal?.reason ?? '')}`));
+    if (o.signal?.aborted) onAbort();
+    o.signal?.addEventListener('abort', onAbort, { once: true });
+    abortCleanup = () => o.signal?.removeEventListener('abort', onAbort);
+
     const request: HandoffRequest = {
       type: 'handoff',
       version: HANDOFF_VERSION,
@@ -432,24 +520,38 @@ export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
       regions: singleHandoffRegion(base, sizeBytes),
     };
     const started = performance.now();
+    const startedAtMs = Date.now();
     session = await handoff(request, uffdFd, sink);
     await finished;
     const elapsedMs = performance.now() - started;
     if (timer) clearTimeout(timer);
+    const partial = (state as State) === 'touched';
 
     // --- complete: residency first (never block on a page the daemon did not place) ---
+    // Ended after the touch phase: unregister first, so the daemon can place nothing more and
+    // residency is final; the workers are all waiting, none is blocked on a fault.
+    if (partial) release();
     const residency = new Uint8Array(totalPages);
     mincore(base, sizeBytes, residency);
     let missingPages = 0;
     for (let i = 0; i < totalPages; i++) if ((residency[i]! & 1) === 0) missingPages++;
     if (missingPages > 0) release();
-    Atomics.store(control, CONTROL_PHASE, PHASE_COMPLETE);
+    if (partial) Atomics.store(control, CONTROL_STOP, 1);
+    else Atomics.store(control, CONTROL_PHASE, PHASE_COMPLETE);
     const results = await Promise.race([Promise.all(workers.map((w) => w.done)), workerFailed]);
     release();
 
     // --- final verification, 4 MiB at a time ---
     const verifyStart = performance.now();
-    const verify = verifyPages(base, sizeBytes, o.image, new Uint32Array(stamps), residency, o);
+    const verify = verifyPages(
+      base,
+      sizeBytes,
+      o.image,
+      new Uint32Array(stamps),
+      residency,
+      partial,
+      o,
+    );
     const verifyMs = performance.now() - verifyStart;
 
     const perWorker = results.map((r) => r.stats);
@@ -470,7 +572,11 @@ export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
       faultLatencyUs: latency,
       elapsedMs: Math.round(elapsedMs),
       verifyMs: Math.round(verifyMs),
-      daemonReport: report,
+      partial,
+      ...(partial ? {} : { daemonReport: report }),
+      presentPages: totalPages - missingPages,
+      startedAtMs,
+      ...(touchPhaseMs === undefined ? {} : { touchPhaseMs }),
       workload: {
         ops: sum('ops'),
         reads: sum('reads'),
@@ -483,6 +589,7 @@ export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
     };
   } finally {
     if (timer) clearTimeout(timer);
+    abortCleanup();
     if (uffdFd >= 0) release();
     await stopWorkers();
     session?.close();
@@ -495,13 +602,17 @@ function stripUndefined<T extends object>(o: T): T {
   return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as T;
 }
 
-/** Compares every page of guest RAM with the image (and the stamps). RAM must be unregistered. */
+/**
+ * Compares every page of guest RAM with the image (and the stamps). RAM must be unregistered.
+ * `partial` (a run ended before complete): pages never placed are skipped, not mismatches.
+ */
 function verifyPages(
   base: number,
   sizeBytes: number,
   imagePath: string,
   stamps: Uint32Array,
   residency: Uint8Array,
+  partial: boolean,
   o: { maxMismatches: number },
 ): { verified: number; count: number; writtenPages: number; mismatches: Mismatch[] } {
   const P = IMAGE_PAGE_SIZE_BYTES;
@@ -540,7 +651,7 @@ function verifyPages(
           writeStamp(stamp, 0, page, version);
         }
         if ((residency[page]! & 1) === 0) {
-          note(page, 'missing: never placed by the daemon');
+          if (!partial) note(page, 'missing: never placed by the daemon');
           continue;
         }
         const headOk = version
@@ -578,7 +689,8 @@ worker threads while pages arrive, then verifies every page against the image.
   --source <url>     ws URL of \`yabusame source\`
   --socket <path>    UNIX socket of \`yabusame dest\`
   --id <id>          migration id
-  --workers <n>      workload threads (default 4)
+  --workers <n>      workload threads (default 4; 0: no workload, background only)
+  --touches <n>      touch phase: first-touch n distinct pages in all, then wait for complete
   --pattern <p>      mixed | sequential | random | hotset (default mixed)
   --write-fraction <f>  share of writes (default 0.2)
   --ops-after-complete <n>  operations per worker after complete (default 1000)
@@ -602,6 +714,7 @@ async function main(argv: string[]): Promise<number> {
         socket: { type: 'string' },
         id: { type: 'string' },
         workers: { type: 'string' },
+        touches: { type: 'string' },
         pattern: { type: 'string' },
         'write-fraction': { type: 'string' },
         'ops-after-complete': { type: 'string' },
@@ -637,6 +750,7 @@ async function main(argv: string[]): Promise<number> {
       destSocket: args.socket!,
       migrationId: args.id!,
       workers: num(args.workers),
+      touches: num(args.touches),
       pattern: args.pattern as Pattern | undefined,
       writeFraction: num(args['write-fraction']),
       opsAfterComplete: num(args['ops-after-complete']),

@@ -7,6 +7,9 @@
  * each one knows the exact expected content of its pages: the image page, with this worker's
  * last 16-byte stamp at offset 0 if it ever wrote the page. Reads are checked online; writes are
  * recorded in the shared `stamps` array for the final verification in the main thread.
+ *
+ * With a touch budget (`cfg.touches`), the worker first performs exactly that many first touches
+ * of distinct pages, reports `touched`, and waits for `complete` before any other operation.
  */
 import * as fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
@@ -133,7 +136,11 @@ function checkRead(page: number): void {
 }
 
 function step(): void {
-  const local = nextLocal();
+  access(nextLocal());
+}
+
+/** One operation (a read or a stamp write) on this worker's page `local`. */
+function access(local: number): void {
   const page = cfg.index + local * cfg.workers;
   const addr = cfg.base + page * P;
   const first = touched[local] === 0;
@@ -171,9 +178,37 @@ function step(): void {
   stats.ops++;
 }
 
+const stopped = (): boolean => Atomics.load(control, CONTROL_STOP) !== 0;
+const complete = (): boolean => Atomics.load(control, CONTROL_PHASE) === PHASE_COMPLETE;
+
+/**
+ * First-touches `budget` distinct pages of this worker (a partial Fisher-Yates shuffle, or in
+ * order for the sequential pattern), stopping early at `complete` or stop; reports `touched`,
+ * then waits for `complete` or stop.
+ */
+function touchPhase(budget: number): void {
+  const n = Math.min(budget, ownPages);
+  const order = cfg.pattern === 'sequential' ? null : new Int32Array(ownPages);
+  if (order) for (let i = 0; i < ownPages; i++) order[i] = i;
+  let done = 0;
+  for (; done < n && !stopped() && !complete(); done++) {
+    let local = done;
+    if (order) {
+      const j = done + rng.below(ownPages - done);
+      local = order[j]!;
+      order[j] = order[done]!;
+      order[done] = local;
+    }
+    access(local);
+  }
+  post({ type: 'touched', worker: cfg.index, touches: done });
+  while (!stopped() && !complete()) Atomics.wait(control, CONTROL_PHASE, 0, 20);
+}
+
 function run(): void {
   post({ type: 'ready', worker: cfg.index });
   while (Atomics.load(control, CONTROL_GO) === 0) Atomics.wait(control, CONTROL_GO, 0);
+  if (cfg.touches !== null) touchPhase(cfg.touches);
   if (ownPages > 0) {
     while (Atomics.load(control, CONTROL_STOP) === 0) {
       if (Atomics.load(control, CONTROL_PHASE) === PHASE_COMPLETE) {

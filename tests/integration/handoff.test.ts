@@ -29,6 +29,7 @@ t.before(async () => {
       backgroundWindowBytes: 1 << 20,
       progressIntervalMs: 1000,
       heartbeatMs: 0,
+      reconnectTimeoutMs: 300,
     },
     log: silentLogger,
     metrics: { ...noopDestMetrics, handoff: (r) => refused.push(r) },

@@ -53,6 +53,7 @@ t.test('dest defaults', async (t) => {
     completeTimeoutMs: 10000,
     backgroundWindowBytes: 8 * 1024 * 1024,
     backgroundDelayMs: 0,
+    reconnectTimeoutMs: 120000,
     heartbeatMs: 5000,
     progressIntervalMs: 1000,
     logLevel: 'info',

@@ -2,16 +2,27 @@
  * Deterministic fuzzing of the decoders that face untrusted peers: decodeFrame (the source and
  * the dest read each other's frames) and decodeHandoff (the dest reads a VMM's line). Every input
  * must decode or throw a ProtocolError with a documented code; nothing else may escape. Inputs are
- * random bytes and mutations of valid encodings. Seeds are fixed: a failure names its seed and
- * iteration, and reproduces.
+ * random bytes and mutations of valid encodings; half of the mutated DATA, ZERO and HAVE frames
+ * get their checksum recomputed, so the checks behind the checksum are fuzzed too, and the rest
+ * must never decode to the same type with other content. Seeds are fixed: a failure names its
+ * seed and iteration, and reproduces.
  */
 import { isDeepStrictEqual } from 'node:util';
 import t from 'tap';
 import { FRAME_ERROR_CODES, HANDOFF_ERROR_CODES, ProtocolError } from '../../protocol/errors.js';
 import { decodeFrame } from '../../protocol/page-codec.js';
 import { checkRegions, decodeHandoff, decodeReply, encodeHandoff } from '../../protocol/handoff.js';
-import { Limits } from '../../protocol/wire.js';
-import { encodeFrame, plain, randomFrame, randomHandoff, Rng } from './protocol-gen.js';
+import { FrameType, Limits } from '../../protocol/wire.js';
+import {
+  encodeFrame,
+  expectedChecksum,
+  FRAME_TYPES,
+  plain,
+  randomFrame,
+  randomHandoff,
+  reseal,
+  Rng,
+} from './protocol-gen.js';
 
 /** The codes decodeHandoff itself can throw (the rest of the handoff list comes from I/O). */
 const HANDOFF_DECODE_CODES = [
@@ -56,7 +67,7 @@ function mutate(rng: Rng, input: Uint8Array, pool: readonly Uint8Array[]): Uint8
     case 2: // extension
       return Buffer.concat([buf, rng.bytes(rng.range(1, 16))]);
     case 3: // type byte swap: a valid body under another type, or an unknown type
-      if (buf.length) buf[0] = rng.chance(0.8) ? rng.range(1, 9) : rng.int(256);
+      if (buf.length) buf[0] = rng.chance(0.8) ? rng.pick(FRAME_TYPES) : rng.int(256);
       return buf;
     case 4: {
       // overwrite an aligned 16- or 32-bit field (lengths, counts) with an edge value
@@ -78,11 +89,21 @@ function mutate(rng: Rng, input: Uint8Array, pool: readonly Uint8Array[]): Uint8
   }
 }
 
-/** A decoded frame must re-encode to bytes that decode to the same frame. */
+const CHECKSUMMED = new Set<number>([FrameType.DATA, FrameType.ZERO, FrameType.HAVE]);
+
+/**
+ * A decoded frame must re-encode to bytes that decode to the same frame. A DATA frame's checksum
+ * is left out: it also covers reserved bytes 2..3, which the encoder writes as zero.
+ */
 function roundTrips(value: unknown): void {
   const frame = value as ReturnType<typeof decodeFrame>;
   const again = decodeFrame(encodeFrame(frame));
-  if (!isDeepStrictEqual(plain(again), plain(frame))) throw new Error('re-encoding changed it');
+  const strip = (f: typeof frame) => {
+    const p = plain(f);
+    delete p.checksum;
+    return p;
+  };
+  if (!isDeepStrictEqual(strip(again), strip(frame))) throw new Error('re-encoding changed it');
 }
 
 t.test('decodeFrame: random and mutated messages', async (t) => {
@@ -92,22 +113,40 @@ t.test('decodeFrame: random and mutated messages', async (t) => {
   const pool = Array.from({ length: 200 }, () => encodeFrame(randomFrame(rng)));
   const problems: string[] = [];
   let decoded = 0;
+  let sealedDecoded = 0;
   const N = 30000;
   for (let i = 0; i < N; i++) {
     let input: Uint8Array;
+    let origin: Uint8Array | null = null;
     if (i % 5 === 0) {
       // pure noise, with a plausible type byte most of the time
       input = rng.bytes(rng.int(80));
-      if (input.length && rng.chance(0.8)) input[0] = rng.range(1, 9);
+      if (input.length && rng.chance(0.8)) input[0] = rng.pick(FRAME_TYPES);
     } else {
-      input = mutate(rng, rng.pick(pool), pool);
+      origin = rng.pick(pool);
+      input = mutate(rng, origin, pool);
       if (rng.chance(0.3)) input = mutate(rng, input, pool);
+      if (expectedChecksum(input) && rng.chance(0.5)) {
+        reseal(input);
+        origin = null; // a forged checksum: other content is allowed
+      }
     }
     const problem = judge(
       () => decodeFrame(input),
       FRAME_ERROR_CODES,
       (v) => {
         roundTrips(v);
+        const f = v as ReturnType<typeof decodeFrame>;
+        if (f.type === FrameType.DATA && f.checksum !== expectedChecksum(input)?.crc) {
+          throw new Error('DATA checksum field is not the CRC-32 of the frame');
+        }
+        if (origin && CHECKSUMMED.has(f.type) && f.type === origin[0]) {
+          // Damage under an unchanged checksum must not pass (barring CRC-32 collisions).
+          if (!isDeepStrictEqual(plain(f), plain(decodeFrame(origin)))) {
+            throw new Error('damaged, yet it passed its checksum');
+          }
+        }
+        if (!origin && CHECKSUMMED.has(f.type)) sealedDecoded++;
         decoded++;
       },
     );
@@ -121,6 +160,51 @@ t.test('decodeFrame: random and mutated messages', async (t) => {
   t.same(problems, [], `${N} inputs, ${decoded} decoded, the rest rejected with FRAME_* codes`);
   t.ok(ms < 5000, `bounded run time (${ms.toFixed(0)} ms)`);
   t.ok(decoded > N / 50, 'the mutations leave some frames valid (the fuzzer reaches the end)');
+  t.ok(sealedDecoded > N / 200, `resealed DATA/ZERO/HAVE mutants decode too (${sealedDecoded})`);
+});
+
+t.test('decodeFrame: mutated HAVE frames', async (t) => {
+  const seed = 0xf00d0004;
+  const rng = new Rng(seed);
+  const pool = Array.from({ length: 100 }, () => encodeFrame(randomFrame(rng, FrameType.HAVE)));
+  const problems: string[] = [];
+  const codes = new Set<string>();
+  let decoded = 0;
+  const N = 5000;
+  for (let i = 0; i < N; i++) {
+    const input = mutate(rng, rng.pick(pool), pool);
+    if (input.length) input[0] = FrameType.HAVE;
+    if (rng.chance(0.7)) reseal(input);
+    const problem = judge(
+      () => decodeFrame(input),
+      FRAME_ERROR_CODES,
+      (v) => {
+        roundTrips(v);
+        const f = v as ReturnType<typeof decodeFrame>;
+        if (f.type !== FrameType.HAVE) throw new Error(`decoded as type ${f.type}`);
+        for (const r of f.ranges) {
+          if (r.length < 1 || r.offset + r.length > Number.MAX_SAFE_INTEGER) {
+            throw new Error(`range ${r.offset}+${r.length}`);
+          }
+        }
+        if (f.ranges.length > Limits.MAX_HAVE_ENTRIES) throw new Error('too many entries');
+        decoded++;
+      },
+    );
+    try {
+      decodeFrame(input);
+    } catch (err) {
+      if (err instanceof ProtocolError) codes.add(err.code);
+    }
+    if (problem && problems.length < 10) {
+      problems.push(`seed ${seed.toString(16)} #${i}: ${problem}`);
+    }
+  }
+  t.same(problems, [], `${N} inputs, ${decoded} decoded`);
+  t.ok(decoded > N / 50, 'some mutants stay valid');
+  for (const code of ['FRAME_CHECKSUM', 'FRAME_BAD_LENGTH', 'FRAME_BAD_VALUE']) {
+    t.ok(codes.has(code), `reaches ${code}`);
+  }
 });
 
 t.test('decodeFrame: the size cap is checked before anything else', async (t) => {

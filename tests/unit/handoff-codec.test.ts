@@ -80,6 +80,29 @@ t.test('a valid handoff decodes to itself', async (t) => {
   t.equal(decodeHandoff(reversed).regions.length, 2, 'regions in any order');
 });
 
+t.test('resume: an optional boolean', async (t) => {
+  for (const resume of [true, false]) {
+    const req = { ...valid(), resume };
+    t.same(decodeHandoff(line(req)), req, `resume ${resume} decodes`);
+    t.same(decodeHandoff(encodeHandoff(req).subarray(0, -1)), req, `resume ${resume} round trips`);
+  }
+  t.notOk('resume' in decodeHandoff(line(valid())), 'absent stays absent');
+  for (const resume of ['true', 1, 0, null, {}]) {
+    rejects(
+      t,
+      variant((r) => (r.resume = resume)),
+      'HANDOFF_INVALID',
+      `resume ${JSON.stringify(resume)}`,
+    );
+  }
+  rejects(
+    t,
+    variant((r) => (r.regions[0]!.resume = true)),
+    'HANDOFF_INVALID',
+    'resume inside a region',
+  );
+});
+
 t.test('not JSON: HANDOFF_BAD_JSON', async (t) => {
   rejects(t, Buffer.from(''), 'HANDOFF_BAD_JSON', 'empty line');
   rejects(t, Buffer.from('{'), 'HANDOFF_BAD_JSON', 'cut object');
@@ -384,9 +407,12 @@ t.test('the JSON examples in protocol/README.md are valid', async (t) => {
   // dist/tests/unit/ -> repository root
   const readme = readFileSync(new URL('../../../protocol/README.md', import.meta.url), 'utf8');
   const blocks = [...readme.matchAll(/```json\n(.*)\n```/g)].map((m) => m[1]!);
-  t.equal(blocks.length, 5, 'a request and four replies');
-  const [request, ...replies] = blocks;
+  t.equal(blocks.length, 6, 'two requests and four replies');
+  const [request, resumed, ...replies] = blocks;
   const req = decodeHandoff(Buffer.from(request!));
+  const again = decodeHandoff(Buffer.from(resumed!));
+  t.equal(again.resume, true, 'the second request resumes');
+  t.same({ ...again, resume: undefined }, { ...req, resume: undefined }, 'the same handoff again');
   const pages = req.regions.reduce((n, r) => n + r.sizeBytes / r.pageSizeBytes, 0);
   t.same(
     replies.map((r) => decodeReply(r).type),

@@ -77,6 +77,7 @@ t.test('dest metrics: every port method shows up in the exposition', async (t) =
   m.sessionsActive(5);
   m.sessionsActive(4);
   m.error('SOURCE_GONE');
+  m.reconnect('demand');
 
   const { contentType, body } = await metricsText(registry);
   t.match(contentType, /^text\/plain; version=0\.0\.4/);
@@ -100,9 +101,11 @@ t.test('dest metrics: every port method shows up in the exposition', async (t) =
   t.equal(s('yabusame_dest_sessions_ended_total{result="complete"}'), 1);
   t.equal(s('yabusame_dest_sessions_active'), 4);
   t.equal(s('yabusame_dest_errors_total{code="SOURCE_GONE"}'), 1);
+  t.equal(s('yabusame_dest_reconnects_total{channel="demand"}'), 1);
+  t.equal(s('yabusame_dest_reconnects_total{channel="background"}'), 0, 'pre-created');
 
   const ours = [...families].filter(([name]) => name.startsWith('yabusame_'));
-  t.equal(ours.length, 10, 'one family per DestMetrics method');
+  t.equal(ours.length, 11, 'one family per DestMetrics method');
   for (const [name, f] of ours) {
     t.ok(f.help, `${name} has HELP`);
     if (f.type === 'counter') t.match(name, /_total$/, `${name}: counters end in _total`);

@@ -1,8 +1,9 @@
 /**
  * Page protocol codec: hand-written hex fixtures (from the byte-layout tables of
- * protocol/README.md, so a layout change fails here), round trips, a slow reference decoder
- * compared with decodeFrame, truncation at every byte, each malformed case by its code, and the
- * zero-copy promise for payloads.
+ * protocol/README.md, so a layout change fails here; their checksums are checked with a CRC-32
+ * of the test's own), round trips, a slow reference decoder compared with decodeFrame, truncation
+ * at every byte, each malformed case by its code, every single-bit flip of a checksummed frame,
+ * and the zero-copy promise for payloads.
  */
 import { isDeepStrictEqual } from 'node:util';
 import t from 'tap';
@@ -14,6 +15,7 @@ import {
   encodeData,
   encodeDataHeaderInto,
   encodeError,
+  encodeHave,
   encodeHello,
   encodeProgress,
   encodeRequest,
@@ -24,12 +26,22 @@ import {
   Channel,
   DataFlag,
   FrameType,
+  HaveFlag,
   HeaderSize,
   Limits,
   ProgressFlag,
   type Frame,
 } from '../../protocol/wire.js';
-import { encodeFrame, plain, randomFrame, Rng } from './protocol-gen.js';
+import {
+  crc32,
+  encodeFrame,
+  expectedChecksum,
+  FRAME_TYPES,
+  plain,
+  randomFrame,
+  reseal,
+  Rng,
+} from './protocol-gen.js';
 
 const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');
 
@@ -117,22 +129,57 @@ const fixtures: Fixture[] = [
       ]),
   },
   {
+    // checksum: CRC-32 of `04 01 0000 04000000 0020000000000000 deadbeef`
     name: 'DATA',
-    hex: `04 01 0000 04000000 0020000000000000 44332211 00000000 deadbeef`,
+    hex: `04 01 0000 04000000 0020000000000000 9a4faf99 00000000 deadbeef`,
     frame: {
       type: 4,
       flags: DataFlag.DEMAND,
       offset: 0x2000,
-      checksum: 0x11223344,
+      checksum: 0x99af4f9a,
       payload: Uint8Array.of(0xde, 0xad, 0xbe, 0xef),
     },
-    encode: () => encodeData(DataFlag.DEMAND, 0x2000, hex('deadbeef'), 0x11223344),
+    encode: () => encodeData(DataFlag.DEMAND, 0x2000, hex('deadbeef')),
   },
   {
+    // checksum: CRC-32 of `05 00 0000 00000100 0030000000000000`
     name: 'ZERO',
-    hex: `05 00 0000 00000100 0030000000000000`,
+    hex: `05 00 0000 00000100 0030000000000000 2f5843d1 00000000`,
     frame: { type: 5, flags: 0, offset: 0x3000, length: 0x10000 },
     encode: () => encodeZero(0, 0x3000, 0x10000),
+  },
+  {
+    // checksum: CRC-32 of `0a 01 0200`, then the two entries
+    name: 'HAVE',
+    hex: `0a 01 0200 6446b4b2
+          0010000000000000 0000100000000000
+          0000000001000000 0000000000020000`,
+    frame: {
+      type: 10,
+      flags: HaveFlag.LAST,
+      ranges: [
+        { offset: 0x1000, length: 0x100000 },
+        { offset: 2 ** 32, length: 2 ** 41 },
+      ],
+    },
+    encode: () =>
+      encodeHave(HaveFlag.LAST, [
+        { offset: 0x1000, length: 0x100000 },
+        { offset: 2 ** 32, length: 2 ** 41 },
+      ]),
+  },
+  {
+    name: 'HAVE empty LAST',
+    hex: `0a 01 0000 4f553b4f`,
+    frame: { type: 10, flags: HaveFlag.LAST, ranges: [] },
+    encode: () => encodeHave(HaveFlag.LAST, []),
+  },
+  {
+    // not the last of its sync; the entry ends at 2^53 - 4096
+    name: 'HAVE not LAST',
+    hex: `0a 00 0100 99f81424 00e0ffffffff1f00 0010000000000000`,
+    frame: { type: 10, flags: 0, ranges: [{ offset: 2 ** 53 - 8192, length: 4096 }] },
+    encode: () => encodeHave(0, [{ offset: 2 ** 53 - 8192, length: 4096 }]),
   },
   {
     name: 'PROGRESS',
@@ -171,8 +218,29 @@ t.test('hex fixtures: encoders produce them, decodeFrame reads them', async (t) 
   t.same([...seen].sort(), Object.values(FrameType).sort(), 'a fixture for every frame type');
 });
 
+t.test('checksums: the reference CRC-32, and the fixtures carry it', async (t) => {
+  t.equal(crc32(Buffer.from('123456789')), 0xcbf43926, 'reference CRC-32 check value');
+  t.equal(crc32(Buffer.from('1234'), Buffer.from('56789')), 0xcbf43926, 'over concatenated parts');
+  t.equal(crc32(), 0, 'of nothing');
+  for (const f of fixtures) {
+    const bytes = hex(f.hex);
+    const want = expectedChecksum(bytes);
+    if (!want) continue;
+    t.equal(bytes.readUInt32LE(want.at), want.crc, `${f.name}: checksum field is the CRC-32`);
+  }
+  const data = hex(fixtures.find((f) => f.name === 'DATA')!.hex);
+  const f = decodeFrame(data);
+  if (f.type === FrameType.DATA) t.equal(f.checksum, data.readUInt32LE(16), 'DATA reports it');
+});
+
 t.test('fixed header sizes match the layout', async (t) => {
   t.equal(encodeZero(0, 0, 4096).length, HeaderSize.ZERO);
+  t.equal(HeaderSize.ZERO, 24);
+  t.equal(encodeHave(0, []).length, HeaderSize.HAVE);
+  t.equal(
+    encodeHave(0, [{ offset: 0, length: 1 }]).length,
+    HeaderSize.HAVE + HeaderSize.HAVE_ENTRY,
+  );
   t.equal(encodeProgress(0, 0, 0).length, HeaderSize.PROGRESS);
   t.equal(encodeCredit(0).length, HeaderSize.CREDIT);
   t.equal(encodeComplete(0).length, HeaderSize.COMPLETE);
@@ -184,9 +252,33 @@ t.test('encodeDataHeaderInto writes the header in front of a payload in place', 
   const payload = hex('0102030405060708');
   const frame = Buffer.alloc(HeaderSize.DATA + payload.length, 0xee);
   payload.copy(frame, HeaderSize.DATA);
-  encodeDataHeaderInto(frame, DataFlag.DEMAND, 2 ** 40, 7);
-  t.equal(frame.toString('hex'), encodeData(DataFlag.DEMAND, 2 ** 40, payload, 7).toString('hex'));
+  encodeDataHeaderInto(frame, DataFlag.DEMAND, 2 ** 40);
+  t.equal(frame.toString('hex'), encodeData(DataFlag.DEMAND, 2 ** 40, payload).toString('hex'));
+  t.equal(frame.readUInt32LE(16), expectedChecksum(frame)!.crc, 'checksum of the payload there');
   t.throws(() => encodeDataHeaderInto(Buffer.alloc(HeaderSize.DATA), 0, 0), RangeError);
+  // A frame that is a view at an odd offset of a larger buffer (a slab): only its bytes count.
+  const slab = Buffer.alloc(7 + HeaderSize.DATA + payload.length + 5, 0xee);
+  const view = slab.subarray(7, 7 + HeaderSize.DATA + payload.length);
+  payload.copy(view, HeaderSize.DATA);
+  encodeDataHeaderInto(view, 0, 4096);
+  t.equal(Buffer.from(view).toString('hex'), encodeData(0, 4096, payload).toString('hex'));
+  t.equal(slab[6], 0xee, 'the byte before is untouched');
+  t.equal(slab[slab.length - 5], 0xee, 'the byte after is untouched');
+});
+
+t.test('encodeHave: limits', async (t) => {
+  const max = Array.from({ length: Limits.MAX_HAVE_ENTRIES }, (_, i) => ({
+    offset: i * 8192,
+    length: 4096,
+  }));
+  const f = decodeFrame(encodeHave(HaveFlag.LAST, max));
+  t.equal(f.type, FrameType.HAVE);
+  if (f.type === FrameType.HAVE) t.same(f.ranges, max, `${max.length} entries round trip`);
+  t.throws(
+    () => encodeHave(0, [...max, { offset: 2 ** 30, length: 4096 }]),
+    RangeError,
+    '4097 entries',
+  );
 });
 
 t.test('encodeError keeps frames decodable', async (t) => {
@@ -205,7 +297,8 @@ t.test('encodeError keeps frames decodable', async (t) => {
 
 /**
  * The reference: reads the layout byte by byte with BigInt arithmetic and copies every byte
- * string. Slow and obviously correct for valid frames; it validates nothing.
+ * string. Slow and obviously correct for valid frames; it validates nothing but the checksums
+ * (with the test's own CRC-32), so it also checks the encoders' checksums.
  */
 function referenceDecode(bytes: Uint8Array): Frame {
   let pos = 0;
@@ -270,14 +363,19 @@ function referenceDecode(bytes: Uint8Array): Frame {
       const offset = uint(8);
       const checksum = uint(4);
       skip(4);
-      frame = { type: 4, flags, offset, checksum, payload: take(length) };
+      const payload = take(length);
+      if (checksum !== crc32(bytes.subarray(0, 16), payload)) throw new Error('reference: CRC');
+      frame = { type: 4, flags, offset, checksum, payload };
       break;
     }
     case 5: {
       const flags = uint(1);
       skip(2);
       const length = uint(4);
-      frame = { type: 5, flags, length, offset: uint(8) };
+      const offset = uint(8);
+      if (uint(4) !== crc32(bytes.subarray(0, 16))) throw new Error('reference: CRC');
+      skip(4);
+      frame = { type: 5, flags, length, offset };
       break;
     }
     case 6: {
@@ -298,6 +396,18 @@ function referenceDecode(bytes: Uint8Array): Frame {
       const codeLen = uint(1);
       const msgLen = uint(2);
       frame = { type: 9, code: str(codeLen), message: str(msgLen) };
+      break;
+    }
+    case 10: {
+      const flags = uint(1);
+      const count = uint(2);
+      const checksum = uint(4);
+      if (checksum !== crc32(bytes.subarray(0, 4), bytes.subarray(8))) {
+        throw new Error('reference: CRC');
+      }
+      const ranges = [];
+      for (let i = 0; i < count; i++) ranges.push({ offset: uint(8), length: uint(8) });
+      frame = { type: 10, flags, ranges };
       break;
     }
     default:
@@ -328,7 +438,7 @@ t.test('decodeFrame agrees with the reference on random valid frames', async (t)
 t.test('every proper prefix is rejected with a FRAME_* code', async (t) => {
   const rng = new Rng(0x5eed0002);
   const samples = [...fixtures.map((f) => hex(f.hex))];
-  for (let type = 1; type <= 9; type++) {
+  for (const type of FRAME_TYPES) {
     for (let i = 0; i < 5; i++) samples.push(encodeFrame(randomFrame(rng, type)));
   }
   const problems: string[] = [];
@@ -357,17 +467,20 @@ t.test('every proper prefix is rejected with a FRAME_* code', async (t) => {
   t.same(problems, [], `${samples.length} frames cut at every byte`);
 });
 
-/** A fixture with some bytes overwritten at a byte offset. */
-function patched(name: string, at: number, bytesHex: string): Buffer {
+/**
+ * A fixture with some bytes overwritten at a byte offset. Its checksum (DATA, ZERO, HAVE) is
+ * then recomputed, so the frame shows the one defect under test, unless `keepChecksum`.
+ */
+function patched(name: string, at: number, bytesHex: string, keepChecksum = false): Buffer {
   const f = fixtures.find((x) => x.name === name)!;
   const buf = hex(f.hex);
   hex(bytesHex).copy(buf, at);
-  return buf;
+  return keepChecksum ? buf : reseal(buf);
 }
 
 t.test('malformed frames: each case has its code', async (t) => {
   rejects(t, new Uint8Array(0), 'FRAME_EMPTY', 'empty message');
-  for (const type of [0x00, 0x0a, 0x7f, 0xff]) {
+  for (const type of [0x00, 0x0b, 0x7f, 0xff]) {
     rejects(t, Uint8Array.of(type, 0, 0, 0, 0, 0, 0, 0), 'FRAME_UNKNOWN_TYPE', `type 0x${type}`);
   }
   rejects(t, new Uint8Array(Limits.MAX_FRAME_BYTES + 1).fill(4), 'FRAME_BAD_LENGTH', 'too large');
@@ -448,11 +561,57 @@ t.test('malformed frames: each case has its code', async (t) => {
   rejects(t, maxOffset, 'FRAME_BAD_VALUE', 'DATA ends beyond 2^53 - 1');
   const lastOk = patched('DATA', 8, 'fbffffffffff1f00'); // 2^53 - 5, ends at 2^53 - 1
   t.equal(decodeFrame(lastOk).type, FrameType.DATA, 'DATA ending at 2^53 - 1');
+  rejects(t, hex('04 00 0000 01000000 00'), 'FRAME_TRUNCATED', 'DATA header cut');
+  rejects(t, patched('DATA', 16, '00000000', true), 'FRAME_CHECKSUM', 'DATA checksum 0');
+  rejects(t, patched('DATA', 24, 'df', true), 'FRAME_CHECKSUM', 'DATA payload changed');
+  rejects(t, patched('DATA', 8, '0030', true), 'FRAME_CHECKSUM', 'DATA offset changed');
+  rejects(t, patched('DATA', 1, '00', true), 'FRAME_CHECKSUM', 'DATA flags changed');
+  rejects(t, patched('DATA', 2, '0100', true), 'FRAME_CHECKSUM', 'DATA bytes 2..3 are covered');
+  const swapped = hex(fixtures.find((f) => f.name === 'DATA')!.hex);
+  swapped.writeUInt32BE(swapped.readUInt32LE(16), 16);
+  rejects(t, swapped, 'FRAME_CHECKSUM', 'DATA checksum big-endian');
 
-  // ZERO
+  // ZERO: 24 bytes, checksum over bytes 0..15
   rejects(t, patched('ZERO', 4, '00000000'), 'FRAME_BAD_VALUE', 'zero-length ZERO run');
   rejects(t, patched('ZERO', 8 + 6, '2000'), 'FRAME_BAD_VALUE', 'ZERO offset 2^53');
-  rejects(t, hex('05 00 0000 00100000 00300000000000'), 'FRAME_BAD_LENGTH', 'ZERO 15 bytes');
+  const zeroEnd = reseal(hex('05 00 0000 00100000 00f0ffffffff1f00 00000000 00000000'));
+  rejects(t, zeroEnd, 'FRAME_BAD_VALUE', 'ZERO ends at 2^53');
+  const zero = hex(fixtures.find((f) => f.name === 'ZERO')!.hex);
+  rejects(t, zero.subarray(0, 16), 'FRAME_BAD_LENGTH', 'ZERO of 16 bytes (the old layout)');
+  rejects(t, zero.subarray(0, 23), 'FRAME_BAD_LENGTH', 'ZERO of 23 bytes');
+  rejects(t, Buffer.concat([zero, Buffer.of(0)]), 'FRAME_BAD_LENGTH', 'ZERO of 25 bytes');
+  rejects(t, patched('ZERO', 16, '00000000', true), 'FRAME_CHECKSUM', 'ZERO checksum 0');
+  rejects(t, patched('ZERO', 4, '00000200', true), 'FRAME_CHECKSUM', 'ZERO length changed');
+  rejects(t, patched('ZERO', 12, '01', true), 'FRAME_CHECKSUM', 'ZERO offset high changed');
+
+  // HAVE (entries from byte 8, 16 bytes each)
+  rejects(t, hex('0a 01 00'), 'FRAME_TRUNCATED', 'HAVE header cut');
+  rejects(t, patched('HAVE', 2, '0300'), 'FRAME_BAD_LENGTH', 'HAVE count past the end');
+  rejects(t, patched('HAVE', 2, '0100'), 'FRAME_BAD_LENGTH', 'HAVE count short');
+  rejects(t, reseal(hex('0a 01 0110 00000000')), 'FRAME_BAD_VALUE', 'HAVE with 4097 entries');
+  const over = Buffer.alloc(HeaderSize.HAVE + 4097 * HeaderSize.HAVE_ENTRY);
+  over.set(hex('0a 01 0110'));
+  for (let i = 0; i < 4097; i++) {
+    over.writeUInt32LE(i * 8192, 8 + i * 16);
+    over.writeUInt32LE(4096, 8 + i * 16 + 8);
+  }
+  rejects(t, reseal(over), 'FRAME_BAD_VALUE', 'HAVE with 4097 entries, every one present');
+  rejects(t, patched('HAVE', 8 + 8, '0000000000000000'), 'FRAME_BAD_VALUE', 'zero-length entry');
+  rejects(t, patched('HAVE', 8 + 6, '2000'), 'FRAME_BAD_VALUE', 'HAVE entry offset 2^53');
+  rejects(t, patched('HAVE', 8 + 14, '2000'), 'FRAME_BAD_VALUE', 'HAVE entry length 2^53');
+  rejects(
+    t,
+    encodeHave(HaveFlag.LAST, [{ offset: 2 ** 53 - 4096, length: 4096 }]),
+    'FRAME_BAD_VALUE',
+    'HAVE entry ends at 2^53',
+  );
+  const endsLast = encodeHave(0, [{ offset: 2 ** 53 - 4097, length: 4096 }]);
+  t.equal(decodeFrame(endsLast).type, FrameType.HAVE, 'HAVE entry ending at 2^53 - 1');
+  rejects(t, patched('HAVE', 4, '00000000', true), 'FRAME_CHECKSUM', 'HAVE checksum 0');
+  rejects(t, patched('HAVE', 1, '00', true), 'FRAME_CHECKSUM', 'HAVE LAST cleared');
+  rejects(t, patched('HAVE', 8 + 16 + 4, '02', true), 'FRAME_CHECKSUM', 'HAVE entry changed');
+  rejects(t, patched('HAVE empty LAST', 1, '00', true), 'FRAME_CHECKSUM', 'empty HAVE, flags');
+  rejects(t, hex('0a 01 0000 00000000'), 'FRAME_CHECKSUM', 'empty HAVE, checksum 0');
 
   // PROGRESS
   rejects(t, patched('PROGRESS', 8, '0000000004000000'), 'FRAME_BAD_VALUE', 'sent > total');
@@ -475,12 +634,70 @@ t.test('malformed frames: each case has its code', async (t) => {
 });
 
 t.test('reserved bytes are ignored on receipt', async (t) => {
+  // DATA and ZERO bytes 2..3 are reserved but under the checksum: a sender that sets them seals
+  // them in. Bytes 20..23 lie outside it.
   const data = patched('DATA', 2, 'ffff');
   hex('ffffffff').copy(data, 20);
   t.equal(decodeFrame(data).type, FrameType.DATA, 'DATA reserved');
+  const zero = patched('ZERO', 2, 'ffff');
+  hex('ffffffff').copy(zero, 20);
+  t.same(plain(decodeFrame(zero)), plain(fixtures.find((f) => f.name === 'ZERO')!.frame), 'ZERO');
+  const reservedFlag = decodeFrame(encodeData(0x02, 0, Uint8Array.of(1)));
+  t.equal(reservedFlag.type, FrameType.DATA, 'DATA flag 0x02 (reserved) does not matter');
   t.equal(decodeFrame(patched('REQUEST', 1, 'ff')).type, FrameType.REQUEST, 'REQUEST byte 1');
   t.equal(decodeFrame(patched('CREDIT', 1, 'ffffff')).type, FrameType.CREDIT, 'CREDIT 1..3');
 });
+
+/**
+ * Flips every bit of `msg`, one at a time. A flip must be rejected with a FRAME_* code or decode
+ * to the very frame `msg` encodes (a reserved bit outside the checksum); anything else is listed.
+ */
+function bitFlipEscapes(msg: Buffer, label: string): string[] {
+  const original = plain(decodeFrame(msg));
+  const escapes: string[] = [];
+  const buf = Buffer.from(msg);
+  for (let bit = 0; bit < buf.length * 8; bit++) {
+    const at = bit >> 3;
+    buf[at]! ^= 1 << (bit & 7);
+    try {
+      const got = plain(decodeFrame(buf));
+      if (!isDeepStrictEqual(got, original)) {
+        escapes.push(`${label} byte ${at} bit ${bit & 7}: ${JSON.stringify(got)}`);
+      }
+    } catch (err) {
+      if (!(err instanceof ProtocolError) || !err.code.startsWith('FRAME_')) {
+        escapes.push(`${label} byte ${at} bit ${bit & 7}: ${String(err)}`);
+      }
+    }
+    buf[at]! ^= 1 << (bit & 7);
+  }
+  return escapes;
+}
+
+t.test(
+  'no single-bit flip of a DATA, ZERO or HAVE frame is accepted as other content',
+  async (t) => {
+    const rng = new Rng(0x5eed0003);
+    const samples: [Buffer, string][] = fixtures
+      .filter((f) => [FrameType.DATA, FrameType.ZERO, FrameType.HAVE].includes(f.frame.type as 4))
+      .map((f) => [hex(f.hex), f.name]);
+    samples.push([encodeData(0, 0x10000, rng.bytes(4096)), 'DATA of a 4 KiB page']);
+    samples.push([encodeData(DataFlag.DEMAND, 2 ** 52, rng.bytes(3)), 'DATA far out']);
+    samples.push([encodeZero(DataFlag.DEMAND, 2 ** 40, 2 ** 31), 'ZERO big']);
+    for (const type of [FrameType.DATA, FrameType.ZERO, FrameType.HAVE]) {
+      for (let n = 0; n < 6;) {
+        const f = randomFrame(rng, type);
+        if (f.type === FrameType.HAVE && (f.ranges.length === 0 || f.ranges.length > 8)) continue;
+        samples.push([encodeFrame(f), `random ${type}`]);
+        n++;
+      }
+    }
+    const escapes = samples.flatMap(([msg, label]) => bitFlipEscapes(msg, label));
+    // An 8-byte HAVE (no entries) whose type byte 0x0A loses bit 1 has COMPLETE's type and size;
+    // COMPLETE's reserved bytes must be zero, and the LAST flag in byte 1 makes them non-zero.
+    t.same(escapes, [], `${samples.length} frames, every bit of header and payload`);
+  },
+);
 
 t.test('decoded byte strings are views of the message, not copies', async (t) => {
   // Place the frame at an odd offset inside a larger buffer, as a ws message may be.

@@ -1,21 +1,71 @@
 /**
  * Test helpers shared by the protocol codec tests: a seeded PRNG (runs are reproducible: print
- * the seed, rerun with it), generators of random *valid* frames and handoffs, and a generic
- * encoder over the Frame union. Not a test file itself (tap runs *.test.js only).
+ * the seed, rerun with it), generators of random *valid* frames and handoffs, a generic encoder
+ * over the Frame union, and a CRC-32 of our own (table-driven, independent of node:zlib) to check
+ * and forge the checksums of DATA, ZERO and HAVE. Not a test file itself (tap runs *.test.js).
  */
 import {
   encodeComplete,
   encodeCredit,
   encodeData,
   encodeError,
+  encodeHave,
   encodeHello,
   encodeProgress,
   encodeRequest,
   encodeWelcome,
   encodeZero,
 } from '../../protocol/page-codec.js';
-import { Channel, FrameType, Limits, type Frame, type RegionInfo } from '../../protocol/wire.js';
+import {
+  Channel,
+  FrameType,
+  Limits,
+  type Frame,
+  type PageRange,
+  type RegionInfo,
+} from '../../protocol/wire.js';
 import type { HandoffRequest } from '../../protocol/handoff.js';
+
+/** CRC-32 as in zlib, gzip, PNG: reflected polynomial 0xEDB88320, init and final xor ~0. */
+const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+
+/** CRC-32 of the concatenation of `parts`. */
+export function crc32(...parts: Uint8Array[]): number {
+  let c = 0xffffffff;
+  for (const part of parts) for (const b of part) c = CRC_TABLE[(c ^ b) & 0xff]! ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+/**
+ * The checksum a DATA, ZERO or HAVE message should carry, by the README's definition, and the
+ * byte offset of its field; null for other types or messages too short to hold the field.
+ */
+export function expectedChecksum(msg: Uint8Array): { at: number; crc: number } | null {
+  switch (msg[0]) {
+    case FrameType.DATA:
+      return msg.length >= 24
+        ? { at: 16, crc: crc32(msg.subarray(0, 16), msg.subarray(24)) }
+        : null;
+    case FrameType.ZERO:
+      return msg.length >= 20 ? { at: 16, crc: crc32(msg.subarray(0, 16)) } : null;
+    case FrameType.HAVE:
+      return msg.length >= 8 ? { at: 4, crc: crc32(msg.subarray(0, 4), msg.subarray(8)) } : null;
+    default:
+      return null;
+  }
+}
+
+/** Rewrites the checksum field of a (possibly damaged) message to match its bytes, in place. */
+export function reseal<T extends Uint8Array>(msg: T): T {
+  const want = expectedChecksum(msg);
+  if (want)
+    new DataView(msg.buffer, msg.byteOffset, msg.byteLength).setUint32(want.at, want.crc, true);
+  return msg;
+}
 
 /** mulberry32: small, fast, deterministic; good enough to drive a fuzzer. */
 export class Rng {
@@ -99,8 +149,17 @@ function range(rng: Rng, maxLen: number): { offset: number; length: number } {
   return { offset, length };
 }
 
+/** A HAVE entry: u64 length >= 1, ending at or below 2^53 - 1. */
+function haveRange(rng: Rng): PageRange {
+  const length = rng.chance(0.7) ? rng.range(1, 2 ** 32 - 1) : Math.max(1, rng.safe());
+  return { offset: Math.min(rng.safe(), Number.MAX_SAFE_INTEGER - length), length };
+}
+
+/** Every frame type, for generators. */
+export const FRAME_TYPES: readonly number[] = Object.values(FrameType);
+
 /** A random frame that the decoder must accept, of the given type or a random one. */
-export function randomFrame(rng: Rng, type: number = rng.range(1, 9)): Frame {
+export function randomFrame(rng: Rng, type: number = rng.pick(FRAME_TYPES)): Frame {
   const channel = rng.pick([Channel.DEMAND, Channel.BACKGROUND]);
   switch (type) {
     case FrameType.HELLO:
@@ -127,16 +186,26 @@ export function randomFrame(rng: Rng, type: number = rng.range(1, 9)): Frame {
     }
     case FrameType.DATA: {
       const { offset, length } = range(rng, rng.chance(0.1) ? 8192 : 64);
-      return {
-        type: FrameType.DATA,
-        flags: rng.int(256),
-        offset,
-        checksum: rng.u32(),
-        payload: rng.bytes(length),
-      };
+      const flags = rng.int(256);
+      const payload = rng.bytes(length);
+      const header = Buffer.alloc(16);
+      header.writeUInt8(FrameType.DATA, 0);
+      header.writeUInt8(flags, 1);
+      header.writeUInt32LE(length, 4);
+      header.writeBigUInt64LE(BigInt(offset), 8);
+      return { type: FrameType.DATA, flags, offset, checksum: crc32(header, payload), payload };
     }
     case FrameType.ZERO:
       return { type: FrameType.ZERO, flags: rng.int(256), ...range(rng, 2 ** 32 - 1) };
+    case FrameType.HAVE: {
+      const count = rng.chance(0.02)
+        ? Limits.MAX_HAVE_ENTRIES
+        : rng.chance(0.1)
+          ? 0
+          : rng.range(1, 8);
+      const ranges = Array.from({ length: count }, () => haveRange(rng));
+      return { type: FrameType.HAVE, flags: rng.int(256), ranges };
+    }
     case FrameType.PROGRESS: {
       const totalBytes = rng.safe();
       return {
@@ -171,9 +240,11 @@ export function encodeFrame(f: Frame): Buffer {
     case FrameType.REQUEST:
       return encodeRequest(f.ranges);
     case FrameType.DATA:
-      return encodeData(f.flags, f.offset, f.payload, f.checksum);
+      return encodeData(f.flags, f.offset, f.payload); // the checksum is always computed
     case FrameType.ZERO:
       return encodeZero(f.flags, f.offset, f.length);
+    case FrameType.HAVE:
+      return encodeHave(f.flags, f.ranges);
     case FrameType.PROGRESS:
       return encodeProgress(f.flags, f.sentBytes, f.totalBytes);
     case FrameType.CREDIT:
@@ -197,7 +268,10 @@ export function plain(f: Frame): Record<string, unknown> {
   );
 }
 
-/** A valid handoff request: 1..4 page-aligned regions, disjoint in memory and in the image. */
+/**
+ * A valid handoff request: 1..4 page-aligned regions, disjoint in memory and in the image;
+ * sometimes a resumed one.
+ */
 export function randomHandoff(rng: Rng): HandoffRequest {
   const count = rng.range(1, 4);
   const regions: HandoffRequest['regions'] = [];
@@ -214,11 +288,13 @@ export function randomHandoff(rng: Rng): HandoffRequest {
     base += sizeBytes;
     offset += sizeBytes;
   }
-  return {
+  const req: HandoffRequest = {
     type: 'handoff',
     version: 1,
     migrationId: randomId(rng),
     source: rng.pick(['ws://10.0.0.5:7070', 'wss://src.example:443', 'ws://[::1]:7070/']),
     regions,
   };
+  if (rng.chance(0.3)) req.resume = rng.chance(0.7);
+  return req;
 }

@@ -1,0 +1,192 @@
+/**
+ * One logical channel to the source (demand or background) that survives its connections: when a
+ * connection is lost (cut, stalled past the heartbeat, a frame that failed its checksum) the link
+ * reconnects with exponential backoff and jitter, and hands each new connection to its owner,
+ * which re-sends what the lost one may have swallowed. It gives up after `reconnectTimeoutMs`
+ * without a working connection.
+ */
+import type { Frame, ChannelKind } from '../../protocol/wire.js';
+import { Channel } from '../../protocol/wire.js';
+import type { CloseInfo, ConnectOptions, PageChannel } from '../transport/client.js';
+import type { Logger } from '../ops/log.js';
+
+/** A connection up this long without a loss has proven itself. */
+const STABLE_MS = 2000;
+
+export interface LinkOptions {
+  connect(opts: ConnectOptions): Promise<PageChannel>;
+  url: string;
+  migrationId: string;
+  kind: ChannelKind;
+  connectTimeoutMs: number;
+  heartbeatMs: number;
+  reconnectTimeoutMs: number;
+  /** First retry delay; doubles up to maxBackoffMs. */
+  minBackoffMs?: number;
+  maxBackoffMs?: number;
+  log: Logger;
+}
+
+export interface LinkHooks {
+  /** A (new) connection is up: frames may be sent on it now. `reconnect` is false the first time. */
+  opened(ch: PageChannel, reconnect: boolean): void;
+  frame(ch: PageChannel, frame: Frame, bytes: number): void;
+  /** The connection was lost; the link is reconnecting. */
+  lost(info: CloseInfo): void;
+  /** No connection for reconnectTimeoutMs: the link stopped trying. */
+  gaveUp(info: CloseInfo): void;
+}
+
+export class Link {
+  private channel: PageChannel | null = null;
+  private closed = false;
+  private retryTimer: NodeJS.Timeout | null = null;
+  private stableTimer: NodeJS.Timeout | null = null;
+  private downSince = 0;
+  private attempt = 0;
+  private lastLoss: CloseInfo = { code: 'SOURCE_CLOSED', message: 'connection lost' };
+  /** Connections lost and restored (metrics, tests). */
+  reconnects = 0;
+
+  constructor(
+    private readonly opts: LinkOptions,
+    private readonly hooks: LinkHooks,
+  ) {}
+
+  get name(): 'demand' | 'background' {
+    return this.opts.kind === Channel.DEMAND ? 'demand' : 'background';
+  }
+
+  get isOpen(): boolean {
+    return this.channel?.isOpen ?? false;
+  }
+
+  /** The first connection: rejects (no retry) so a handoff to an unreachable source fails fast. */
+  async open(): Promise<PageChannel> {
+    const ch = await this.dial();
+    this.channel = ch;
+    return ch;
+  }
+
+  /** Starts delivering frames of the first connection (after the owner is ready for them). */
+  start(): void {
+    const ch = this.channel;
+    if (ch) this.adopt(ch, false);
+  }
+
+  send(frame: Uint8Array): boolean {
+    return this.channel?.send(frame) ?? false;
+  }
+
+  close(code?: string, message?: string): void {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    if (this.stableTimer) clearTimeout(this.stableTimer);
+    this.channel?.close(code, message);
+    this.channel = null;
+  }
+
+  /** Drops the current connection on purpose (a bad frame) and reconnects. */
+  reset(info: CloseInfo): void {
+    const ch = this.channel;
+    if (!ch || this.closed) return;
+    ch.close(info.code, info.message);
+    this.onLost(ch, info);
+  }
+
+  private dial(): Promise<PageChannel> {
+    return this.opts.connect({
+      url: this.opts.url,
+      migrationId: this.opts.migrationId,
+      channel: this.opts.kind,
+      timeoutMs: this.opts.connectTimeoutMs,
+      heartbeatMs: this.opts.heartbeatMs,
+    });
+  }
+
+  /**
+   * A connection counts as restored (backoff and the give-up clock reset) only once it proves
+   * itself: a frame handled without dropping it, or STABLE_MS without a loss. A source that
+   * accepts connections and then sends garbage must not keep the link trying forever.
+   */
+  private adopt(ch: PageChannel, reconnect: boolean): void {
+    this.channel = ch;
+    const healthy = (): void => {
+      if (this.channel !== ch) return;
+      this.attempt = 0;
+      this.downSince = 0;
+      if (this.stableTimer) clearTimeout(this.stableTimer);
+      this.stableTimer = null;
+    };
+    if (this.stableTimer) clearTimeout(this.stableTimer);
+    this.stableTimer = setTimeout(healthy, STABLE_MS);
+    this.stableTimer.unref?.();
+    ch.attach(
+      (frame, bytes) => {
+        if (this.channel !== ch) return;
+        this.hooks.frame(ch, frame, bytes);
+        if (this.downSince) healthy();
+      },
+      (info) => this.onLost(ch, info),
+    );
+    // A frame delivered by attach may already have dropped this connection.
+    if (this.channel === ch && ch.isOpen) this.hooks.opened(ch, reconnect);
+  }
+
+  private onLost(ch: PageChannel, info: CloseInfo): void {
+    if (this.closed || this.channel !== ch) return;
+    this.channel = null;
+    this.lastLoss = info;
+    this.downSince ||= Date.now();
+    this.opts.log.warn('source connection lost; reconnecting', {
+      channel: this.name,
+      code: info.code,
+      reason: info.message,
+    });
+    this.hooks.lost(info);
+    this.scheduleRetry();
+  }
+
+  private scheduleRetry(): void {
+    if (this.closed) return;
+    const downMs = Date.now() - this.downSince;
+    if (downMs >= this.opts.reconnectTimeoutMs) {
+      this.closed = true;
+      this.hooks.gaveUp(this.lastLoss);
+      return;
+    }
+    const min = this.opts.minBackoffMs ?? 50;
+    const max = this.opts.maxBackoffMs ?? 2000;
+    const base = Math.min(max, min * 2 ** this.attempt++);
+    const delayMs = Math.min(
+      base / 2 + Math.random() * (base / 2),
+      this.opts.reconnectTimeoutMs - downMs,
+    );
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null;
+      this.dial().then(
+        (ch) => {
+          if (this.closed) {
+            ch.close();
+            return;
+          }
+          this.reconnects++;
+          this.opts.log.info('source connection restored', {
+            channel: this.name,
+            downMs: Date.now() - this.downSince,
+          });
+          this.adopt(ch, true);
+        },
+        (err: { code?: string; message?: string }) => {
+          this.lastLoss = {
+            code: err.code ?? 'SOURCE_UNREACHABLE',
+            message: err.message ?? String(err),
+          };
+          this.scheduleRetry();
+        },
+      );
+    }, delayMs);
+    this.retryTimer.unref?.();
+  }
+}

@@ -1,0 +1,633 @@
+/**
+ * The bench scenarios. Each run starts fresh daemons (so CPU and peak RSS belong to that run),
+ * drives vm-sim (in-process, or as child processes for many-vms) and returns its figures; the
+ * runner (bench.ts) repeats runs and reports the median with the range.
+ */
+import { fileURLToPath } from 'node:url';
+import { startLocalHandler, type LocalHandler } from '../local-floor/local-handler.js';
+import {
+  runVmSim,
+  runVmSimTouches,
+  type HandoffFn,
+  type LatencySummary,
+  type VmSimPartialResult,
+  type VmSimResult,
+} from '../vm-sim/vm-sim.js';
+import { runReference } from './c-ref.js';
+import {
+  GiB,
+  MiB,
+  PAGE,
+  run,
+  withDaemons,
+  type BenchContext,
+  type DaemonPair,
+  type ImageSpec,
+} from './harness.js';
+import { cpuSeconds } from './proc.js';
+import type { CpuMeter } from './proc.js';
+import { median } from './stats.js';
+
+export interface MetricDef {
+  label: string;
+  unit: string;
+  /** Decimals shown in the table. */
+  digits: number;
+  /**
+   * Computed by the runner from another row's median (a ratio), when that row ran too:
+   * `[row, its metric, this row's metric, 'over' (mine / theirs) | 'under' (theirs / mine)]`.
+   */
+  derived?: [string, string, string, 'over' | 'under'];
+}
+
+export interface RunOutcome {
+  /** Metric key → value (keys from the scenario's `metrics`). */
+  values: Record<string, number>;
+  verified: boolean;
+  /** What a failed verification found, or other remarks about this run. */
+  problems: string[];
+}
+
+export interface Scenario {
+  /** Row name, e.g. `background/data-heavy`. */
+  name: string;
+  /** The `--only` name that selects it, e.g. `background`. */
+  group: string;
+  describe(ctx: BenchContext): string;
+  /** What "verified" means for this row. */
+  verification: string;
+  metrics: Record<string, MetricDef>;
+  runOnce(ctx: BenchContext, index: number): Promise<RunOutcome>;
+  /** Called after the last run (drops big images). */
+  finish?(ctx: BenchContext): void;
+}
+
+export const GROUPS = [
+  'demand-idle',
+  'demand-under-load',
+  'background',
+  'many-vcpus',
+  'many-vms',
+  'local-floor',
+] as const;
+
+// --- sizes ---
+
+export function sizes(quick: boolean) {
+  return {
+    demandImage: { sizeBytes: quick ? 256 * MiB : GiB, seed: 1 } satisfies ImageSpec,
+    demandTouches: quick ? 2000 : 20_000,
+    vcpus: 8,
+    vcpuTouches: quick ? 4000 : 32_000,
+    backgroundBytes: quick ? 256 * MiB : 4 * GiB,
+    cReferenceBytes: quick ? 256 * MiB : GiB,
+    vms: 16,
+    vmImage: { sizeBytes: quick ? 32 * MiB : 256 * MiB, seed: 5 } satisfies ImageSpec,
+    vmTouches: quick ? 200 : 1000,
+  };
+}
+
+const RUN_TIMEOUT_MS = 10 * 60_000;
+
+// --- shared metric sets ---
+
+const LATENCY: Record<string, MetricDef> = {
+  faults: { label: 'faults timed', unit: '', digits: 0 },
+  faultP50Us: { label: 'fault latency p50', unit: 'µs', digits: 1 },
+  faultP99Us: { label: 'fault latency p99', unit: 'µs', digits: 1 },
+  faultP999Us: { label: 'fault latency p99.9', unit: 'µs', digits: 1 },
+  faultMaxUs: { label: 'fault latency max', unit: 'µs', digits: 1 },
+};
+
+const DAEMONS: Record<string, MetricDef> = {
+  destCpuSecPerGiB: { label: 'dest CPU per GiB placed', unit: 's/GiB', digits: 2 },
+  sourceCpuSecPerGiB: { label: 'source CPU per GiB placed', unit: 's/GiB', digits: 2 },
+  destPeakRssMiB: { label: 'dest peak RSS', unit: 'MiB', digits: 0 },
+  sourcePeakRssMiB: { label: 'source peak RSS', unit: 'MiB', digits: 0 },
+};
+
+function latencyValues(l: LatencySummary): Record<string, number> {
+  return {
+    faults: l.count,
+    faultP50Us: l.p50,
+    faultP99Us: l.p99,
+    faultP999Us: l.p999,
+    faultMaxUs: l.max,
+  };
+}
+
+function daemonValues(pair: DaemonPair, meter: CpuMeter, bytesPlaced: number) {
+  const rss = pair.peakRss();
+  const gib = Math.max(bytesPlaced, PAGE) / GiB;
+  return {
+    destCpuSecPerGiB: meter.seconds(0) / gib,
+    sourceCpuSecPerGiB: meter.seconds(1) / gib,
+    destPeakRssMiB: rss.dest / MiB,
+    sourcePeakRssMiB: rss.source / MiB,
+  };
+}
+
+/**
+ * Verification of an in-process vm-sim run: full, or only the placed pages when it ended after
+ * its touch phase (`endedEarly`: it was run with runVmSimTouches).
+ */
+function verdict(
+  r: VmSimResult | VmSimPartialResult,
+  endedEarly = false,
+): { verified: boolean; problems: string[] } {
+  const partial = endedEarly && (r as VmSimPartialResult).partial;
+  const want = partial ? r.presentPages : r.totalPages;
+  const verified =
+    r.mismatchCount === 0 && r.pagesVerified === want && (partial || r.missingPages === 0);
+  const problems = verified
+    ? []
+    : [
+        `verification failed: ${r.pagesVerified}/${want} pages verified, ` +
+          `${r.mismatchCount} mismatches, ${partial ? 0 : r.missingPages} missing`,
+        ...r.mismatches.slice(0, 5).map((m) => `page ${m.page}: ${m.reason}`),
+      ];
+  if (endedEarly && !partial)
+    problems.push('note: the migration completed before the touches ended');
+  return { verified, problems };
+}
+
+/** A run fails when no page arrived for this long (a stalled migration, not a slow one). */
+export const STALL_MS = 60_000;
+
+/**
+ * Progress and stall detection for one vm-sim run: `onProgress` prints a line on stderr every
+ * 2 s (when `print`), and `signal` aborts the run when the present-page count has not changed
+ * for STALL_MS. Call `stop()` when the run is over.
+ */
+function watch(ctx: BenchContext, label: string, print = true) {
+  const t0 = performance.now();
+  let lastLine = t0;
+  let lastChange = t0;
+  let lastPresent = -1;
+  let lastPct = '0';
+  const ac = new AbortController();
+  const timer = setInterval(() => {
+    if (performance.now() - lastChange < STALL_MS) return;
+    const reason = `stalled: no page placed for ${STALL_MS / 1000} s at ${lastPct}% present`;
+    ctx.say(`    ${label}: ${reason}`);
+    ac.abort(reason);
+  }, 1000);
+  return {
+    signal: ac.signal,
+    stop: () => clearInterval(timer),
+    onProgress: ({ presentPages, totalPages }: { presentPages: number; totalPages: number }) => {
+      const now = performance.now();
+      if (presentPages !== lastPresent) {
+        lastPresent = presentPages;
+        lastChange = now;
+      }
+      lastPct = ((100 * presentPages) / totalPages).toFixed(1);
+      if (!print || now - lastLine < 2000 || presentPages >= totalPages) return;
+      lastLine = now;
+      ctx.say(`    ${label}: ${lastPct}% present after ${((now - t0) / 1000).toFixed(1)} s`);
+    },
+  };
+}
+
+// --- 1. demand-idle, 4. many-vcpus: touches with the background stream held back ---
+
+function demandNoBackground(o: {
+  name: string;
+  workers: (ctx: BenchContext) => number;
+  touches: (ctx: BenchContext) => number;
+  withRate: boolean;
+}): Scenario {
+  return {
+    name: o.name,
+    group: o.name,
+    describe: (ctx) => {
+      const s = sizes(ctx.quick);
+      const w = o.workers(ctx);
+      return (
+        `${fmtBytes(s.demandImage.sizeBytes)} image, ${w} thread${w > 1 ? 's' : ''} ` +
+        `first-touching ${o.touches(ctx)} random pages at once, background held back ` +
+        `(dest backgroundDelayMs 600000)`
+      );
+    },
+    verification:
+      'every page placed byte-for-byte; the migration is ended after the touches (unplaced ' +
+      'pages are not verified)',
+    metrics: {
+      ...LATENCY,
+      ...(o.withRate
+        ? {
+            pagesPerSec: { label: 'faults served per second', unit: 'pages/s', digits: 0 },
+            touchPhaseMs: { label: 'touch phase', unit: 'ms', digits: 0 },
+          }
+        : {}),
+      ...DAEMONS,
+    },
+    async runOnce(ctx, index) {
+      const s = sizes(ctx.quick);
+      const image = await ctx.image(s.demandImage);
+      return withDaemons(
+        ctx,
+        [{ id: 'bench-vm', image: image.path }],
+        ctx.noBackgroundConfig,
+        async (pair) => {
+          const meter = pair.meter();
+          const w = watch(ctx, `run ${index + 1}`, false);
+          const r = await runVmSimTouches({
+            signal: w.signal,
+            onProgress: w.onProgress,
+            image: image.path,
+            migrationId: 'bench-vm',
+            source: pair.source.ws,
+            destSocket: pair.dest.socket,
+            workers: o.workers(ctx),
+            pattern: 'random',
+            touches: o.touches(ctx),
+            opsAfterComplete: 0,
+            timeoutMs: RUN_TIMEOUT_MS,
+            onPhaseEnd: () => meter.stop(),
+          }).finally(w.stop);
+          const v = verdict(r, true);
+          const touchSec = (r.touchPhaseMs ?? r.elapsedMs) / 1000;
+          return {
+            values: {
+              ...latencyValues(r.faultLatencyUs),
+              ...(o.withRate
+                ? { pagesPerSec: r.workload.faults / touchSec, touchPhaseMs: touchSec * 1000 }
+                : {}),
+              ...daemonValues(pair, meter, r.presentPages * PAGE),
+            },
+            ...v,
+          };
+        },
+      );
+    },
+  };
+}
+
+const demandIdle = demandNoBackground({
+  name: 'demand-idle',
+  workers: () => 1,
+  touches: (ctx) => sizes(ctx.quick).demandTouches,
+  withRate: false,
+});
+
+const manyVcpus = demandNoBackground({
+  name: 'many-vcpus',
+  workers: (ctx) => sizes(ctx.quick).vcpus,
+  touches: (ctx) => sizes(ctx.quick).vcpuTouches,
+  withRate: true,
+});
+
+// --- 2. demand-under-load ---
+
+const demandUnderLoad: Scenario = {
+  name: 'demand-under-load',
+  group: 'demand-under-load',
+  describe: (ctx) => {
+    const s = sizes(ctx.quick);
+    return (
+      `as demand-idle (${fmtBytes(s.demandImage.sizeBytes)}, 1 thread, up to ` +
+      `${s.demandTouches} first touches) while the background stream runs at full speed; ` +
+      `only touches that found their page missing are timed`
+    );
+  },
+  verification: 'every page byte-for-byte after complete',
+  metrics: {
+    ...LATENCY,
+    p50VsIdle: {
+      label: 'fault p50 / demand-idle p50',
+      unit: '×',
+      digits: 2,
+      derived: ['demand-idle', 'faultP50Us', 'faultP50Us', 'over'],
+    },
+    prePlaced: { label: 'touches already placed', unit: '', digits: 0 },
+    migrationSec: { label: 'migration time', unit: 's', digits: 2 },
+    ...DAEMONS,
+  },
+  async runOnce(ctx, index) {
+    const s = sizes(ctx.quick);
+    const image = await ctx.image(s.demandImage);
+    return withDaemons(ctx, [{ id: 'bench-vm', image: image.path }], undefined, async (pair) => {
+      const meter = pair.meter();
+      const w = watch(ctx, `run ${index + 1}`);
+      const r = await runVmSim({
+        signal: w.signal,
+        onProgress: w.onProgress,
+        image: image.path,
+        migrationId: 'bench-vm',
+        source: pair.source.ws,
+        destSocket: pair.dest.socket,
+        workers: 1,
+        pattern: 'random',
+        touches: s.demandTouches,
+        opsAfterComplete: 0,
+        timeoutMs: RUN_TIMEOUT_MS,
+        onPhaseEnd: () => meter.stop(),
+      }).finally(w.stop);
+      return {
+        values: {
+          ...latencyValues(r.faultLatencyUs),
+          prePlaced: r.workload.prePlaced,
+          migrationSec: r.elapsedMs / 1000,
+          ...daemonValues(pair, meter, r.totalPages * PAGE),
+        },
+        ...verdict(r),
+      };
+    });
+  },
+};
+
+// --- 3. background ---
+
+const BACKGROUND_IMAGES: ReadonlyArray<{
+  variant: string;
+  seed: number;
+  what: string;
+  image: Partial<ImageSpec>;
+}> = [
+  { variant: 'mixed', seed: 2, what: '40% zero (half of them holes), 30% text', image: {} },
+  {
+    variant: 'data-heavy',
+    seed: 3,
+    what: '10% zero (half of them holes), 30% text, 60% random',
+    image: { zeroFraction: 0.1 },
+  },
+  {
+    variant: 'mostly-empty',
+    seed: 4,
+    what: '90% zero (half of them holes), 5% text, 5% random',
+    image: { zeroFraction: 0.9, textFraction: 0.05 },
+  },
+];
+
+function backgroundScenario(b: (typeof BACKGROUND_IMAGES)[number]): Scenario {
+  const spec = (ctx: BenchContext): ImageSpec => ({
+    sizeBytes: sizes(ctx.quick).backgroundBytes,
+    seed: b.seed,
+    ...b.image,
+  });
+  return {
+    name: `background/${b.variant}`,
+    group: 'background',
+    describe: (ctx) =>
+      `${fmtBytes(spec(ctx).sizeBytes)} image, ${b.what}, no workload: handoff until every ` +
+      `page is present (background stream only, no faults)`,
+    verification: 'every page byte-for-byte after complete',
+    metrics: {
+      seconds: { label: 'time to all pages present', unit: 's', digits: 2 },
+      placedGBs: { label: 'placed (all pages)', unit: 'GB/s', digits: 2 },
+      dataGBs: { label: 'non-zero data placed', unit: 'GB/s', digits: 2 },
+      vsCCopy: {
+        label: 'placed / C UFFDIO_COPY ceiling',
+        unit: '×',
+        digits: 2,
+        derived: ['background/c-reference', 'copyGBs', 'placedGBs', 'over'],
+      },
+      ...DAEMONS,
+    },
+    async runOnce(ctx, index) {
+      const image = await ctx.image(spec(ctx));
+      return withDaemons(ctx, [{ id: 'bench-vm', image: image.path }], undefined, async (pair) => {
+        const meter = pair.meter();
+        const w = watch(ctx, `run ${index + 1}`);
+        const r = await runVmSim({
+          signal: w.signal,
+          onProgress: w.onProgress,
+          image: image.path,
+          migrationId: 'bench-vm',
+          source: pair.source.ws,
+          destSocket: pair.dest.socket,
+          workers: 0,
+          timeoutMs: RUN_TIMEOUT_MS,
+          onPhaseEnd: () => meter.stop(),
+        }).finally(w.stop);
+        const sec = r.elapsedMs / 1000;
+        const dataBytes = (r.totalPages - image.pages.zero) * PAGE;
+        return {
+          values: {
+            seconds: sec,
+            placedGBs: image.sizeBytes / sec / 1e9,
+            dataGBs: dataBytes / sec / 1e9,
+            ...daemonValues(pair, meter, r.totalPages * PAGE),
+          },
+          ...verdict(r),
+        };
+      });
+    },
+    finish: (ctx) => ctx.dropImage(spec(ctx)),
+  };
+}
+
+const cReference: Scenario = {
+  name: 'background/c-reference',
+  group: 'background',
+  describe: (ctx) =>
+    `C program (scripts/bench/c/uffd-fill.c, cc -O2): ${fmtBytes(sizes(ctx.quick).cReferenceBytes)} ` +
+    `of anonymous memory filled by UFFDIO_COPY in 256 KiB chunks from one buffer, one thread, ` +
+    `no faults, no network (then UFFDIO_ZEROPAGE): the placement ceiling`,
+  verification: 'the filled memory compared with the buffer (and zero) by the C program',
+  metrics: {
+    copyGBs: { label: 'UFFDIO_COPY 256 KiB', unit: 'GB/s', digits: 2 },
+    zeropageGBs: { label: 'UFFDIO_ZEROPAGE 256 KiB', unit: 'GB/s', digits: 1 },
+  },
+  async runOnce(ctx) {
+    const r = await runReference(ctx, sizes(ctx.quick).cReferenceBytes);
+    return {
+      values: { copyGBs: r.copyGBs, zeropageGBs: r.zeropageGBs },
+      verified: r.verified,
+      problems: r.verified ? [] : ['the C reference read back wrong bytes'],
+    };
+  },
+};
+
+// --- 5. many-vms ---
+
+interface VmSimCliResult {
+  ok: boolean;
+  totalPages: number;
+  pagesVerified: number;
+  mismatchCount: number;
+  elapsedMs: number;
+  startedAtMs: number;
+  faultLatencyUs: LatencySummary;
+}
+
+const VM_SIM_CLI = fileURLToPath(new URL('../vm-sim/vm-sim.js', import.meta.url));
+
+const manyVms: Scenario = {
+  name: 'many-vms',
+  group: 'many-vms',
+  describe: (ctx) => {
+    const s = sizes(ctx.quick);
+    return (
+      `${s.vms} VMs of ${fmtBytes(s.vmImage.sizeBytes)} migrating at once through one dest and ` +
+      `one source (each VM a vm-sim process with 1 thread first-touching ${s.vmTouches} random ` +
+      `pages, then waiting; all serve the same image file)`
+    );
+  },
+  verification: 'every page of every VM byte-for-byte after its complete',
+  metrics: {
+    vmSecMedian: { label: 'VM migration time, median VM', unit: 's', digits: 2 },
+    vmSecMax: { label: 'VM migration time, slowest VM', unit: 's', digits: 2 },
+    aggregateGBs: {
+      label: 'all VMs placed (first handoff → last complete)',
+      unit: 'GB/s',
+      digits: 2,
+    },
+    faultP50Us: { label: 'fault p50, median VM', unit: 'µs', digits: 1 },
+    faultP99Us: { label: 'fault p99, worst VM', unit: 'µs', digits: 1 },
+    ...DAEMONS,
+  },
+  async runOnce(ctx, index) {
+    const s = sizes(ctx.quick);
+    const image = await ctx.image(s.vmImage);
+    const ids = Array.from({ length: s.vms }, (_, i) => `bench-vm-${i}`);
+    return withDaemons(
+      ctx,
+      ids.map((id) => ({ id, image: image.path })),
+      undefined,
+      async (pair) => {
+        const meter = pair.meter();
+        let done = 0;
+        const results = await Promise.all(
+          ids.map(async (id) => {
+            const args = [
+              '--enable-source-maps',
+              VM_SIM_CLI,
+              ...['--image', image.path, '--source', pair.source.ws, '--socket', pair.dest.socket],
+              ...['--id', id, '--workers', '1', '--pattern', 'random'],
+              ...['--touches', String(s.vmTouches), '--ops-after-complete', '0'],
+              ...['--timeout', '300', '--json'],
+            ];
+            try {
+              const { stdout } = await run(ctx, process.execPath, args);
+              return JSON.parse(stdout.trim()) as VmSimCliResult;
+            } catch (err) {
+              const out = (err as { stdout?: string }).stdout?.trim();
+              if (out) return JSON.parse(out) as VmSimCliResult; // exit 1: a mismatch
+              return { error: (err as Error).message, id };
+            } finally {
+              if (++done % 4 === 0) ctx.say(`    run ${index + 1}: ${done}/${ids.length} VMs done`);
+            }
+          }),
+        );
+        meter.stop();
+        const problems: string[] = [];
+        const oks: VmSimCliResult[] = [];
+        results.forEach((r, i) => {
+          if ('error' in r) problems.push(`${ids[i]}: ${r.error}`);
+          else if (!r.ok || r.pagesVerified !== r.totalPages || r.mismatchCount !== 0) {
+            problems.push(
+              `${ids[i]}: ${r.pagesVerified}/${r.totalPages} verified, ${r.mismatchCount} mismatches`,
+            );
+          } else oks.push(r);
+        });
+        const all = results.filter((r): r is VmSimCliResult => !('error' in r));
+        const secs = all.map((r) => r.elapsedMs / 1000);
+        const start = Math.min(...all.map((r) => r.startedAtMs));
+        const end = Math.max(...all.map((r) => r.startedAtMs + r.elapsedMs));
+        return {
+          values: {
+            vmSecMedian: median(secs),
+            vmSecMax: Math.max(...secs),
+            aggregateGBs: (all.length * image.sizeBytes) / ((end - start) / 1000) / 1e9,
+            faultP50Us: median(all.map((r) => r.faultLatencyUs.p50)),
+            faultP99Us: Math.max(...all.map((r) => r.faultLatencyUs.p99)),
+            ...daemonValues(pair, meter, all.length * image.sizeBytes),
+          },
+          verified: problems.length === 0 && oks.length === ids.length,
+          problems,
+        };
+      },
+    );
+  },
+};
+
+// --- 6. local-floor ---
+
+const localFloor: Scenario = {
+  name: 'local-floor',
+  group: 'local-floor',
+  describe: (ctx) => {
+    const s = sizes(ctx.quick);
+    return (
+      `demand-idle's fault pattern (${fmtBytes(s.demandImage.sizeBytes)}, 1 thread, ` +
+      `${s.demandTouches} random first touches, no background) served by the in-process ` +
+      `reference handler (scripts/local-floor): no daemon, no network`
+    );
+  },
+  verification:
+    'every page placed byte-for-byte; the run is ended after the touches (unplaced pages are ' +
+    'not verified)',
+  metrics: {
+    ...LATENCY,
+    idleVsFloor: {
+      label: 'demand-idle p50 / this p50',
+      unit: '×',
+      digits: 2,
+      derived: ['demand-idle', 'faultP50Us', 'faultP50Us', 'under'],
+    },
+    handlerServiceP50Us: { label: 'handler service p50 (event → placed)', unit: 'µs', digits: 1 },
+    handlerCpuSecPerGiB: {
+      label: 'handler thread CPU per GiB placed',
+      unit: 's/GiB',
+      digits: 2,
+    },
+  },
+  async runOnce(ctx) {
+    const s = sizes(ctx.quick);
+    const image = await ctx.image(s.demandImage);
+    let handler: LocalHandler | undefined;
+    // The handler runs on this (main) thread: its CPU is the main thread's, counted from the
+    // handoff to the end of the touch phase (vm-sim's own main-thread work is idle meanwhile).
+    let cpuStart = 0;
+    let cpuEnd = 0;
+    const mainCpu = (): number => cpuSeconds(process.pid, process.pid);
+    const handoff: HandoffFn = (request, uffdFd, sink) => {
+      cpuStart = mainCpu();
+      handler = startLocalHandler({
+        uffdFd,
+        request,
+        imagePath: image.path,
+        backgroundAfterFaults: Number.MAX_SAFE_INTEGER,
+        onReply: (r) => sink.reply(r),
+      });
+      return { close: () => handler!.close() };
+    };
+    const r = await runVmSimTouches({
+      image: image.path,
+      migrationId: 'local-floor',
+      source: 'ws://127.0.0.1:1',
+      workers: 1,
+      pattern: 'random',
+      touches: s.demandTouches,
+      opsAfterComplete: 0,
+      timeoutMs: RUN_TIMEOUT_MS,
+      handoff,
+      onPhaseEnd: () => (cpuEnd = mainCpu()),
+    });
+    const service = handler!.stats.serviceUs;
+    return {
+      values: {
+        ...latencyValues(r.faultLatencyUs),
+        handlerServiceP50Us: median(service),
+        handlerCpuSecPerGiB: (cpuEnd - cpuStart) / ((r.presentPages * PAGE) / GiB),
+      },
+      ...verdict(r, true),
+    };
+  },
+};
+
+export const SCENARIOS: Scenario[] = [
+  demandIdle,
+  demandUnderLoad,
+  cReference,
+  ...BACKGROUND_IMAGES.map(backgroundScenario),
+  manyVcpus,
+  manyVms,
+  localFloor,
+];
+
+export function fmtBytes(n: number): string {
+  return n >= GiB ? `${+(n / GiB).toFixed(2)} GiB` : `${+(n / MiB).toFixed(1)} MiB`;
+}
