@@ -4,6 +4,7 @@
  */
 import { createServer, type Server } from 'node:http';
 import { once } from 'node:events';
+import { readdirSync } from 'node:fs';
 import { ProtocolError } from '../../protocol/errors.js';
 import {
   startHandoffListener,
@@ -42,6 +43,17 @@ export interface DestDaemon {
 }
 
 const ENDED_KEPT = 256;
+
+/** What a leak would grow: open fds, live libuv resources by kind, resident memory. */
+function processStats(): { fds: number; resources: Record<string, number>; rssBytes: number } {
+  const resources: Record<string, number> = {};
+  for (const kind of process.getActiveResourcesInfo()) resources[kind] = (resources[kind] ?? 0) + 1;
+  return {
+    fds: readdirSync('/proc/self/fd').length,
+    resources,
+    rssBytes: process.memoryUsage.rss(),
+  };
+}
 
 export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaemon> {
   const { log, metrics } = opts;
@@ -109,9 +121,13 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
       } else if (url === '/healthz') {
         res.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
       } else if (url === '/v1/sessions') {
-        res
-          .writeHead(200, { 'content-type': 'application/json' })
-          .end(JSON.stringify({ active: [...sessions.values()].map((s) => s.stats()), ended }));
+        res.writeHead(200, { 'content-type': 'application/json' }).end(
+          JSON.stringify({
+            active: [...sessions.values()].map((s) => s.stats()),
+            ended,
+            process: processStats(),
+          }),
+        );
       } else {
         res
           .writeHead(404, { 'content-type': 'application/json' })

@@ -681,8 +681,9 @@ export class Session {
     if (this.backgroundTimer) clearTimeout(this.backgroundTimer);
     this.uffdWatch?.stop();
     this.uffdWatch = null;
-    this.demand?.close();
-    this.background?.close();
+    // A failed session tells the source why (VMM_GONE, DAEMON_STOPPING...); it keeps its image.
+    this.demand?.close(this.error?.code, this.error?.message);
+    this.background?.close(this.error?.code, this.error?.message);
     try {
       sys.close(this.uffdFd);
     } catch (err) {

@@ -310,12 +310,18 @@ export class Migration {
   }
 
   private onClosed(channel: SourceChannel, info: ChannelCloseInfo): void {
-    this.log.info('connection closed', {
-      channel: channelName(channel.kind),
-      conn: channel.serial,
-      code: info.code,
-      reason: info.message,
-    });
+    const destFailed = info.message.startsWith('peer: ') && this.stateValue !== 'complete';
+    this.log[destFailed ? 'warn' : 'info'](
+      destFailed
+        ? 'the destination ended the migration; keeping the image (it may be the only full copy of the VM)'
+        : 'connection closed',
+      {
+        channel: channelName(channel.kind),
+        conn: channel.serial,
+        code: info.code,
+        reason: info.message,
+      },
+    );
     this.demand.drop(channel);
     this.background.detach(channel);
     if (this.channels[channel.kind] === channel) delete this.channels[channel.kind];

@@ -4,7 +4,7 @@
  * The rest of the daemon sees PageChannel, never ws.
  */
 import WebSocket from 'ws';
-import { decodeFrame, encodeHello } from '../../protocol/page-codec.js';
+import { decodeFrame, encodeError, encodeHello } from '../../protocol/page-codec.js';
 import { ProtocolError } from '../../protocol/errors.js';
 import {
   Channel,
@@ -241,6 +241,10 @@ class ChannelImpl implements PageChannel {
   close(code = 'CLOSED', message = 'closed by the destination'): void {
     if (!this.open) return;
     this.closeWith({ code, message });
+    // Tell the source why, unless this is an ordinary close.
+    if (code !== 'CLOSED' && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(encodeError(code, message));
+    }
     this.ws.close(1000);
     // A peer that never answers the close handshake must not keep the socket alive.
     setTimeout(() => this.ws.terminate(), 2000).unref();
