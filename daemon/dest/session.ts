@@ -406,7 +406,9 @@ export class Session {
         uffd.wake(this.uffdFd, r.address(page), r.pageSizeBytes);
         break;
       case PageState.DISCARDED:
-        // The guest freed this page: it reads as zeros, never as source data.
+        // The guest freed this page and touches it again: it reads as zeros, never as source
+        // data. (The placer only writes unsettled pages, so it becomes MISSING for the moment.)
+        this.map.mark(r, page, 1, PageState.MISSING);
         this.place(r, page, 1, null, 'demand');
         break;
     }
