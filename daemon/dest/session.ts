@@ -101,6 +101,8 @@ export interface SessionStats {
 
 const EVENT_BATCH = 64; // uffd_msg per read(2)
 const MAX_PLACE_RETRIES = 64;
+/** Longest the background placement yields to outstanding faults, ms. */
+const FAULT_PRIORITY_MS = 2;
 
 export class Session {
   readonly migrationId: string;
@@ -118,6 +120,11 @@ export class Session {
   /** Pages to request at the next flush. */
   private pendingRequests: PageRange[] = [];
   private creditOwed = 0;
+  private readonly backgroundQueue: Array<{ ch: PageChannel; frame: Frame; bytes: number }> = [];
+  private pumpScheduled = false;
+  /** The pump is waiting for awaited faults to be served (see pumpBackground). */
+  private pumpHeld = false;
+  private pumpHoldTimer: NodeJS.Timeout | null = null;
   private readonly windowBytes: number;
   private progressTimer: NodeJS.Timeout | null = null;
   private backgroundTimer: NodeJS.Timeout | null = null;
@@ -447,7 +454,66 @@ export class Session {
 
   // --- frames ---
 
+  /**
+   * Demand frames are handled at once. Background frames wait in a queue placed one frame per
+   * event-loop turn: libuv reads up to 2 MiB from a socket per wakeup, and placing all of it in
+   * one go kept faults (uffd and the demand socket, polled between turns) waiting for
+   * milliseconds. The queue is bounded by the credit window.
+   */
   private onFrame(ch: PageChannel, frame: Frame, bytes: number): void {
+    if (ch.kind === Channel.DEMAND) {
+      this.handleFrame(ch, frame, bytes);
+      return;
+    }
+    this.backgroundQueue.push({ ch, frame, bytes });
+    if (!this.pumpScheduled) {
+      this.pumpScheduled = true;
+      setImmediate(this.pumpBackground);
+    }
+  }
+
+  private readonly pumpBackground = (): void => {
+    this.pumpScheduled = false;
+    if (this.backgroundQueue.length === 0) return;
+    // Faults go first: while a vCPU waits for a page, background placement (a core's worth of
+    // copying on this 2-core machine) would compete with its answer for CPU. Hold off until the
+    // awaited pages are placed, but never longer than FAULT_PRIORITY_MS, so the stream moves.
+    if (this.inflight.size > 0 && !this.pumpHeld) {
+      this.pumpHeld = true;
+      this.pumpHoldTimer = setTimeout(this.releasePump, FAULT_PRIORITY_MS);
+      return;
+    }
+    const next = this.backgroundQueue.shift();
+    if (!next) return;
+    this.handleFrame(next.ch, next.frame, next.bytes);
+    if (this.backgroundQueue.length > 0 && !this.pumpScheduled) {
+      this.pumpScheduled = true;
+      setImmediate(this.pumpBackground);
+    }
+  };
+
+  private readonly releasePump = (): void => {
+    if (this.pumpHoldTimer) clearTimeout(this.pumpHoldTimer);
+    this.pumpHoldTimer = null;
+    this.pumpHeld = false;
+    if (this.backgroundQueue.length > 0 && !this.pumpScheduled) {
+      this.pumpScheduled = true;
+      // Place one frame now, then let the next turn re-check for faults.
+      this.pumpBackgroundNow();
+    }
+  };
+
+  private pumpBackgroundNow(): void {
+    this.pumpScheduled = false;
+    const next = this.backgroundQueue.shift();
+    if (next) this.handleFrame(next.ch, next.frame, next.bytes);
+    if (this.backgroundQueue.length > 0 && !this.pumpScheduled) {
+      this.pumpScheduled = true;
+      setImmediate(this.pumpBackground);
+    }
+  }
+
+  private handleFrame(ch: PageChannel, frame: Frame, bytes: number): void {
     if (this.stateValue !== 'running' && this.stateValue !== 'completing') return;
     const channelName = ch.kind === Channel.DEMAND ? 'demand' : 'background';
     this.deps.metrics.bytesReceived(channelName, bytes);
@@ -467,7 +533,9 @@ export class Session {
                 )
               : null;
           this.place(r, first, count, data, path);
-          if (ch.kind === Channel.BACKGROUND) {
+          // Credit belongs to the connection that used it: a frame left from a lost one is
+          // placed (its checksum held) but grants nothing to the new connection.
+          if (ch.kind === Channel.BACKGROUND && ch.isOpen) {
             this.grantCredit(frame.type === FrameType.DATA ? length : HeaderSize.ZERO);
           }
           break;
@@ -603,6 +671,7 @@ export class Session {
         this.deps.metrics.faultServiceSeconds((now - t0) / 1000);
       }
     }
+    if (this.inflight.size === 0 && this.pumpHeld) this.releasePump();
   }
 
   // --- completion and failure ---
@@ -681,6 +750,8 @@ export class Session {
     this.finishedAt = Date.now();
     if (this.progressTimer) clearInterval(this.progressTimer);
     if (this.backgroundTimer) clearTimeout(this.backgroundTimer);
+    this.backgroundQueue.length = 0;
+    if (this.pumpHoldTimer) clearTimeout(this.pumpHoldTimer);
     this.uffdWatch?.stop();
     this.uffdWatch = null;
     // A failed session tells the source why (VMM_GONE, DAEMON_STOPPING...); it keeps its image.
