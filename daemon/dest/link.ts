@@ -107,31 +107,31 @@ export class Link {
 
   /**
    * A connection counts as restored (backoff and the give-up clock reset) only once it proves
-   * itself: a frame handled without dropping it, or STABLE_MS without a loss. A source that
+   * itself: the owner reports a frame handled well (healthy()), or STABLE_MS pass without a loss. A source that
    * accepts connections and then sends garbage must not keep the link trying forever.
    */
   private adopt(ch: PageChannel, reconnect: boolean): void {
     this.channel = ch;
-    const healthy = (): void => {
-      if (this.channel !== ch) return;
-      this.attempt = 0;
-      this.downSince = 0;
-      if (this.stableTimer) clearTimeout(this.stableTimer);
-      this.stableTimer = null;
-    };
     if (this.stableTimer) clearTimeout(this.stableTimer);
-    this.stableTimer = setTimeout(healthy, STABLE_MS);
+    this.stableTimer = setTimeout(() => this.healthy(ch), STABLE_MS);
     this.stableTimer.unref?.();
     ch.attach(
       (frame, bytes) => {
-        if (this.channel !== ch) return;
-        this.hooks.frame(ch, frame, bytes);
-        if (this.downSince) healthy();
+        if (this.channel === ch) this.hooks.frame(ch, frame, bytes);
       },
       (info) => this.onLost(ch, info),
     );
     // A frame delivered by attach may already have dropped this connection.
     if (this.channel === ch && ch.isOpen) this.hooks.opened(ch, reconnect);
+  }
+
+  /** The owner handled a frame of `ch` successfully: the connection is restored for real. */
+  healthy(ch: PageChannel): void {
+    if (this.channel !== ch || this.downSince === 0) return;
+    this.attempt = 0;
+    this.downSince = 0;
+    if (this.stableTimer) clearTimeout(this.stableTimer);
+    this.stableTimer = null;
   }
 
   private onLost(ch: PageChannel, info: CloseInfo): void {

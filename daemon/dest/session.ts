@@ -533,6 +533,7 @@ export class Session {
                 )
               : null;
           this.place(r, first, count, data, path);
+          (ch.kind === Channel.DEMAND ? this.demand : this.background)?.healthy(ch);
           // Credit belongs to the connection that used it: a frame left from a lost one is
           // placed (its checksum held) but grants nothing to the new connection.
           if (ch.kind === Channel.BACKGROUND && ch.isOpen) {
