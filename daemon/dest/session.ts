@@ -738,11 +738,16 @@ export class Session {
     });
     this.deps.metrics.sessionEnded(code);
     this.deps.metrics.error(code);
-    this.conn.reply({ type: 'error', code, message });
+    // A stopping daemon hangs up without an error: to the VMM that is a lost daemon, and it
+    // hands its uffd (which it kept) to the next one with `resume`. Anything else is final.
+    if (code !== 'DAEMON_STOPPING') this.conn.reply({ type: 'error', code, message });
     this.teardown();
   }
 
-  /** Stops the session (daemon shutdown): the VMM is told, the source is not told complete. */
+  /**
+   * Stops the session (daemon shutdown or restart). The VMM sees the connection close and can
+   * resume with the next daemon; the source is told why and keeps its image.
+   */
   stop(reason = 'the daemon is shutting down'): void {
     this.fail('DAEMON_STOPPING', reason);
   }
