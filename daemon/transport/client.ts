@@ -63,6 +63,17 @@ export function pagesUrl(base: string): string {
   return base.replace(/\/+$/, '') + '/v1/pages';
 }
 
+/** One ws message as a frame, or why it is not one (a text message, an undecodable frame). */
+function decodeMessage(data: Buffer, isBinary: boolean): Frame | { bad: CloseInfo } {
+  if (!isBinary) return { bad: { code: 'FRAME_TEXT', message: 'text message from source' } };
+  try {
+    return decodeFrame(data);
+  } catch (err) {
+    const code = err instanceof ProtocolError ? err.code : 'FRAME_BAD';
+    return { bad: { code, message: (err as Error).message } };
+  }
+}
+
 /** Opens a channel: resolves after a valid WELCOME, rejects with a TransportError otherwise. */
 export function connectPageChannel(opts: ConnectOptions): Promise<PageChannel> {
   return new Promise((resolve, reject) => {
@@ -122,13 +133,9 @@ export function connectPageChannel(opts: ConnectOptions): Promise<PageChannel> {
         channel.deliver(data, isBinary);
         return;
       }
-      let frame: Frame;
-      try {
-        if (!isBinary) throw new ProtocolError('FRAME_TEXT', 'text message from source');
-        frame = decodeFrame(data);
-      } catch (err) {
-        const code = err instanceof ProtocolError ? err.code : 'FRAME_BAD';
-        fail(new TransportError(code, `bad hello answer: ${(err as Error).message}`));
+      const frame = decodeMessage(data, isBinary);
+      if ('bad' in frame) {
+        fail(new TransportError(frame.bad.code, `bad hello answer: ${frame.bad.message}`));
         ws.terminate();
         return;
       }
@@ -206,13 +213,9 @@ class ChannelImpl implements PageChannel {
 
   deliver(data: Buffer, isBinary: boolean): void {
     if (!this.open) return;
-    let frame: Frame;
-    try {
-      if (!isBinary) throw new ProtocolError('FRAME_TEXT', 'text message from source');
-      frame = decodeFrame(data);
-    } catch (err) {
-      const code = err instanceof ProtocolError ? err.code : 'FRAME_BAD';
-      this.closeWith({ code, message: (err as Error).message });
+    const frame = decodeMessage(data, isBinary);
+    if ('bad' in frame) {
+      this.closeWith(frame.bad);
       this.ws.terminate();
       return;
     }
