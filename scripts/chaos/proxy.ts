@@ -352,9 +352,13 @@ export class ChaosProxy {
       this.armed = this.armed.filter((a) => a.filter?.id !== c.id || !a.random);
     });
     this.conns.set(id, conn);
-    upstream.once('connect', () => client.resume());
+    let connected = false;
+    upstream.once('connect', () => {
+      connected = true;
+      client.resume();
+    });
     upstream.once('error', () => {
-      if (upstream.connecting) this.counters.upstreamRefused++;
+      if (!connected) this.counters.upstreamRefused++;
     });
   }
 
@@ -481,7 +485,8 @@ export class ChaosProxy {
       else if (rolls[1]! < pStall) {
         const c = pick(rolls[3]!);
         this.stallConns([c], Math.round(sMin + rolls[4]! * (sMax - sMin)), true);
-      } else if (rolls[2]! < pCorrupt) this.armed.push({ filter: { id: pick(rolls[3]!).id }, random: true });
+      } else if (rolls[2]! < pCorrupt)
+        this.armed.push({ filter: { id: pick(rolls[3]!).id }, random: true });
     }, tickMs);
     this.randomTimer.unref();
   }

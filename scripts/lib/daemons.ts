@@ -71,13 +71,17 @@ function daemon(child: ChildProcess, http: string, logPath: string): Daemon {
   return { child, http, logPath, stop: () => stopChild(child) };
 }
 
-/** `yabusame source` on a free loopback port; `args` adds e.g. --migration specs. */
+/**
+ * `yabusame source` on a free loopback port, or on `opts.port` (a source restarted where its
+ * dests expect it); `args` adds e.g. --migration specs.
+ */
 export async function startSource(
   dir: string,
   args: string[] = [],
   name = 'source',
-): Promise<Daemon & { ws: string }> {
-  const port = await freePort();
+  opts: { port?: number } = {},
+): Promise<Daemon & { ws: string; port: number }> {
+  const port = opts.port ?? (await freePort());
   const logPath = join(dir, `${name}.log`);
   const child = spawnCli(['source', '--listen', `127.0.0.1:${port}`, ...args], logPath);
   const http = `http://127.0.0.1:${port}`;
@@ -87,17 +91,22 @@ export async function startSource(
     await stopChild(child);
     throw err;
   }
-  return { ...daemon(child, http, logPath), ws: `ws://127.0.0.1:${port}` };
+  return { ...daemon(child, http, logPath), ws: `ws://127.0.0.1:${port}`, port };
 }
 
-/** `yabusame dest` with its handoff socket in `dir`. */
+/**
+ * `yabusame dest` with its handoff socket in `dir` (`<dir>/<name>.sock`) and its log in
+ * `<dir>/<name>.log`. `opts.socket` and `opts.port` restart a dest where its VMMs and clients
+ * expect it (same socket path, same metrics port) under a new name, so each life keeps its log.
+ */
 export async function startDest(
   dir: string,
   args: string[] = [],
   name = 'dest',
-): Promise<Daemon & { socket: string }> {
-  const port = await freePort();
-  const socket = join(dir, `${name}.sock`);
+  opts: { port?: number; socket?: string } = {},
+): Promise<Daemon & { socket: string; port: number }> {
+  const port = opts.port ?? (await freePort());
+  const socket = opts.socket ?? join(dir, `${name}.sock`);
   const logPath = join(dir, `${name}.log`);
   const child = spawnCli(
     ['dest', '--socket', socket, '--metrics-listen', `127.0.0.1:${port}`, ...args],
@@ -110,7 +119,7 @@ export async function startDest(
     await stopChild(child);
     throw err;
   }
-  return { ...daemon(child, http, logPath), socket };
+  return { ...daemon(child, http, logPath), socket, port };
 }
 
 /** Registers a migration on a running source through its control API. */
