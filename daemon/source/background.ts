@@ -32,6 +32,8 @@ export interface BackgroundHooks {
 }
 
 const MAX_ZERO_RUN_BYTES = 0xffffffff;
+/** Frames one event-loop turn may send (bounds the turn when runs are short). */
+const MAX_FRAMES_PER_TURN = 64;
 
 const isSkip = (cls: number): boolean => cls === PageClass.HOLE || cls === PageClass.ZERO;
 
@@ -116,6 +118,11 @@ export class BackgroundStreamer {
     });
   }
 
+  /**
+   * One event-loop turn of streaming: spans until about one frame's worth of page data was read
+   * (zero runs and holes are nearly free, so a turn may cover many of them), all written with
+   * the socket corked (one writev instead of one per frame: each loopback send costs a wakeup).
+   */
   private step(): void {
     const ch = this.channel;
     if (!this.running || this.awaitingHave || !ch || !ch.isOpen) return;
@@ -127,13 +134,25 @@ export class BackgroundStreamer {
       });
       return;
     }
+    let more = true;
+    ch.batch(() => {
+      const budget = { bytes: this.opts.frameBytes, frames: MAX_FRAMES_PER_TURN };
+      while (more && budget.bytes > 0 && budget.frames > 0 && ch.isOpen) {
+        more = this.span(ch, budget);
+      }
+    });
+    if (more) this.kick();
+  }
+
+  /** Sends one span of pages; false when there is nothing to send now (done, or no credit). */
+  private span(ch: SourceChannel, budget: { bytes: number; frames: number }): boolean {
     const page = this.sent.nextUnsent(this.cursor);
     if (page < 0) {
       if (!this.doneSent) {
         this.doneSent = true;
         this.progress(ch, ProgressFlag.DONE);
       }
-      return;
+      return false;
     }
     const image = this.image;
     const r = image.regions[image.regionIndexOfPage(page)]!;
@@ -148,7 +167,7 @@ export class BackgroundStreamer {
         ? Math.floor(MAX_ZERO_RUN_BYTES / size)
         : 0
       : Math.floor(Math.min(Math.max(this.opts.frameBytes, size), this.creditBytes) / size);
-    if (maxPages === 0) return; // wait for CREDIT
+    if (maxPages === 0) return false; // wait for CREDIT
     let end = page + 1;
     while (
       end < regionEnd &&
@@ -173,7 +192,7 @@ export class BackgroundStreamer {
       const code = (err as { code?: unknown }).code;
       this.hooks.failed(typeof code === 'string' ? code : 'IMAGE_IO');
       ch.fail('IMAGE_IO', (err as Error).message);
-      return;
+      return false;
     }
     this.sent.mark(page, end - page, size);
     this.cursor = end >= image.totalPages ? 0 : end;
@@ -181,7 +200,9 @@ export class BackgroundStreamer {
     this.hooks.sent(stats);
     const now = Date.now();
     if (now - this.lastProgressMs >= this.opts.progressIntervalMs) this.progress(ch, 0);
-    this.kick();
+    budget.bytes -= stats.dataPages * size;
+    budget.frames -= stats.zeroFrames + (stats.dataPages > 0 ? 1 : 0);
+    return true;
   }
 
   private progress(ch: SourceChannel, flags: number): void {

@@ -29,6 +29,8 @@ export interface SourceChannel {
    * modify `frame` until `onWritten` ran: it runs once the bytes are in the kernel.
    */
   send(frame: Uint8Array, onWritten?: () => void): boolean;
+  /** Runs `fn`, whose sends leave in one socket write (the socket is corked meanwhile). */
+  batch(fn: () => void): void;
   /** Calls `fn` once, as soon as bufferedBytes <= `bytes` (at once if it already is). */
   whenBufferedBelow(bytes: number, fn: () => void): void;
   /** Frames from the peer, in order, legal for this channel kind. Set by the owner. */
@@ -103,6 +105,17 @@ export class WsSourceChannel implements SourceChannel {
     if (ready.length === 0) return;
     this.waiters = this.waiters.filter((w) => this.buffered > w.bytes);
     for (const w of ready) w.fn();
+  }
+
+  batch(fn: () => void): void {
+    // ws keeps its socket to itself; it corks and uncorks per message, which nests inside ours.
+    const socket = (this.ws as unknown as { _socket?: { cork(): void; uncork(): void } })._socket;
+    socket?.cork();
+    try {
+      fn();
+    } finally {
+      socket?.uncork();
+    }
   }
 
   whenBufferedBelow(bytes: number, fn: () => void): void {
