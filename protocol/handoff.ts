@@ -54,9 +54,16 @@ export const HandoffReply = z.discriminatedUnion('type', [
   z.strictObject({
     type: z.literal('complete'),
     totalPages: safeInt,
+    /** Data pages this daemon placed answering faults. */
     demandPages: safeInt,
+    /** Data pages this daemon placed from the background stream. */
     backgroundPages: safeInt,
+    /** Zero pages this daemon installed (zero runs and holes, from either channel). */
     zeroPages: safeInt,
+    /** Pages found already present (placed before a resume, or by a racing delivery). */
+    existedPages: safeInt,
+    /** Pages the guest discarded (UFFD_EVENT_REMOVE) that never needed data. */
+    discardedPages: safeInt,
   }),
   z.strictObject({ type: z.literal('error'), code: z.string(), message: z.string() }),
 ]);

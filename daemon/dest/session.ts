@@ -705,12 +705,18 @@ export class Session {
     for (const r of this.map.regions) uffd.unregister(this.uffdFd, r.base, r.sizeBytes);
     this.stateValue = 'done';
     const s = this.stats();
+    let discarded = 0;
+    for (const r of this.map.regions) {
+      for (let p = 0; p < r.pages; p++) if (r.state[p] === PageState.DISCARDED) discarded++;
+    }
     this.conn.reply({
       type: 'complete',
       totalPages: s.totalPages,
       demandPages: s.demandPages,
       backgroundPages: s.backgroundPages,
       zeroPages: s.zeroPages,
+      existedPages: s.existed,
+      discardedPages: discarded,
     });
     this.log.info('migration complete', { ...s, sourceAcked: acked, sourceDone: this.sourceDone });
     this.deps.metrics.sessionEnded('complete');

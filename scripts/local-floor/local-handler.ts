@@ -130,6 +130,8 @@ export function startLocalHandler(o: LocalHandlerOptions): LocalHandler {
         demandPages: stats.demandPages,
         backgroundPages: stats.backgroundPages,
         zeroPages: stats.zeroPages,
+        existedPages: 0,
+        discardedPages: 0,
       });
       background.stop = true;
     }

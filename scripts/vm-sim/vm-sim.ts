@@ -9,6 +9,11 @@
  * 4. after `complete`, stops the workload and verifies every page byte for byte: a page the
  *    workload wrote holds its last stamp over the image page; every other page equals the image.
  *
+ * With `resumeOnDaemonDeath` (CLI --resume-timeout) a daemon that dies before `complete` is not
+ * a failure: vm-sim keeps its uffd, so the workers stay blocked on their faults, reconnects to
+ * the same socket with exponential backoff and hands the uffd over again with `"resume": true`
+ * (protocol/README.md, Resuming); `resumes` in the result counts the daemons that took over.
+ *
  * The main thread never touches guest RAM before `complete` (a fault there would block the event
  * loop that reads the daemon's replies). After `complete` it checks residency with mincore, then
  * unregisters the RAM so that a page the daemon never placed reads as zeros instead of hanging.
@@ -19,7 +24,7 @@
  *
  * CLI: node dist/scripts/vm-sim/vm-sim.js --size 256M --image /path --source ws://127.0.0.1:7070 \
  *        --socket /run/yabusame/dest.sock --id vm1 [--workers 4] [--pattern mixed] [--touches N]
- *        [--json]
+ *        [--resume-timeout MS] [--json]
  * exit 0: every page verified; 1: mismatch; 2: usage, handoff or migration error.
  */
 import * as fs from 'node:fs';
@@ -128,6 +133,15 @@ export interface VmSimOptions {
   onPhaseEnd?: (why: 'complete' | 'touched') => void;
   /** Aborting fails the run with VMSIM_ABORTED (the reason in the message), like a timeout. */
   signal?: AbortSignal;
+  /**
+   * Survive the daemon's death: when the handoff connection closes or errors before `complete`,
+   * keep the uffd and the workers (blocked on their faults, never reading zeros), reconnect with
+   * exponential backoff and hand the same regions and fd over again with `"resume": true`.
+   * Fails with VMSIM_RESUME_TIMEOUT when no daemon acks a resumed handoff within `timeoutMs` of
+   * the loss. An `error` reply is never resumed. Without it, a lost connection fails the run
+   * (VMSIM_CLOSED).
+   */
+  resumeOnDaemonDeath?: { timeoutMs: number };
 }
 
 export interface Mismatch {
@@ -169,6 +183,8 @@ export interface VmSimResult {
   startedAtMs: number;
   /** With `touches`: workload start (ack) → the last worker ended its touch phase, ms. */
   touchPhaseMs?: number;
+  /** Resumed handoffs a restarted daemon acked (resumeOnDaemonDeath); 0 without a daemon death. */
+  resumes: number;
   workload: {
     ops: number;
     reads: number;
@@ -201,6 +217,28 @@ const DEFAULTS = {
   latencyCapacity: 1 << 17,
 };
 
+/** Connect/send failures that mean "no daemon listening yet" while one restarts. */
+const RESUME_RETRY_CODES = new Set([
+  'ECONNREFUSED',
+  'ENOENT',
+  'ECONNRESET',
+  'EPIPE',
+  'EAGAIN',
+  'ENOTCONN',
+]);
+const RESUME_BACKOFF_FIRST_MS = 10;
+const RESUME_BACKOFF_MAX_MS = 500;
+
+/** Whether a handoff that failed to connect may be retried while waiting for a restarted daemon. */
+function isRetryableHandoffError(err: unknown): boolean {
+  for (let e: unknown = err, depth = 0; e && depth < 4; depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === 'string' && RESUME_RETRY_CODES.has(code)) return true;
+    e = (e as { cause?: unknown }).cause;
+  }
+  return false;
+}
+
 /** The default handoff: `yabusame dest` on a UNIX socket. */
 export function socketHandoff(path: string): HandoffFn {
   return (request, uffdFd, sink) =>
@@ -209,7 +247,11 @@ export function socketHandoff(path: string): HandoffFn {
       let connected = false;
       socket.once('error', (err) => {
         if (!connected) {
-          reject(new VmSimError('VMSIM_HANDOFF_FAILED', `connect ${path}: ${err.message}`));
+          reject(
+            new VmSimError('VMSIM_HANDOFF_FAILED', `connect ${path}: ${err.message}`, {
+              cause: err,
+            }),
+          );
         } else sink.closed(err);
       });
       socket.once('connect', () => {
@@ -314,6 +356,9 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
     throw new VmSimError('VMSIM_USAGE', 'workers must be a non-negative integer');
   if (o.touches !== undefined && !(o.touches >= 0 && Number.isSafeInteger(o.touches)))
     throw new VmSimError('VMSIM_USAGE', 'touches must be a non-negative integer');
+  if (o.resumeOnDaemonDeath && !(o.resumeOnDaemonDeath.timeoutMs >= 0)) {
+    throw new VmSimError('VMSIM_USAGE', 'resumeOnDaemonDeath.timeoutMs must be >= 0');
+  }
   const handoff = o.handoff ?? (o.destSocket ? socketHandoff(o.destSocket) : undefined);
   if (!handoff) throw new VmSimError('VMSIM_USAGE', 'destSocket or handoff is required');
   const totalPages = sizeBytes / P;
@@ -332,6 +377,9 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
   let session: HandoffSession | undefined;
   let timer: NodeJS.Timeout | undefined;
   let abortCleanup = (): void => undefined;
+  let stopBackoff = (): void => undefined;
+  /** The running resume loop (it never rejects): the uffd stays open until it has stopped. */
+  let resuming: Promise<void> | undefined;
 
   const release = (): void => {
     // Unregistering wakes every thread blocked on a fault; they then see ordinary anonymous
@@ -450,13 +498,21 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
         settle.resolve();
       };
     }
-    const sink: HandoffSink = {
+    // Every handoff attempt gets its own sink; events from a superseded attempt (a dead
+    // daemon's connection) are ignored. `acked`: the current attempt's daemon acked.
+    let attempt = 0;
+    let acked = false;
+    let resumes = 0;
+    /** When the connection was lost with no ack since (the resume deadline runs from there). */
+    let lostAt: number | undefined;
+    let backoffTimer: NodeJS.Timeout | undefined;
+    let backoffWake = (): void => undefined;
+    const makeSink = (serial: number): HandoffSink => ({
       reply(r) {
-        if (ended()) return;
+        if (ended() || serial !== attempt) return;
         switch (r.type) {
           case 'ack':
-            if (state !== 'handoff')
-              return failWith(new VmSimError('VMSIM_PROTOCOL', 'a second ack'));
+            if (acked) return failWith(new VmSimError('VMSIM_PROTOCOL', 'a second ack'));
             if (r.totalPages !== totalPages) {
               return failWith(
                 new VmSimError(
@@ -465,19 +521,21 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
                 ),
               );
             }
+            acked = true;
+            lostAt = undefined;
+            if (serial > 1) resumes++; // a restarted daemon took the resumed handoff
+            if (state === 'running') return; // the workers never stopped
             state = 'running';
             goAt = performance.now();
             Atomics.store(control, CONTROL_GO, 1);
             Atomics.notify(control, CONTROL_GO);
             return;
           case 'progress':
-            if (state !== 'running')
-              return failWith(new VmSimError('VMSIM_PROTOCOL', 'progress before ack'));
+            if (!acked) return failWith(new VmSimError('VMSIM_PROTOCOL', 'progress before ack'));
             o.onProgress?.({ presentPages: r.presentPages, totalPages: r.totalPages });
             return;
           case 'complete':
-            if (state !== 'running')
-              return failWith(new VmSimError('VMSIM_PROTOCOL', 'complete before ack'));
+            if (!acked) return failWith(new VmSimError('VMSIM_PROTOCOL', 'complete before ack'));
             state = 'complete';
             report = r;
             o.onPhaseEnd?.('complete');
@@ -489,14 +547,65 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
         }
       },
       closed(err) {
-        failWith(
-          new VmSimError(
-            'VMSIM_CLOSED',
-            `the daemon closed the handoff connection before complete${err ? `: ${err.message}` : ''}`,
-            { cause: err },
-          ),
-        );
+        if (ended() || serial !== attempt) return;
+        const why = `the daemon closed the handoff connection before complete${err ? `: ${err.message}` : ''}`;
+        if (!o.resumeOnDaemonDeath) {
+          return failWith(new VmSimError('VMSIM_CLOSED', why, { cause: err }));
+        }
+        resuming = resume(why);
       },
+    });
+
+    /**
+     * The daemon is gone: keep the uffd (faulting threads stay blocked in the kernel) and hand it
+     * over again, with `resume: true`, to whichever daemon listens next on the same path.
+     */
+    const resume = async (why: string): Promise<void> => {
+      const serial = ++attempt;
+      acked = false;
+      lostAt ??= performance.now();
+      const limitMs = o.resumeOnDaemonDeath!.timeoutMs;
+      const deadline = lostAt + limitMs;
+      const old = session;
+      session = undefined;
+      old?.close();
+      let last: string;
+      for (let delayMs = RESUME_BACKOFF_FIRST_MS; ;) {
+        if (ended() || serial !== attempt) return;
+        try {
+          const s = await handoff({ ...request, resume: true }, uffdFd, makeSink(serial));
+          if (ended() || serial !== attempt) s.close();
+          else session = s;
+          return;
+        } catch (err) {
+          if (!isRetryableHandoffError(err)) {
+            return failWith(
+              err instanceof Error ? err : new VmSimError('VMSIM_HANDOFF_FAILED', String(err)),
+            );
+          }
+          last = (err as Error).message;
+        }
+        const leftMs = deadline - performance.now();
+        if (leftMs <= 0) {
+          return failWith(
+            new VmSimError(
+              'VMSIM_RESUME_TIMEOUT',
+              `no daemon took the resumed handoff within ${limitMs} ms (${why}); last: ${last}`,
+            ),
+          );
+        }
+        await new Promise<void>((r) => {
+          backoffWake = r;
+          backoffTimer = setTimeout(r, Math.min(delayMs, leftMs));
+        });
+        backoffTimer = undefined;
+        delayMs = Math.min(delayMs * 2, RESUME_BACKOFF_MAX_MS);
+      }
+    };
+    stopBackoff = () => {
+      if (backoffTimer) clearTimeout(backoffTimer);
+      backoffTimer = undefined;
+      backoffWake();
     };
     workerFailed.catch(failWith);
     if (o.timeoutMs && o.timeoutMs > 0) {
@@ -521,7 +630,10 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
     };
     const started = performance.now();
     const startedAtMs = Date.now();
-    session = await handoff(request, uffdFd, sink);
+    const first = await handoff(request, uffdFd, makeSink(++attempt));
+    // A connection lost before this line already started a resume, which owns the session.
+    if (attempt === 1) session = first;
+    else first.close();
     await finished;
     const elapsedMs = performance.now() - started;
     if (timer) clearTimeout(timer);
@@ -577,6 +689,7 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
       presentPages: totalPages - missingPages,
       startedAtMs,
       ...(touchPhaseMs === undefined ? {} : { touchPhaseMs }),
+      resumes,
       workload: {
         ops: sum('ops'),
         reads: sum('reads'),
@@ -590,6 +703,9 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
   } finally {
     if (timer) clearTimeout(timer);
     abortCleanup();
+    stopBackoff();
+    // A handoff still connecting would send the uffd's number after we close it.
+    await resuming;
     if (uffdFd >= 0) release();
     await stopWorkers();
     session?.close();
@@ -696,6 +812,9 @@ worker threads while pages arrive, then verifies every page against the image.
   --ops-after-complete <n>  operations per worker after complete (default 1000)
   --seed <n>         workload seed (default 1)
   --timeout <s>      fail if not complete after this many seconds (default: none)
+  --resume-timeout <ms>  survive the daemon's death: if the handoff connection is lost before
+                     complete, hand the uffd over again (resume) to the daemon restarted on the
+                     same socket, waiting up to this long for it (default: a loss fails the run)
   --json             print the result as JSON on stdout
   -h, --help         this text
 
@@ -720,6 +839,7 @@ async function main(argv: string[]): Promise<number> {
         'ops-after-complete': { type: 'string' },
         seed: { type: 'string' },
         timeout: { type: 'string' },
+        'resume-timeout': { type: 'string' },
         json: { type: 'boolean', default: false },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -756,6 +876,10 @@ async function main(argv: string[]): Promise<number> {
       opsAfterComplete: num(args['ops-after-complete']),
       seed: num(args.seed),
       timeoutMs: args.timeout ? Number(args.timeout) * 1000 : undefined,
+      resumeOnDaemonDeath:
+        args['resume-timeout'] === undefined
+          ? undefined
+          : { timeoutMs: Number(args['resume-timeout']) },
       onProgress: ({ presentPages, totalPages }) => {
         const pct = Math.floor((100 * presentPages) / totalPages);
         if (pct === lastPct) return;

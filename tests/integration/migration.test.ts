@@ -55,10 +55,11 @@ function assertVerified(t: Test, r: VmSimResult): void {
   t.equal(r.pagesVerified, r.totalPages, `all ${r.totalPages} pages verified byte for byte`);
   const d = r.daemonReport;
   t.equal(
-    d.demandPages + d.backgroundPages + d.zeroPages,
+    d.demandPages + d.backgroundPages + d.zeroPages + d.existedPages + d.discardedPages,
     r.totalPages,
-    'the dest placed every page once',
+    'the dest accounted for every page once',
   );
+  t.equal(d.existedPages + d.discardedPages, 0, 'a plain migration places every page itself');
 }
 
 async function migrate(

@@ -119,6 +119,8 @@ t.test('a daemon that claims complete without placing pages cannot hang the orac
         demandPages: 0,
         backgroundPages: totalPages,
         zeroPages: 0,
+        existedPages: 0,
+        discardedPages: 0,
       });
     });
     return { close: () => undefined };

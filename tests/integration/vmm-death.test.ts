@@ -49,10 +49,20 @@ interface Snapshot {
 async function snapshot(): Promise<Snapshot> {
   return (await (await fetch(`${dest.http}/v1/sessions`)).json()) as Snapshot;
 }
+/**
+ * Waits until every session ended and the dest's fds and resources hold still: closing ws
+ * connections keep a socket and a 2 s terminate timer each until the close handshake ends.
+ */
 async function waitIdle(endedAtLeast: number): Promise<Snapshot> {
-  for (let delayMs = 5; ; delayMs = Math.min(delayMs * 2, 100)) {
+  let prev = '';
+  const deadline = Date.now() + 15_000;
+  for (let delayMs = 5; ; delayMs = Math.min(delayMs * 2, 200)) {
     const s = await snapshot();
-    if (s.active.length === 0 && s.ended.length >= endedAtLeast) return s;
+    const key = JSON.stringify([s.process.fds, s.process.resources]);
+    const idle = s.active.length === 0 && s.ended.length >= endedAtLeast;
+    if (idle && key === prev && !s.process.resources['Timeout']) return s;
+    if (Date.now() > deadline) return s;
+    prev = idle ? key : '';
     await new Promise((r) => setTimeout(r, delayMs));
   }
 }

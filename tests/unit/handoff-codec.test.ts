@@ -386,6 +386,8 @@ t.test('reply lines round trip and are checked', async (t) => {
       demandPages: 812,
       backgroundPages: 200000,
       zeroPages: 62356,
+      existedPages: 0,
+      discardedPages: 0,
     },
     { type: 'error', code: 'SOURCE_UNREACHABLE', message: 'connect ECONNREFUSED 10.0.0.5:7070' },
   ];
@@ -421,7 +423,13 @@ t.test('the JSON examples in protocol/README.md are valid', async (t) => {
   const complete = decodeReply(replies[2]!);
   if (complete.type === 'complete') {
     t.equal(complete.totalPages, pages, 'totalPages = sum of sizeBytes / pageSizeBytes');
-    t.equal(complete.demandPages + complete.backgroundPages, pages, 'demand + background = total');
+    const counted =
+      complete.demandPages +
+      complete.backgroundPages +
+      complete.zeroPages +
+      complete.existedPages +
+      complete.discardedPages;
+    t.equal(counted, pages, 'demand + background + zero + existed + discarded = total');
   }
   const ack = decodeReply(replies[0]!);
   if (ack.type === 'ack') t.equal(ack.totalPages, pages, 'ack totalPages');
