@@ -19,8 +19,8 @@ A migration under a vm-sim workload with a fault-injecting proxy between dest an
   --workers N       workload threads (default 2)
   --no-baseline     skip the clean reference run (no time-lost figure)
   --no-kill-source  never kill the source
-  --kill-dest       also kill the dest (SIGKILL) and restart it; vm-sim hands its uffd over
-                    again (resumeOnDaemonDeath). Off by default.
+  --no-kill-dest    never kill the dest (by default it is killed with SIGKILL and restarted;
+                    vm-sim hands its uffd over again with resume)
   --cut-rate R, --stall-rate R, --corrupt-rate R, --kill-rate R
                     expected faults per second of each kind (defaults 0.5, 0.3, 1, 0.15)
   --small           allow sizes below 512M (quick runs)
@@ -51,7 +51,7 @@ export function parseChaosArgs(argv: string[]): (ChaosOptions & { json: boolean 
         workers: { type: 'string', default: '2' },
         'no-baseline': { type: 'boolean', default: false },
         'no-kill-source': { type: 'boolean', default: false },
-        'kill-dest': { type: 'boolean', default: false },
+        'no-kill-dest': { type: 'boolean', default: false },
         'cut-rate': { type: 'string' },
         'stall-rate': { type: 'string' },
         'corrupt-rate': { type: 'string' },
@@ -97,7 +97,7 @@ export function parseChaosArgs(argv: string[]): (ChaosOptions & { json: boolean 
     workers,
     baseline: !values['no-baseline'],
     killSource: !values['no-kill-source'],
-    killDest: values['kill-dest'],
+    killDest: !values['no-kill-dest'],
     rates,
     keep: values.keep,
     json: values.json,

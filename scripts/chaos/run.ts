@@ -8,7 +8,7 @@
  * even when the migration is quick. Random faults stop after `durationMs` or at completion.
  *
  * Killing the dest needs a VMM that hands its uffd over again to a restarted daemon: vm-sim's
- * `resumeOnDaemonDeath`. `killDest` turns that on (off by default).
+ * `resumeOnDaemonDeath`, which `killDest` turns on (the default).
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { once } from 'node:events';
@@ -109,7 +109,7 @@ export async function runChaos(opts: ChaosOptions): Promise<ChaosResult> {
   const log = opts.log ?? ((): void => undefined);
   const rates = { ...DEFAULT_RATES, ...opts.rates };
   const killSource = opts.killSource ?? true;
-  const killDest = opts.killDest ?? false;
+  const killDest = opts.killDest ?? true;
   const rand = prng(opts.seed ^ 0x5eed);
   const dir = opts.dir ?? mkdtempSync('/dev/shm/yabusame-chaos-');
   const image = join(dir, 'vm.ram');

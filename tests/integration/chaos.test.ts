@@ -24,6 +24,11 @@ t.test('64 MiB through the chaos proxy, with a source restart', async (t) => {
   t.ok(r.faults.corrupt >= 1, `bit flips: ${r.faults.corrupt}`);
   t.ok(r.faults.sourceKill >= 1, `source kills: ${r.faults.sourceKill}`);
   t.equal(r.sourceRestarts, r.faults.sourceKill, 'every killed source came back');
+  t.ok(r.faults.destKill >= 1, `dest kills: ${r.faults.destKill}`);
+  t.ok(
+    r.destResumes >= r.faults.destKill,
+    `vm-sim resumed with each restarted dest (${r.destResumes})`,
+  );
   t.ok(r.reconnects >= 1, `the dest reconnected ${r.reconnects} times`);
   t.equal(r.sourceState, 'complete', 'the source released the image after COMPLETE');
 });
