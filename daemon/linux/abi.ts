@@ -119,6 +119,10 @@ export const SOCK_CLOEXEC = 0o2000000;
 export const SOCK_NONBLOCK = 0o4000;
 export const SOCK_DGRAM = 2;
 export const SOL_SOCKET = 1;
+/** offsetof(struct sockaddr_un, sun_path): sa_family_t is a u16. */
+export const SUN_PATH_OFFSET = 2;
+/** sizeof(sun_path): the longest name, NUL included for path names. */
+export const SUN_PATH_MAX = 108;
 export const SO_PEERCRED = 17;
 export const SCM_RIGHTS = 1;
 export const MSG_DONTWAIT = 0x40;

@@ -9,7 +9,7 @@
  * double) passed as uintptr_t.
  */
 import koffi from 'koffi';
-import { SyscallError } from './errors.js';
+import { ERRNO, SyscallError } from './errors.js';
 import * as abi from './abi.js';
 
 const libc = koffi.load('libc.so.6');
@@ -90,6 +90,10 @@ const c = {
   getpid: libc.func('int getpid()'),
   mallopt: libc.func('int mallopt(int param, int value)'),
   bind: libc.func('int bind(int fd, const void *addr, uint32_t len)'),
+  sendto: libc.func(
+    'long sendto(int fd, const void *buf, size_t len, int flags, const void *addr, uint32_t addrlen)',
+  ),
+  recv: libc.func('long recv(int fd, _Out_ void *buf, size_t len, int flags)'),
   connect: libc.func('int connect(int fd, const void *addr, uint32_t len)'),
   listen: libc.func('int listen(int fd, int backlog)'),
   accept4: libc.func('int accept4(int fd, void *addr, void *len, int flags)'),
@@ -253,26 +257,35 @@ export function socketpair(): [number, number] {
   return [sv[0]!, sv[1]!];
 }
 
-/** sendmsg with `data` and, when given, file descriptors as one SCM_RIGHTS message. */
-export function sendWithFds(fd: number, data: Buffer, fds: readonly number[]): number {
-  let control: Buffer | null = null;
-  if (fds.length > 0) {
-    control = Buffer.alloc(abi.CMSG_SPACE(4 * fds.length));
-    control.writeBigUInt64LE(BigInt(abi.CMSG_LEN(4 * fds.length)), 0);
-    control.writeInt32LE(abi.SOL_SOCKET, 8);
-    control.writeInt32LE(abi.SCM_RIGHTS, 12);
-    fds.forEach((f, i) => control!.writeInt32LE(f, abi.SIZEOF_cmsghdr + 4 * i));
-  }
+/** A control buffer carrying `fds` as one SCM_RIGHTS message, or null for none. */
+function rightsControl(fds: readonly number[]): Buffer | null {
+  if (fds.length === 0) return null;
+  const control = Buffer.alloc(abi.CMSG_SPACE(4 * fds.length));
+  control.writeBigUInt64LE(BigInt(abi.CMSG_LEN(4 * fds.length)), 0);
+  control.writeInt32LE(abi.SOL_SOCKET, 8);
+  control.writeInt32LE(abi.SCM_RIGHTS, 12);
+  fds.forEach((f, i) => control.writeInt32LE(f, abi.SIZEOF_cmsghdr + 4 * i));
+  return control;
+}
+
+/**
+ * sendmsg with `data` and, when given, file descriptors as one SCM_RIGHTS message; `to` names
+ * the destination of a datagram socket (sd_notify's FDSTORE=1), absent on a connected socket.
+ * The receiver gets duplicates; ours stay open.
+ */
+export function sendWithFds(fd: number, data: Buffer, fds: readonly number[], to?: string): number {
+  const control = rightsControl(fds);
+  const name = to === undefined ? null : sockaddrUn(to);
   const msg = {
-    msg_name: null,
-    msg_namelen: 0,
+    msg_name: name?.addr ?? null,
+    msg_namelen: name?.len ?? 0,
     msg_iov: [{ iov_base: data, iov_len: data.length }],
     msg_iovlen: 1,
     msg_control: control,
     msg_controllen: control ? control.length : 0,
     msg_flags: 0,
   };
-  return check('sendmsg', Number(c.sendmsg(fd, msg, abi.MSG_NOSIGNAL)));
+  return check('sendmsg', Number(c.sendmsg(fd, msg, abi.MSG_NOSIGNAL)), to);
 }
 
 export interface Received {
@@ -337,22 +350,31 @@ export function peerCred(fd: number): PeerCred {
   return out;
 }
 
-/** struct sockaddr_un for a filesystem path, or an abstract name when `path` starts with '@'. */
-export function sockaddrUn(path: string): Buffer {
-  const name = Buffer.from(path.startsWith('@') ? '\0' + path.slice(1) : path, 'utf8');
-  if (name.length > 107) throw new RangeError(`UNIX socket path too long: ${path}`);
-  const addr = Buffer.alloc(2 + name.length + (path.startsWith('@') ? 0 : 1));
+/**
+ * struct sockaddr_un for `name`, and the address length to pass with it. `@name` is a Linux
+ * abstract name (unix(7)): a leading NUL, and the length covers exactly the name bytes, as
+ * sd_notify does. A path name gets its NUL counted in.
+ */
+export function sockaddrUn(name: string): { addr: Buffer; len: number } {
+  const abstract = name.startsWith('@');
+  const bytes = Buffer.from(abstract ? name.slice(1) : name, 'utf8');
+  const nameLen = abstract ? 1 + bytes.length : bytes.length + 1;
+  if (bytes.length === 0) throw new SyscallError('sockaddr_un', ERRNO.EINVAL, 'empty name');
+  if (nameLen > abi.SUN_PATH_MAX) {
+    throw new SyscallError('sockaddr_un', ERRNO.ENAMETOOLONG, `name is ${nameLen} bytes`);
+  }
+  const addr = Buffer.alloc(abi.SUN_PATH_OFFSET + abi.SUN_PATH_MAX);
   addr.writeUInt16LE(abi.AF_UNIX, 0);
-  name.copy(addr, 2);
-  return addr;
+  bytes.copy(addr, abi.SUN_PATH_OFFSET + (abstract ? 1 : 0)); // abstract: sun_path[0] stays NUL
+  return { addr, len: abi.SUN_PATH_OFFSET + nameLen };
 }
 
 /** A non-blocking listening AF_UNIX stream socket bound to `path`. */
 export function listenUnix(path: string, backlog = 64): number {
   const fd = socket(abi.AF_UNIX, abi.SOCK_STREAM | abi.SOCK_NONBLOCK);
   try {
-    const addr = sockaddrUn(path);
-    check('bind', c.bind(fd, addr, addr.length) as number, path);
+    const { addr, len } = sockaddrUn(path);
+    check('bind', c.bind(fd, addr, len) as number, path);
     check('listen', c.listen(fd, backlog) as number);
     return fd;
   } catch (err) {
@@ -364,8 +386,8 @@ export function listenUnix(path: string, backlog = 64): number {
 /** A blocking AF_UNIX stream socket connected to `path`. */
 export function connectUnix(path: string): number {
   const fd = socket(abi.AF_UNIX, abi.SOCK_STREAM);
-  const addr = sockaddrUn(path);
-  if ((c.connect(fd, addr, addr.length) as number) < 0) {
+  const { addr, len } = sockaddrUn(path);
+  if ((c.connect(fd, addr, len) as number) < 0) {
     const err = new SyscallError('connect', koffi.errno(), path);
     c.close(fd);
     throw err;
@@ -382,6 +404,32 @@ export function tryAccept(fd: number): number {
 /** send(2) without SIGPIPE; returns bytes sent or a negative errno. */
 export function trySend(fd: number, buf: Buffer, flags = 0): number {
   const rc = Number(c.send(fd, buf, buf.length, flags | abi.MSG_NOSIGNAL));
+  return rc < 0 ? negErrno() : rc;
+}
+
+/** socket(AF_UNIX, SOCK_DGRAM): what sd_notify(3) needs (node's dgram speaks only UDP). */
+export function socketUnixDgram(nonBlocking = false): number {
+  return socket(abi.AF_UNIX, abi.SOCK_DGRAM | (nonBlocking ? abi.SOCK_NONBLOCK : 0));
+}
+
+export function bindUnix(fd: number, name: string): void {
+  const { addr, len } = sockaddrUn(name);
+  check('bind', c.bind(fd, addr, len) as number, name);
+}
+
+/** sendto(2) one datagram to the socket named `name`; returns the bytes sent. */
+export function sendto(fd: number, data: Buffer, name: string): number {
+  const { addr, len } = sockaddrUn(name);
+  return check(
+    'sendto',
+    Number(c.sendto(fd, data, data.length, abi.MSG_NOSIGNAL, addr, len)),
+    name,
+  );
+}
+
+/** recv(2) one datagram into `buf`; returns its length, or a negative errno (EAGAIN). */
+export function tryRecv(fd: number, buf: Buffer, flags = 0): number {
+  const rc = Number(c.recv(fd, buf, buf.length, flags));
   return rc < 0 ? negErrno() : rc;
 }
 

@@ -8,7 +8,7 @@
  * so the daemons call these unconditionally. A send that fails throws: the caller decides
  * whether a lost READY=1 (systemd will time the start out) is worth a log line or an exit.
  */
-import * as dgram from '../linux/unix-dgram.js';
+import * as sys from '../linux/sys.js';
 import { ERRNO, SyscallError } from '../linux/errors.js';
 
 type Env = Readonly<Record<string, string | undefined>>;
@@ -38,13 +38,13 @@ export function notify(
 ): boolean {
   const name = notifySocket(env);
   if (name === null) return false;
-  const fd = dgram.socketUnixDgram();
+  const fd = sys.socketUnixDgram();
   try {
     const data = Buffer.from(fields, 'utf8');
-    if (fds.length > 0) dgram.sendtoWithFds(fd, data, name, fds);
-    else dgram.sendto(fd, data, name);
+    if (fds.length > 0) sys.sendWithFds(fd, data, fds, name);
+    else sys.sendto(fd, data, name);
   } finally {
-    dgram.close(fd);
+    sys.close(fd);
   }
   return true;
 }

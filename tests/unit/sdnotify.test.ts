@@ -2,8 +2,8 @@ import t, { type Test } from 'tap';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import * as dgram from '../../daemon/linux/unix-dgram.js';
 import * as sys from '../../daemon/linux/sys.js';
+import { SUN_PATH_OFFSET } from '../../daemon/linux/abi.js';
 import { ERRNO } from '../../daemon/linux/errors.js';
 import {
   SD_LISTEN_FDS_START,
@@ -23,13 +23,13 @@ import {
  * reads it right after the call, without waiting.
  */
 function listener(t: Test, name: string): { next(): string | null } {
-  const fd = dgram.socketUnixDgram(true);
-  t.teardown(() => dgram.close(fd));
-  dgram.bind(fd, name);
+  const fd = sys.socketUnixDgram(true);
+  t.teardown(() => sys.close(fd));
+  sys.bindUnix(fd, name);
   const buf = Buffer.alloc(4096);
   return {
     next() {
-      const n = dgram.tryRecv(fd, buf);
+      const n = sys.tryRecv(fd, buf);
       if (n === -ERRNO.EAGAIN) return null;
       if (n < 0) throw new Error(`recv failed: ${n}`);
       return buf.subarray(0, n).toString('utf8');
@@ -83,9 +83,9 @@ t.test('the abstract name is exactly the bytes after @ (no trailing NUL)', async
   t.equal(notify('A=1', [], { NOTIFY_SOCKET: name }), true);
   t.equal(l.next(), 'A=1');
   t.equal(padded.next(), null);
-  const { len } = dgram.sockaddrUn(name);
-  t.equal(len, dgram.SUN_PATH_OFFSET + Buffer.byteLength(name), 'family + NUL + name');
-  t.equal(dgram.sockaddrUn('/run/x').len, dgram.SUN_PATH_OFFSET + 7, 'path: NUL counted');
+  const { len } = sys.sockaddrUn(name);
+  t.equal(len, SUN_PATH_OFFSET + Buffer.byteLength(name), 'family + NUL + name');
+  t.equal(sys.sockaddrUn('/run/x').len, SUN_PATH_OFFSET + 7, 'path: NUL counted');
 });
 
 t.test('no NOTIFY_SOCKET: a no-op that says so', async (t) => {
@@ -103,9 +103,9 @@ t.test('failures are errors, not silence', async (t) => {
 
 t.test('FDSTORE=1 passes a working descriptor', async (t) => {
   const name = uniqueAbstract();
-  const fd = dgram.socketUnixDgram(true);
-  t.teardown(() => dgram.close(fd));
-  dgram.bind(fd, name);
+  const fd = sys.socketUnixDgram(true);
+  t.teardown(() => sys.close(fd));
+  sys.bindUnix(fd, name);
   const [a, b] = sys.socketpair();
   t.teardown(() => {
     sys.close(a);
