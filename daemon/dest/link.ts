@@ -64,6 +64,11 @@ export class Link {
   /** The first connection: rejects (no retry) so a handoff to an unreachable source fails fast. */
   async open(): Promise<PageChannel> {
     const ch = await this.dial();
+    if (this.closed) {
+      // The session ended while we were connecting (the VMM left, the other link failed).
+      ch.close();
+      throw Object.assign(new Error('the session ended while connecting'), { code: 'CLOSED' });
+    }
     this.channel = ch;
     return ch;
   }

@@ -187,8 +187,9 @@ export class Session {
 
   /**
    * Checks the regions against the uffd, starts serving faults, opens both channels and acks the
-   * VMM. Rejects with a SessionError (the caller replies it to the VMM and closes); after it
-   * resolves, the session ends through `done`.
+   * VMM. On failure the session has already told the VMM (an error reply) and torn itself down,
+   * and the returned promise rejects with that SessionError; after it resolves, the session ends
+   * through `done`.
    */
   async start(): Promise<void> {
     this.conn.onClose(() => this.fail('VMM_GONE', 'the VMM closed its handoff connection'));
