@@ -244,7 +244,15 @@ async function runSource(args: string[]): Promise<void> {
 }
 
 async function fetchJson(url: string, init?: RequestInit): Promise<unknown> {
-  const res = await fetch(url, init);
+  let res: Response;
+  try {
+    res = await fetch(url, init);
+  } catch (err) {
+    const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+    throw Object.assign(new Error(`cannot reach ${url}: ${cause?.code ?? cause?.message ?? err}`), {
+      code: 'UNREACHABLE',
+    });
+  }
   const body = (await res.json()) as unknown;
   if (!res.ok) {
     const e = (body as { error?: { code?: string; message?: string } }).error;
