@@ -7,11 +7,8 @@ import { join } from 'node:path';
 import { once } from 'node:events';
 import { WebSocketServer, type WebSocket } from 'ws';
 import * as sys from '../../daemon/linux/sys.js';
-import * as abi from '../../daemon/linux/abi.js';
-import * as uffd from '../../daemon/uffd/uffd.js';
-import { startDestDaemon, type DestDaemon } from '../../daemon/dest/daemon.js';
-import { silentLogger } from '../../daemon/ops/log.js';
-import { noopDestMetrics } from '../../daemon/ops/metric-ports.js';
+import type { DestDaemon } from '../../daemon/dest/daemon.js';
+import { guestRam, startTestDest } from '../helpers/dest.js';
 import { encodeHandoff } from '../../protocol/handoff.js';
 import { decodeFrame, encodeData, encodeWelcome, encodeZero } from '../../protocol/page-codec.js';
 import { FrameType } from '../../protocol/wire.js';
@@ -42,22 +39,7 @@ t.before(async () => {
       if (hello.channel === 2) scripts.get(hello.migrationId)?.(ws);
     });
   });
-  daemon = await startDestDaemon({
-    socketPath,
-    http: null,
-    maxSessions: 8,
-    handoffTimeoutMs: 2000,
-    session: {
-      connectTimeoutMs: 2000,
-      completeTimeoutMs: 2000,
-      backgroundWindowBytes: 1 << 20,
-      progressIntervalMs: 1000,
-      heartbeatMs: 0,
-      reconnectTimeoutMs: 300,
-    },
-    log: silentLogger,
-    metrics: noopDestMetrics,
-  });
+  daemon = await startTestDest(socketPath);
 });
 t.teardown(async () => {
   await daemon.close();
@@ -68,9 +50,7 @@ t.teardown(async () => {
 async function migrate(
   id: string,
 ): Promise<{ replies: Awaited<ReturnType<typeof connectHandoff>>; fd: number }> {
-  const base = sys.mmap(SIZE, abi.PROT_READ | abi.PROT_WRITE, abi.MAP_PRIVATE | abi.MAP_ANONYMOUS);
-  const { fd } = uffd.create(0);
-  uffd.registerMissing(fd, base, SIZE);
+  const { base, fd } = guestRam(SIZE);
   const c = await connectHandoff(socketPath);
   sendRaw(
     c,

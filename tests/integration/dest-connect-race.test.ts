@@ -7,11 +7,7 @@ import { join } from 'node:path';
 import { once } from 'node:events';
 import { WebSocketServer, type WebSocket } from 'ws';
 import * as sys from '../../daemon/linux/sys.js';
-import * as abi from '../../daemon/linux/abi.js';
-import * as uffd from '../../daemon/uffd/uffd.js';
-import { startDestDaemon } from '../../daemon/dest/daemon.js';
-import { silentLogger } from '../../daemon/ops/log.js';
-import { noopDestMetrics } from '../../daemon/ops/metric-ports.js';
+import { guestRam, startTestDest } from '../helpers/dest.js';
 import { encodeHandoff } from '../../protocol/handoff.js';
 import { decodeFrame, encodeWelcome } from '../../protocol/page-codec.js';
 import { FrameType } from '../../protocol/wire.js';
@@ -35,21 +31,9 @@ t.test('connections that open after the VMM left are closed', async (t) => {
       heldChanged();
     });
   });
-  const daemon = await startDestDaemon({
-    socketPath: join(dir, 'dest.sock'),
-    http: null,
-    maxSessions: 4,
-    handoffTimeoutMs: 2000,
-    session: {
-      connectTimeoutMs: 10_000,
-      completeTimeoutMs: 1000,
-      backgroundWindowBytes: 1 << 20,
-      progressIntervalMs: 1000,
-      heartbeatMs: 0,
-      reconnectTimeoutMs: 1000,
-    },
-    log: silentLogger,
-    metrics: noopDestMetrics,
+  const daemon = await startTestDest(join(dir, 'dest.sock'), {
+    connectTimeoutMs: 10_000,
+    reconnectTimeoutMs: 1000,
   });
   t.teardown(async () => {
     await daemon.close();
@@ -57,9 +41,7 @@ t.test('connections that open after the VMM left are closed', async (t) => {
     rmSync(dir, { recursive: true, force: true });
   });
 
-  const base = sys.mmap(SIZE, abi.PROT_READ | abi.PROT_WRITE, abi.MAP_PRIVATE | abi.MAP_ANONYMOUS);
-  const { fd } = uffd.create(0);
-  uffd.registerMissing(fd, base, SIZE);
+  const { base, fd } = guestRam(SIZE);
   const c = await connectHandoff(join(dir, 'dest.sock'));
   sendRaw(
     c,

@@ -5,9 +5,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as sys from '../../daemon/linux/sys.js';
 import * as abi from '../../daemon/linux/abi.js';
-import * as uffd from '../../daemon/uffd/uffd.js';
-import { startDestDaemon, type DestDaemon } from '../../daemon/dest/daemon.js';
-import { silentLogger } from '../../daemon/ops/log.js';
+import type { DestDaemon } from '../../daemon/dest/daemon.js';
+import { guestRam as ramOf, startTestDest } from '../helpers/dest.js';
 import { noopDestMetrics } from '../../daemon/ops/metric-ports.js';
 import { encodeHandoff, type HandoffRequest } from '../../protocol/handoff.js';
 import { connectHandoff, sendRaw } from '../helpers/vmm-client.js';
@@ -18,20 +17,8 @@ const refused: string[] = [];
 let daemon: DestDaemon;
 
 t.before(async () => {
-  daemon = await startDestDaemon({
-    socketPath,
-    http: null,
-    maxSessions: 8,
-    handoffTimeoutMs: 500,
-    session: {
-      connectTimeoutMs: 500,
-      completeTimeoutMs: 500,
-      backgroundWindowBytes: 1 << 20,
-      progressIntervalMs: 1000,
-      heartbeatMs: 0,
-      reconnectTimeoutMs: 300,
-    },
-    log: silentLogger,
+  daemon = await startTestDest(socketPath, {
+    timeoutMs: 500,
     metrics: { ...noopDestMetrics, handoff: (r) => refused.push(r) },
   });
 });
@@ -41,12 +28,7 @@ t.teardown(async () => {
 });
 
 const SIZE = 1 << 20;
-function guestRam(): { base: number; fd: number } {
-  const base = sys.mmap(SIZE, abi.PROT_READ | abi.PROT_WRITE, abi.MAP_PRIVATE | abi.MAP_ANONYMOUS);
-  const { fd } = uffd.create(0);
-  uffd.registerMissing(fd, base, SIZE);
-  return { base, fd };
-}
+const guestRam = (): { base: number; fd: number } => ramOf(SIZE);
 
 function request(base: number, patch: Partial<HandoffRequest> = {}): HandoffRequest {
   return {

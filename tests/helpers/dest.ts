@@ -1,0 +1,50 @@
+/**
+ * In-process pieces for dest tests: a dest daemon with quick timeouts and no HTTP endpoint, and
+ * guest RAM registered with a userfaultfd, as a VMM would hand it over.
+ */
+import * as sys from '../../daemon/linux/sys.js';
+import * as abi from '../../daemon/linux/abi.js';
+import * as uffd from '../../daemon/uffd/uffd.js';
+import { startDestDaemon, type DestDaemon } from '../../daemon/dest/daemon.js';
+import { silentLogger } from '../../daemon/ops/log.js';
+import { noopDestMetrics, type DestMetrics } from '../../daemon/ops/metric-ports.js';
+
+export interface TestDestOptions {
+  /** Handoff and connect timeouts, ms. */
+  timeoutMs?: number;
+  connectTimeoutMs?: number;
+  reconnectTimeoutMs?: number;
+  metrics?: DestMetrics;
+}
+
+export function startTestDest(socketPath: string, o: TestDestOptions = {}): Promise<DestDaemon> {
+  const timeoutMs = o.timeoutMs ?? 2000;
+  return startDestDaemon({
+    socketPath,
+    http: null,
+    maxSessions: 8,
+    handoffTimeoutMs: timeoutMs,
+    session: {
+      connectTimeoutMs: o.connectTimeoutMs ?? timeoutMs,
+      completeTimeoutMs: timeoutMs,
+      backgroundWindowBytes: 1 << 20,
+      progressIntervalMs: 1000,
+      heartbeatMs: 0,
+      reconnectTimeoutMs: o.reconnectTimeoutMs ?? 300,
+    },
+    log: silentLogger,
+    metrics: o.metrics ?? noopDestMetrics,
+  });
+}
+
+/** Anonymous guest RAM registered MISSING with a new userfaultfd (UFFDIO_API done). */
+export function guestRam(sizeBytes: number, features = 0): { base: number; fd: number } {
+  const base = sys.mmap(
+    sizeBytes,
+    abi.PROT_READ | abi.PROT_WRITE,
+    abi.MAP_PRIVATE | abi.MAP_ANONYMOUS,
+  );
+  const { fd } = uffd.create(features);
+  uffd.registerMissing(fd, base, sizeBytes);
+  return { base, fd };
+}
