@@ -118,7 +118,7 @@ export function createDestMetrics(registry: Registry): DestMetrics {
   });
   const reconnects = new Counter({
     name: `${p}reconnects_total`,
-    help: 'Connections to the source lost and re-established, by channel.',
+    help: 'Connections to the source lost (the dest then reconnects with backoff), by channel.',
     labelNames: ['channel'] as const,
     registers,
   });

@@ -207,7 +207,9 @@ t.test('(c) cut both connections, three times', async (t) => {
   });
   assertVerified(t, r);
   t.equal(p.stats().cuts, 6);
-  t.ok(s.reconnects >= 6, `the dest reconnected each channel each time (${s.reconnects})`);
+  // Before each of the first two cuts both channels were back (waitReconnects); after the last
+  // one the background must return to finish, the demand link only if a fault needs it.
+  t.ok(s.reconnects >= 5, `the dest reconnected after every cut (${s.reconnects})`);
 });
 
 t.test('(d) stall everything: heartbeats notice, then it is a cut', async (t) => {
@@ -219,12 +221,13 @@ t.test('(d) stall everything: heartbeats notice, then it is a cut', async (t) =>
   assertVerified(t, r);
   t.equal(p.stats().stalls, 2);
   t.equal(p.stats().cuts, 0, 'the proxy cut nothing: the dest gave up on the silent links');
-  t.ok(s.reconnects >= 2, `the dest reconnected both channels (${s.reconnects})`);
+  // Both links were declared lost (the metric counts losses); the background had to come back.
+  t.ok(s.reconnects >= 1, `the dest reconnected (${s.reconnects})`);
   const after = await metrics();
   const re = /^yabusame_dest_reconnects_total/;
   t.ok(
     sumMatching(after, re) - sumMatching(before, re) >= 2,
-    'yabusame_dest_reconnects_total counted them',
+    'yabusame_dest_reconnects_total counted both losses',
   );
   const hb = /^yabusame_dest_errors_total\{code="HEARTBEAT_TIMEOUT"/;
   t.ok(sumMatching(after, hb) - sumMatching(before, hb) >= 1, 'as HEARTBEAT_TIMEOUT');
@@ -262,6 +265,7 @@ t.test('(e) bit flips on the source→dest stream are never placed', async (t) =
 });
 
 t.test('(f) the source killed (SIGKILL) and restarted on its port', async (t) => {
+  const before = await metrics();
   const own = await startSource(dir, [], 'source-f1');
   daemons.push(own);
   const img = await image();
@@ -304,7 +308,17 @@ t.test('(f) the source killed (SIGKILL) and restarted on its port', async (t) =>
   const r = await run;
   assertVerified(t, r);
   const s = (await session(id))!;
-  t.ok(s.reconnects >= 2, `the dest reconnected both channels (${s.reconnects})`);
+  // Both channels were lost; the background had to come back to finish. The demand link may
+  // still be in backoff when the last page lands (no fault needed it), so it is not required.
+  const lost = await metrics();
+  for (const channel of ['demand', 'background']) {
+    const key = `yabusame_dest_reconnects_total{channel="${channel}"}`;
+    t.ok(
+      (lost.get(key) ?? 0) - (before.get(key) ?? 0) >= 1,
+      `the dest saw the ${channel} channel lost`,
+    );
+  }
+  t.ok(s.reconnects >= 1, `the dest reconnected (${s.reconnects})`);
   t.equal(await migrationState(restarted, id), 'complete', 'the restarted source saw COMPLETE');
 });
 
