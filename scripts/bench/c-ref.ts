@@ -26,6 +26,8 @@ export interface CFillResult {
   copyGBs: number;
   zeropageSeconds: number;
   zeropageGBs: number;
+  /** UFFDIO_COPY from a source as large as the memory: every page new data. */
+  copyDistinctGBs: number;
   verified: boolean;
 }
 

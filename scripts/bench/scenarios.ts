@@ -383,6 +383,12 @@ function backgroundScenario(b: (typeof BACKGROUND_IMAGES)[number]): Scenario {
         digits: 2,
         derived: ['background/c-reference', 'copyGBs', 'placedGBs', 'over'],
       },
+      vsCDistinct: {
+        label: 'data placed / C copy of new data',
+        unit: '×',
+        digits: 2,
+        derived: ['background/c-reference', 'copyDistinctGBs', 'dataGBs', 'over'],
+      },
       ...DAEMONS,
     },
     async runOnce(ctx, index) {
@@ -424,16 +430,22 @@ const cReference: Scenario = {
   describe: (ctx) =>
     `C program (scripts/bench/c/uffd-fill.c, cc -O2): ${fmtBytes(sizes(ctx.quick).cReferenceBytes)} ` +
     `of anonymous memory filled by UFFDIO_COPY in 256 KiB chunks from one buffer, one thread, ` +
-    `no faults, no network (then UFFDIO_ZEROPAGE): the placement ceiling`,
+    `no faults, no network (then UFFDIO_ZEROPAGE): the placement ceiling; then the same copy ` +
+    `with every page new data (a source as large as the memory), as pages are in a migration`,
   verification: 'the filled memory compared with the buffer (and zero) by the C program',
   metrics: {
     copyGBs: { label: 'UFFDIO_COPY 256 KiB', unit: 'GB/s', digits: 2 },
     zeropageGBs: { label: 'UFFDIO_ZEROPAGE 256 KiB', unit: 'GB/s', digits: 1 },
+    copyDistinctGBs: { label: 'UFFDIO_COPY 256 KiB, every page new', unit: 'GB/s', digits: 2 },
   },
   async runOnce(ctx) {
     const r = await runReference(ctx, sizes(ctx.quick).cReferenceBytes);
     return {
-      values: { copyGBs: r.copyGBs, zeropageGBs: r.zeropageGBs },
+      values: {
+        copyGBs: r.copyGBs,
+        zeropageGBs: r.zeropageGBs,
+        copyDistinctGBs: r.copyDistinctGBs,
+      },
       verified: r.verified,
       problems: r.verified ? [] : ['the C reference read back wrong bytes'],
     };
