@@ -11,6 +11,7 @@ import {
   type HandoffFn,
   type LatencySummary,
   type VmSimPartialResult,
+  type VmSimOptions,
   type VmSimResult,
 } from '../vm-sim/vm-sim.js';
 import { runReference } from './c-ref.js';
@@ -154,6 +155,22 @@ function verdict(
 /** A run fails when no page arrived for this long (a stalled migration, not a slow one). */
 export const STALL_MS = 60_000;
 
+/** The vm-sim options every daemon-backed run shares: its image, the pair, the watch. */
+function vmAgainst(
+  pair: DaemonPair,
+  image: string,
+  w: ReturnType<typeof watch>,
+): Pick<VmSimOptions, 'signal' | 'onProgress' | 'image' | 'migrationId' | 'source' | 'destSocket'> {
+  return {
+    signal: w.signal,
+    onProgress: w.onProgress,
+    image,
+    migrationId: 'bench-vm',
+    source: pair.source.ws,
+    destSocket: pair.dest.socket,
+  };
+}
+
 /**
  * Progress and stall detection for one vm-sim run: `onProgress` prints a line on stderr every
  * 2 s (when `print`), and `signal` aborts the run when the present-page count has not changed
@@ -233,12 +250,7 @@ function demandNoBackground(o: {
           const meter = pair.meter();
           const w = watch(ctx, `run ${index + 1}`, false);
           const r = await runVmSimTouches({
-            signal: w.signal,
-            onProgress: w.onProgress,
-            image: image.path,
-            migrationId: 'bench-vm',
-            source: pair.source.ws,
-            destSocket: pair.dest.socket,
+            ...vmAgainst(pair, image.path, w),
             workers: o.workers(ctx),
             pattern: 'random',
             touches: o.touches(ctx),
@@ -311,12 +323,7 @@ const demandUnderLoad: Scenario = {
       const meter = pair.meter();
       const w = watch(ctx, `run ${index + 1}`);
       const r = await runVmSim({
-        signal: w.signal,
-        onProgress: w.onProgress,
-        image: image.path,
-        migrationId: 'bench-vm',
-        source: pair.source.ws,
-        destSocket: pair.dest.socket,
+        ...vmAgainst(pair, image.path, w),
         workers: 1,
         pattern: 'random',
         touches: s.demandTouches,
@@ -397,12 +404,7 @@ function backgroundScenario(b: (typeof BACKGROUND_IMAGES)[number]): Scenario {
         const meter = pair.meter();
         const w = watch(ctx, `run ${index + 1}`);
         const r = await runVmSim({
-          signal: w.signal,
-          onProgress: w.onProgress,
-          image: image.path,
-          migrationId: 'bench-vm',
-          source: pair.source.ws,
-          destSocket: pair.dest.socket,
+          ...vmAgainst(pair, image.path, w),
           workers: 0,
           timeoutMs: RUN_TIMEOUT_MS,
           onPhaseEnd: () => meter.stop(),

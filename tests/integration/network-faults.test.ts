@@ -6,7 +6,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { once } from 'node:events';
 import { generateImage } from '../../scripts/image/gen-image.js';
-import { runVmSim, type VmSimResult } from '../../scripts/vm-sim/vm-sim.js';
+import { runVmSim, type VmSimOptions, type VmSimResult } from '../../scripts/vm-sim/vm-sim.js';
 import { ChaosProxy } from '../../scripts/chaos/proxy.js';
 import {
   migrationState,
@@ -111,6 +111,25 @@ async function waitReconnects(id: string, n: number): Promise<void> {
   }
 }
 
+/** vm-sim migrating `img` from `source` through the dest, under a 2-thread mixed workload. */
+function migrate(
+  id: string,
+  img: string,
+  source: string,
+  extra: Partial<VmSimOptions> = {},
+): Promise<VmSimResult> {
+  return runVmSim({
+    image: img,
+    migrationId: id,
+    source,
+    destSocket: dest.socket,
+    workers: 2,
+    pattern: 'mixed',
+    timeoutMs: 45_000,
+    ...extra,
+  });
+}
+
 /** Counters of the dest's /metrics: `name{labels}` → value. */
 async function metrics(): Promise<Map<string, number>> {
   const text = await (await fetch(`${dest.http}/metrics`)).text();
@@ -152,16 +171,7 @@ async function migrateWithFault(
   const img = await image();
   await registerMigration(source, { id, image: img, frozen: true });
   const p = await proxy();
-  const run = runVmSim({
-    image: img,
-    migrationId: id,
-    source: p.url,
-    destSocket: dest.socket,
-    workers: 2,
-    pattern: 'mixed',
-    seed: imageSeed,
-    timeoutMs: 45_000,
-  });
+  const run = migrate(id, img, p.url, { seed: imageSeed });
   let at: number;
   try {
     at = await waitPresent(id, fraction, run);
@@ -271,15 +281,7 @@ t.test('(f) the source killed (SIGKILL) and restarted on its port', async (t) =>
   const img = await image();
   const id = 'nf-source-kill';
   await registerMigration(own, { id, image: img, frozen: true });
-  const run = runVmSim({
-    image: img,
-    migrationId: id,
-    source: own.ws,
-    destSocket: dest.socket,
-    workers: 2,
-    pattern: 'mixed',
-    timeoutMs: 45_000,
-  });
+  const run = migrate(id, img, own.ws);
   let restarted: Awaited<ReturnType<typeof startSource>>;
   try {
     const at = await waitPresent(id, 0.25, run);
@@ -329,16 +331,7 @@ t.test('(g) the source lets go only after the dest holds every page', async (t) 
   const id = 'nf-release';
   await registerMigration(own, { id, image: img, frozen: true });
   let vmsimCompleteAt = 0;
-  const run = runVmSim({
-    image: img,
-    migrationId: id,
-    source: own.ws,
-    destSocket: dest.socket,
-    workers: 2,
-    pattern: 'mixed',
-    timeoutMs: 45_000,
-    onPhaseEnd: () => (vmsimCompleteAt = Date.now()),
-  });
+  const run = migrate(id, img, own.ws, { onPhaseEnd: () => (vmsimCompleteAt = Date.now()) });
   let finished = false;
   void run.then(
     () => (finished = true),
