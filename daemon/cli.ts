@@ -162,6 +162,8 @@ async function runDest(args: string[]): Promise<void> {
       reconnectTimeoutMs: config.reconnectTimeoutMs,
       backgroundDelayMs: config.backgroundDelayMs,
     },
+    bulkNice: config.bulkThreadNice,
+    logLevel: config.logLevel,
     log,
     metrics: createDestMetrics(registry),
     metricsText: () => metricsText(registry),

@@ -12,10 +12,11 @@ import {
   type ReceivedHandoff,
 } from '../handoff/listener.js';
 import { connectPageChannel } from '../transport/client.js';
-import type { Logger } from '../ops/log.js';
+import type { Logger, LogLevel } from '../ops/log.js';
 import type { DestMetrics } from '../ops/metric-ports.js';
 import * as sys from '../linux/sys.js';
 import { Session, SessionError, type SessionConfig, type SessionStats } from './session.js';
+import { BulkThread } from './bulk.js';
 
 export interface DestDaemonOptions {
   /** Handoff socket path to create, unless `listenFd` (socket activation) is given. */
@@ -27,6 +28,10 @@ export interface DestDaemonOptions {
   handoffTimeoutMs: number;
   session: SessionConfig;
   log: Logger;
+  /** The bulk thread logs at this level (default info). */
+  logLevel?: LogLevel;
+  /** Nice value of the bulk thread, which places background pages (default 10; 0 = none). */
+  bulkNice?: number;
   metrics: DestMetrics;
   /** Returns the Prometheus exposition for /metrics. */
   metricsText?: () => Promise<{ contentType: string; body: string }>;
@@ -59,13 +64,20 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
   const { log, metrics } = opts;
   const sessions = new Map<string, Session>();
   const ended: SessionStats[] = [];
+  const bulk = new BulkThread({
+    nice: opts.bulkNice ?? 10,
+    logLevel: opts.logLevel ?? 'info',
+    log,
+  });
 
   const accept = (h: ReceivedHandoff): void => {
     const id = h.request.migrationId;
-    if (sessions.has(id)) {
+    const previous = sessions.get(id);
+    // An ended session may still be letting go of its uffd; a new one for the id may start.
+    if (previous && previous.state !== 'done' && previous.state !== 'failed') {
       throw new ProtocolError('DUPLICATE_MIGRATION', `migration ${id} is already running here`);
     }
-    if (sessions.size >= opts.maxSessions) {
+    if (!previous && sessions.size >= opts.maxSessions) {
       throw new ProtocolError('SESSION_LIMIT', `already serving ${opts.maxSessions} migrations`);
     }
     const session = new Session(h.request, h.uffd, h.conn, {
@@ -73,6 +85,7 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
       log,
       metrics,
       connect: connectPageChannel,
+      bulk,
     });
     sessions.set(id, session);
     metrics.sessionsActive(sessions.size);
@@ -88,7 +101,7 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
       (err: SessionError) => metrics.handoff(err.code),
     );
     void session.done.then((stats) => {
-      sessions.delete(id);
+      if (sessions.get(id) === session) sessions.delete(id);
       metrics.sessionsActive(sessions.size);
       ended.push(stats);
       if (ended.length > ENDED_KEPT) ended.shift();
@@ -162,6 +175,7 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
           server.closeAllConnections();
           await new Promise<void>((r) => server!.close(() => r()));
         }
+        await bulk.stop();
       })();
       return closing;
     },

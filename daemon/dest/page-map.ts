@@ -2,8 +2,15 @@
  * Which pages of a VM are present: one byte of state per page, per region (no per-page objects;
  * 1 byte per 4 KiB page is 0.024% of guest RAM). Regions come from the handoff: a host virtual
  * range in the VMM and where it sits in the image address space.
+ *
+ * The bytes live in SharedArrayBuffers because two threads write them: the main thread (faults,
+ * demand pages, discards) and the bulk thread (background pages). Every transition is a
+ * compare-and-swap, and the settled count is one shared counter, so neither thread can undo the
+ * other's step. The bulk thread only ever moves an unsettled page to PRESENT (markPlaced).
  */
 import type { HandoffRegion } from '../../protocol/handoff.js';
+import { ProtocolError } from '../../protocol/errors.js';
+import { FrameType, type FrameOf, type PageRange, type RegionInfo } from '../../protocol/wire.js';
 
 export const PageState = {
   /** Not placed, nobody asked yet. */
@@ -31,6 +38,7 @@ export class RegionMap {
   constructor(
     r: HandoffRegion,
     readonly index: number,
+    shared?: SharedArrayBuffer,
   ) {
     this.name = r.name ?? `region${index}`;
     this.base = r.base;
@@ -38,7 +46,8 @@ export class RegionMap {
     this.offset = r.offset;
     this.pageSizeBytes = r.pageSizeBytes;
     this.pages = r.sizeBytes / r.pageSizeBytes;
-    this.state = new Uint8Array(this.pages);
+    this.state = new Uint8Array(shared ?? new SharedArrayBuffer(this.pages));
+    if (this.state.length !== this.pages) throw new RangeError(`region ${this.name}: state size`);
   }
 
   /** Host address of page `page`. */
@@ -52,19 +61,49 @@ export class RegionMap {
   }
 }
 
+/** What another thread needs to open the same page map (structured-cloneable). */
+export interface SharedPageMap {
+  regions: readonly HandoffRegion[];
+  states: readonly SharedArrayBuffer[];
+  settled: SharedArrayBuffer;
+}
+
+const isSettled = (s: number): boolean => s >= PageState.PRESENT;
+
 export class PageMap {
   readonly regions: RegionMap[];
   private readonly byBase: RegionMap[];
   private readonly byOffset: RegionMap[];
   readonly totalPages: number;
-  /** Pages PRESENT or DISCARDED: nothing more to fetch for them. */
-  settledPages = 0;
+  /** [0]: pages PRESENT or DISCARDED (nothing more to fetch for them), shared by both threads. */
+  private readonly settled: Int32Array;
 
-  constructor(regions: readonly HandoffRegion[]) {
-    this.regions = regions.map((r, i) => new RegionMap(r, i));
+  constructor(regions: readonly HandoffRegion[], shared?: SharedPageMap) {
+    this.regions = regions.map((r, i) => new RegionMap(r, i, shared?.states[i]));
     this.byBase = [...this.regions].sort((a, b) => a.base - b.base);
     this.byOffset = [...this.regions].sort((a, b) => a.offset - b.offset);
     this.totalPages = this.regions.reduce((n, r) => n + r.pages, 0);
+    this.settled = new Int32Array(shared?.settled ?? new SharedArrayBuffer(4));
+  }
+
+  /** The same map, for another thread. */
+  share(): SharedPageMap {
+    return {
+      regions: this.regions.map((r) => ({
+        name: r.name,
+        base: r.base,
+        sizeBytes: r.sizeBytes,
+        offset: r.offset,
+        pageSizeBytes: r.pageSizeBytes,
+      })),
+      states: this.regions.map((r) => r.state.buffer as SharedArrayBuffer),
+      settled: this.settled.buffer as SharedArrayBuffer,
+    };
+  }
+
+  /** Pages PRESENT or DISCARDED: nothing more to fetch for them. */
+  get settledPages(): number {
+    return Atomics.load(this.settled, 0);
   }
 
   get complete(): boolean {
@@ -83,13 +122,48 @@ export class PageMap {
 
   /** Sets pages [first, first+count) of `r` to `to`, keeping settledPages right. */
   mark(r: RegionMap, first: number, count: number, to: PageStateValue): void {
-    const settledTo = to === PageState.PRESENT || to === PageState.DISCARDED;
+    const state = r.state;
+    let delta = 0;
     for (let p = first; p < first + count; p++) {
-      const from = r.state[p]!;
-      const settledFrom = from === PageState.PRESENT || from === PageState.DISCARDED;
-      if (settledFrom !== settledTo) this.settledPages += settledTo ? 1 : -1;
-      r.state[p] = to;
+      let from = Atomics.load(state, p);
+      for (;;) {
+        const seen = Atomics.compareExchange(state, p, from, to);
+        if (seen === from) break;
+        from = seen;
+      }
+      if (isSettled(from) !== isSettled(to)) delta += isSettled(to) ? 1 : -1;
     }
+    if (delta !== 0) Atomics.add(this.settled, 0, delta);
+  }
+
+  /**
+   * Marks pages [first, first+count) PRESENT where they are still unsettled (placed by this
+   * thread); a page the other thread settled meanwhile (present, or discarded by the guest) keeps
+   * its state. Returns how many pages it moved.
+   */
+  markPlaced(r: RegionMap, first: number, count: number): number {
+    const state = r.state;
+    let moved = 0;
+    for (let p = first; p < first + count; p++) {
+      let from = Atomics.load(state, p);
+      while (!isSettled(from)) {
+        const seen = Atomics.compareExchange(state, p, from, PageState.PRESENT);
+        if (seen === from) {
+          moved++;
+          break;
+        }
+        from = seen;
+      }
+    }
+    if (moved !== 0) Atomics.add(this.settled, 0, moved);
+    return moved;
+  }
+
+  /** Moves page `p` from MISSING to `to` if nobody changed it first; returns the state it saw. */
+  claim(r: RegionMap, p: number, to: PageStateValue): number {
+    const seen = Atomics.compareExchange(r.state, p, PageState.MISSING, to);
+    if (seen === PageState.MISSING && isSettled(to)) Atomics.add(this.settled, 0, 1);
+    return seen;
   }
 }
 
@@ -108,4 +182,86 @@ function find(
     else return r;
   }
   return undefined;
+}
+
+/** The settled pages of `map` as image ranges (what a HAVE sync tells the source). */
+export function settledRanges(map: PageMap): PageRange[] {
+  const ranges: PageRange[] = [];
+  for (const r of map.regions) {
+    let p = 0;
+    while (p < r.pages) {
+      while (p < r.pages && r.state[p]! < PageState.PRESENT) p++;
+      if (p >= r.pages) break;
+      const first = p;
+      while (p < r.pages && r.state[p]! >= PageState.PRESENT) p++;
+      ranges.push({ offset: r.imageOffset(first), length: (p - first) * r.pageSizeBytes });
+    }
+  }
+  return ranges;
+}
+
+/** What a DATA or ZERO frame places: its pages, and their bytes (null for a zero run). */
+export interface FrameRun {
+  r: RegionMap;
+  first: number;
+  count: number;
+  data: Buffer | null;
+  length: number;
+}
+
+/** The run a DATA or ZERO frame carries (a view on its payload, no copy); see locateRun. */
+export function frameRun(
+  map: PageMap,
+  frame: FrameOf<typeof FrameType.DATA | typeof FrameType.ZERO>,
+): FrameRun {
+  if (frame.type === FrameType.ZERO) {
+    return { ...locateRun(map, frame.offset, frame.length), data: null, length: frame.length };
+  }
+  const p = frame.payload;
+  const data = Buffer.from(p.buffer, p.byteOffset, p.byteLength);
+  return { ...locateRun(map, frame.offset, data.byteLength), data, length: data.byteLength };
+}
+
+/** The pages of a DATA/ZERO run: its region and page span; a coded ProtocolError if it is bad. */
+export function locateRun(
+  map: PageMap,
+  offset: number,
+  length: number,
+): { r: RegionMap; first: number; count: number } {
+  const r = map.regionAtOffset(offset);
+  if (!r || offset + length > r.offset + r.sizeBytes) {
+    throw new ProtocolError(
+      'OUT_OF_RANGE',
+      `pages at ${offset}+${length} are outside every region`,
+    );
+  }
+  const rel = offset - r.offset;
+  if (rel % r.pageSizeBytes || length % r.pageSizeBytes) {
+    throw new ProtocolError('FRAME_BAD_VALUE', `run at ${offset}+${length} is not page-aligned`);
+  }
+  return { r, first: rel / r.pageSizeBytes, count: length / r.pageSizeBytes };
+}
+
+/**
+ * Why the source's regions cannot serve `map`, or null if they can: every handed-off region must
+ * lie inside one source region with the same page size, and together they must cover the whole
+ * image (the source releases its image only on a COMPLETE that counts every one of its pages).
+ */
+export function sourceMismatch(map: PageMap, source: readonly RegionInfo[]): string | null {
+  for (const r of map.regions) {
+    const s = source.find(
+      (x) => r.offset >= x.offset && r.offset + r.sizeBytes <= x.offset + x.sizeBytes,
+    );
+    if (!s)
+      return `region ${r.name} (image ${r.offset}+${r.sizeBytes}) is not inside the source image`;
+    if (s.pageSizeBytes !== r.pageSizeBytes) {
+      return `region ${r.name}: page size ${r.pageSizeBytes} but the source has ${s.pageSizeBytes}`;
+    }
+  }
+  // Handoff regions never overlap (checked at the handoff), so equal page counts mean full cover.
+  const sourcePages = source.reduce((n, x) => n + x.sizeBytes / x.pageSizeBytes, 0);
+  if (sourcePages !== map.totalPages) {
+    return `the handoff covers ${map.totalPages} pages but the source image has ${sourcePages}`;
+  }
+  return null;
 }

@@ -4,6 +4,7 @@
  * than 64 ioctls of 4 KiB on these machines). Kernel answers are data:
  *  - a partial copy continues after the bytes copied;
  *  - EEXIST marks that one page present and continues after it;
+ *  - a page counts as placed (or existed) for the caller that moved it to PRESENT in the map;
  *  - EAGAIN (a REMOVE/UNMAP event is pending) stops and asks the caller to drain events, then retry;
  *  - ESRCH/ENOENT... means the VMM's address space is gone.
  */
@@ -46,15 +47,15 @@ export function placeRun(
     switch (res.kind) {
       case 'placed': {
         const pages = Math.floor(res.bytes / ps);
-        map.mark(r, p, pages, PageState.PRESENT);
-        placed += pages;
+        // Counted by who settles the page in the map, so each page is counted once even when
+        // the main and the bulk thread raced for it (one of them then met EEXIST).
+        placed += map.markPlaced(r, p, pages);
         p += pages;
         if (pages === 0) return { kind: 'retry', placed, existed, resumeAt: p };
         break;
       }
       case 'exists':
-        map.mark(r, p, 1, PageState.PRESENT);
-        existed++;
+        existed += map.markPlaced(r, p, 1);
         p++;
         break;
       case 'retry':

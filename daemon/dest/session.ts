@@ -1,8 +1,9 @@
 /**
  * One VM's migration on the destination: the userfaultfd from its handoff, its page map, and its
  * two channels to the source. Faults are read in the event loop (uv_poll on the uffd), requested
- * once each on the demand channel, and placed when their data arrives on either channel; the
- * background channel fills in everything else under credit-based flow control.
+ * once each on the demand channel, and placed when their data arrives; the background channel
+ * fills in everything else under credit-based flow control, on the bulk thread (bulk.ts), which
+ * shares the page map and runs at a lower priority so that faults go first.
  *
  * States (checked): connecting -> running -> completing -> done, and any -> failed.
  * Ordering written down here:
@@ -11,7 +12,7 @@
  *  - a page is requested at most once per demand connection (the page map dedupes); every new
  *    demand connection re-requests every page still awaited;
  *  - every new background connection starts with a HAVE sync (what we hold) before its CREDIT,
- *    and a PROGRESS DONE while pages are still missing triggers another sync;
+ *    and a PROGRESS DONE while pages are still missing triggers another sync (bulk-worker.ts);
  *  - a lost connection never wakes a guest thread: blocked threads wait until their page is
  *    placed, the link reconnects with backoff, and only after reconnectTimeoutMs does the
  *    session fail (the VMM keeps its uffd, so its threads stay blocked, never zero-filled);
@@ -23,34 +24,26 @@ import * as uffd from '../uffd/uffd.js';
 import * as sys from '../linux/sys.js';
 import { ERRNO } from '../linux/errors.js';
 import { UFFD_IOCTL_BIT_COPY, UFFD_IOCTL_BIT_ZEROPAGE } from '../linux/abi.js';
-import {
-  encodeComplete,
-  encodeCredit,
-  encodeHave,
-  encodeRequest,
-} from '../../protocol/page-codec.js';
+import { encodeComplete, encodeRequest } from '../../protocol/page-codec.js';
 import { ProtocolError } from '../../protocol/errors.js';
 import type { HandoffRequest } from '../../protocol/handoff.js';
 import {
   Channel,
   DataFlag,
   FrameType,
-  HaveFlag,
-  HeaderSize,
   Limits,
   ProgressFlag,
-  type ChannelKind,
   type Frame,
   type PageRange,
-  type RegionInfo,
 } from '../../protocol/wire.js';
 import type { ConnectOptions, PageChannel } from '../transport/client.js';
 import type { HandoffConnection } from '../handoff/listener.js';
 import type { Logger } from '../ops/log.js';
 import type { DestMetrics, PagePath } from '../ops/metric-ports.js';
-import { PageMap, PageState, type RegionMap } from './page-map.js';
+import { PageMap, PageState, frameRun, sourceMismatch, type RegionMap } from './page-map.js';
 import { placeRun } from './placer.js';
 import { Link } from './link.js';
+import type { BulkCounts, BulkLane, BulkLaneFactory } from './bulk.js';
 
 export type SessionState = 'connecting' | 'running' | 'completing' | 'done' | 'failed';
 
@@ -79,7 +72,10 @@ export interface SessionDeps {
   config: SessionConfig;
   log: Logger;
   metrics: DestMetrics;
+  /** The demand channel's connections. */
   connect(opts: ConnectOptions): Promise<PageChannel>;
+  /** The background channel (on the bulk thread). */
+  bulk: BulkLaneFactory;
 }
 
 export interface SessionStats {
@@ -101,17 +97,14 @@ export interface SessionStats {
 
 const EVENT_BATCH = 64; // uffd_msg per read(2)
 const MAX_PLACE_RETRIES = 64;
-/** Longest the background placement yields to outstanding faults, ms. */
-const FAULT_PRIORITY_MS = 2;
 
 export class Session {
   readonly migrationId: string;
   private stateValue: SessionState = 'connecting';
   private readonly map: PageMap;
   private demand: Link | null = null;
-  private background: Link | null = null;
-  /** The background window opens (first CREDIT) after backgroundDelayMs. */
-  private backgroundOpen = false;
+  private background: BulkLane | null = null;
+  private backgroundReconnects = 0;
   private uffdWatch: sys.FdWatch | null = null;
   private readonly eventBuf = Buffer.alloc(32 * EVENT_BATCH);
   private readonly events: uffd.UffdEvent[] = [];
@@ -119,12 +112,6 @@ export class Session {
   private readonly inflight = new Map<number, number>();
   /** Pages to request at the next flush. */
   private pendingRequests: PageRange[] = [];
-  private creditOwed = 0;
-  private readonly backgroundQueue: Array<{ ch: PageChannel; frame: Frame; bytes: number }> = [];
-  private pumpScheduled = false;
-  /** The pump is waiting for awaited faults to be served (see pumpBackground). */
-  private pumpHeld = false;
-  private pumpHoldTimer: NodeJS.Timeout | null = null;
   private readonly windowBytes: number;
   private progressTimer: NodeJS.Timeout | null = null;
   private backgroundTimer: NodeJS.Timeout | null = null;
@@ -178,7 +165,7 @@ export class Session {
       faults: this.counts.faults,
       existed: this.counts.existed,
       retries: this.counts.retries,
-      reconnects: (this.demand?.reconnects ?? 0) + (this.background?.reconnects ?? 0),
+      reconnects: (this.demand?.reconnects ?? 0) + this.backgroundReconnects,
       startedAt: this.startedAt,
       elapsedMs: (this.finishedAt || Date.now()) - this.startedAt,
       ...(this.error ? { error: this.error } : {}),
@@ -201,34 +188,56 @@ export class Session {
         // threads retry their access and fault again, to us.
         for (const r of this.map.regions) uffd.wake(this.uffdFd, r.base, r.sizeBytes);
       }
-      const link = (kind: ChannelKind): Link =>
-        new Link(
-          {
-            connect: this.deps.connect,
-            url: this.request.source,
-            migrationId: this.migrationId,
-            kind,
-            connectTimeoutMs: this.deps.config.connectTimeoutMs,
-            heartbeatMs: this.deps.config.heartbeatMs,
-            reconnectTimeoutMs: this.deps.config.reconnectTimeoutMs,
-            log: this.log,
+      const config = this.deps.config;
+      this.demand = new Link(
+        {
+          connect: this.deps.connect,
+          url: this.request.source,
+          migrationId: this.migrationId,
+          kind: Channel.DEMAND,
+          connectTimeoutMs: config.connectTimeoutMs,
+          heartbeatMs: config.heartbeatMs,
+          reconnectTimeoutMs: config.reconnectTimeoutMs,
+          log: this.log,
+        },
+        {
+          opened: (ch, reconnect) => this.onDemandOpened(ch, reconnect),
+          frame: (ch, frame, bytes) => this.handleFrame(ch, frame, bytes),
+          lost: (info) => {
+            this.deps.metrics.reconnect('demand');
+            this.deps.metrics.error(info.code);
           },
-          {
-            opened: (ch, reconnect) => this.onLinkOpened(kind, ch, reconnect),
-            frame: (ch, frame, bytes) => this.onFrame(ch, frame, bytes),
-            lost: (info) => {
-              this.deps.metrics.reconnect(kind === Channel.DEMAND ? 'demand' : 'background');
-              this.deps.metrics.error(info.code);
-            },
-            gaveUp: (info) =>
-              this.fail(
-                info.code,
-                `no working connection to the source for ${this.deps.config.reconnectTimeoutMs} ms; last: ${info.message}`,
-              ),
+          gaveUp: (info) =>
+            this.fail(
+              info.code,
+              `no working connection to the source for ${config.reconnectTimeoutMs} ms; last: ${info.message}`,
+            ),
+        },
+      );
+      this.background = this.deps.bulk.lane(
+        {
+          migrationId: this.migrationId,
+          source: this.request.source,
+          uffd: this.uffdFd,
+          map: this.map.share(),
+          windowBytes: this.windowBytes,
+          connectTimeoutMs: config.connectTimeoutMs,
+          heartbeatMs: config.heartbeatMs,
+          reconnectTimeoutMs: config.reconnectTimeoutMs,
+        },
+        {
+          placed: (counts) => this.onBulkPlaced(counts),
+          lost: (code) => {
+            this.backgroundReconnects++;
+            this.deps.metrics.reconnect('background');
+            this.deps.metrics.error(code);
           },
-        );
-      this.demand = link(Channel.DEMAND);
-      this.background = link(Channel.BACKGROUND);
+          error: (code) => this.deps.metrics.error(code),
+          sourceDone: () => (this.sourceDone = true),
+          completeAck: () => this.completeAck?.(),
+          fail: (code, message) => this.fail(code, message),
+        },
+      );
       const [demand] = await Promise.all([this.demand.open(), this.background.open()]).catch(
         (err: unknown) => {
           const code = (err as { code?: string }).code ?? 'SOURCE_UNREACHABLE';
@@ -242,7 +251,8 @@ export class Session {
           this.error?.message ?? 'session ended',
         );
       }
-      checkSourceRegions(this.map, demand.welcome.regions);
+      const why = sourceMismatch(this.map, demand.welcome.regions);
+      if (why) throw new SessionError('SOURCE_MISMATCH', why);
     } catch (err) {
       const e =
         err instanceof SessionError
@@ -273,12 +283,10 @@ export class Session {
     );
     this.progressTimer.unref();
     const delayMs = this.deps.config.backgroundDelayMs ?? 0;
-    this.backgroundOpen = delayMs === 0;
     if (delayMs > 0) {
-      this.backgroundTimer = setTimeout(() => {
-        this.backgroundOpen = true;
-        if (this.background?.isOpen) this.grantWindow();
-      }, delayMs);
+      this.backgroundTimer = setTimeout(() => this.background?.openWindow(), delayMs);
+    } else {
+      this.background!.openWindow();
     }
     this.demand!.start();
     this.background!.start();
@@ -286,56 +294,39 @@ export class Session {
   }
 
   /**
-   * A connection is up (first or restored). Demand: ask again for every page still awaited (the
-   * old connection may have swallowed the requests or their answers). Background: tell the source
-   * what we hold, then open the credit window.
+   * A demand connection is up (first or restored): ask again for every page still awaited (the
+   * old connection may have swallowed the requests or their answers).
    */
-  private onLinkOpened(kind: ChannelKind, ch: PageChannel, reconnect: boolean): void {
+  private onDemandOpened(ch: PageChannel, reconnect: boolean): void {
     if (this.stateValue === 'done' || this.stateValue === 'failed') return;
     if (reconnect) {
-      try {
-        checkSourceRegions(this.map, ch.welcome.regions);
-      } catch (err) {
-        this.fail((err as SessionError).code, (err as Error).message);
+      const why = sourceMismatch(this.map, ch.welcome.regions);
+      if (why) {
+        this.fail('SOURCE_MISMATCH', why);
         return;
       }
+      this.pendingRequests = [];
+      for (const off of this.inflight.keys()) this.queueRequest(off, this.pageSizeAt(off));
     }
-    if (kind === Channel.DEMAND) {
-      if (reconnect) {
-        this.pendingRequests = [];
-        for (const off of this.inflight.keys()) this.queueRequest(off, this.pageSizeAt(off));
-      }
-      this.flushRequests();
-    } else {
-      this.sendHave();
-      this.creditOwed = 0;
-      if (this.backgroundOpen) this.grantWindow();
-    }
+    this.flushRequests();
     if (this.stateValue === 'completing') this.sendComplete();
   }
 
-  private grantWindow(): void {
-    this.background?.send(encodeCredit(this.windowBytes));
-  }
-
-  /** A HAVE sync: every settled range, LAST on the final frame (one empty frame if none). */
-  private sendHave(): void {
-    const ranges: PageRange[] = [];
-    for (const r of this.map.regions) {
-      let p = 0;
-      while (p < r.pages) {
-        while (p < r.pages && r.state[p]! < PageState.PRESENT) p++;
-        if (p >= r.pages) break;
-        const first = p;
-        while (p < r.pages && r.state[p]! >= PageState.PRESENT) p++;
-        ranges.push({ offset: r.imageOffset(first), length: (p - first) * r.pageSizeBytes });
-      }
-    }
-    const max = Limits.MAX_HAVE_ENTRIES;
-    for (let i = 0; i < ranges.length || i === 0; i += max) {
-      const last = i + max >= ranges.length;
-      this.background?.send(encodeHave(last ? HaveFlag.LAST : 0, ranges.slice(i, i + max)));
-    }
+  /** The bulk thread placed background pages: account for them, settle faults they served. */
+  private onBulkPlaced(c: BulkCounts): void {
+    if (this.stateValue !== 'running' && this.stateValue !== 'completing') return;
+    const m = this.deps.metrics;
+    m.bytesReceived('background', c.bytes);
+    this.counts.background += c.dataPages;
+    this.counts.zero += c.zeroPages;
+    if (c.dataPages) m.pagesPlaced('background', 'data', c.dataPages);
+    if (c.zeroPages) m.pagesPlaced('background', 'zero', c.zeroPages);
+    this.counts.existed += c.existed;
+    for (let i = 0; i < c.existed; i++) m.placeExists();
+    this.counts.retries += c.retries;
+    for (let i = 0; i < c.retries; i++) m.placeRetry();
+    this.settleAllInflight();
+    this.checkComplete();
   }
 
   /** Re-registers each region (idempotent for this uffd) to prove it is mapped and can take UFFDIO_COPY. */
@@ -399,11 +390,12 @@ export class Session {
       return;
     }
     const page = Math.floor((address - r.base) / r.pageSizeBytes);
-    switch (r.state[page]) {
+    // A claim, not a plain write: the bulk thread may be placing this very page.
+    switch (this.map.claim(r, page, PageState.REQUESTED)) {
       case PageState.MISSING: {
-        this.map.mark(r, page, 1, PageState.REQUESTED);
         const off = r.imageOffset(page);
         this.inflight.set(off, now);
+        this.deps.bulk.faultsAwaited(1);
         this.queueRequest(off, r.pageSizeBytes);
         break;
       }
@@ -455,99 +447,22 @@ export class Session {
 
   // --- frames ---
 
-  /**
-   * Demand frames are handled at once. Background frames wait in a queue placed one frame per
-   * event-loop turn: libuv reads up to 2 MiB from a socket per wakeup, and placing all of it in
-   * one go kept faults (uffd and the demand socket, polled between turns) waiting for
-   * milliseconds. The queue is bounded by the credit window.
-   */
-  private onFrame(ch: PageChannel, frame: Frame, bytes: number): void {
-    if (ch.kind === Channel.DEMAND) {
-      this.handleFrame(ch, frame, bytes);
-      return;
-    }
-    this.backgroundQueue.push({ ch, frame, bytes });
-    if (!this.pumpScheduled) {
-      this.pumpScheduled = true;
-      setImmediate(this.pumpBackground);
-    }
-  }
-
-  private readonly pumpBackground = (): void => {
-    this.pumpScheduled = false;
-    if (this.backgroundQueue.length === 0) return;
-    // Faults go first: while a vCPU waits for a page, background placement (a core's worth of
-    // copying on this 2-core machine) would compete with its answer for CPU. Hold off until the
-    // awaited pages are placed, but never longer than FAULT_PRIORITY_MS, so the stream moves.
-    if (this.inflight.size > 0 && !this.pumpHeld) {
-      this.pumpHeld = true;
-      this.pumpHoldTimer = setTimeout(this.releasePump, FAULT_PRIORITY_MS);
-      return;
-    }
-    const next = this.backgroundQueue.shift();
-    if (!next) return;
-    this.handleFrame(next.ch, next.frame, next.bytes);
-    if (this.backgroundQueue.length > 0 && !this.pumpScheduled) {
-      this.pumpScheduled = true;
-      setImmediate(this.pumpBackground);
-    }
-  };
-
-  private readonly releasePump = (): void => {
-    if (this.pumpHoldTimer) clearTimeout(this.pumpHoldTimer);
-    this.pumpHoldTimer = null;
-    this.pumpHeld = false;
-    if (this.backgroundQueue.length > 0 && !this.pumpScheduled) {
-      this.pumpScheduled = true;
-      // Place one frame now, then let the next turn re-check for faults.
-      this.pumpBackgroundNow();
-    }
-  };
-
-  private pumpBackgroundNow(): void {
-    this.pumpScheduled = false;
-    const next = this.backgroundQueue.shift();
-    if (next) this.handleFrame(next.ch, next.frame, next.bytes);
-    if (this.backgroundQueue.length > 0 && !this.pumpScheduled) {
-      this.pumpScheduled = true;
-      setImmediate(this.pumpBackground);
-    }
-  }
-
+  /** A frame on the demand channel (the background channel's go to the bulk thread). */
   private handleFrame(ch: PageChannel, frame: Frame, bytes: number): void {
     if (this.stateValue !== 'running' && this.stateValue !== 'completing') return;
-    const channelName = ch.kind === Channel.DEMAND ? 'demand' : 'background';
-    this.deps.metrics.bytesReceived(channelName, bytes);
+    this.deps.metrics.bytesReceived('demand', bytes);
     try {
       switch (frame.type) {
         case FrameType.DATA:
         case FrameType.ZERO: {
-          const length = frame.type === FrameType.DATA ? frame.payload.byteLength : frame.length;
-          const { r, first, count } = this.locate(frame.offset, length);
+          const { r, first, count, data } = frameRun(this.map, frame);
           const path: PagePath = frame.flags & DataFlag.DEMAND ? 'demand' : 'background';
-          const data =
-            frame.type === FrameType.DATA
-              ? Buffer.from(
-                  frame.payload.buffer,
-                  frame.payload.byteOffset,
-                  frame.payload.byteLength,
-                )
-              : null;
           this.place(r, first, count, data, path);
-          (ch.kind === Channel.DEMAND ? this.demand : this.background)?.healthy(ch);
-          // Credit belongs to the connection that used it: a frame left from a lost one is
-          // placed (its checksum held) but grants nothing to the new connection.
-          if (ch.kind === Channel.BACKGROUND && ch.isOpen) {
-            this.grantCredit(frame.type === FrameType.DATA ? length : HeaderSize.ZERO);
-          }
+          this.demand?.healthy(ch);
           break;
         }
         case FrameType.PROGRESS:
-          if (frame.flags & ProgressFlag.DONE) {
-            this.sourceDone = true;
-            // The source sent everything, yet pages are missing: frames were lost in a cut.
-            if (!this.map.complete && ch.kind === Channel.BACKGROUND) this.sendHave();
-          }
+          if (frame.flags & ProgressFlag.DONE) this.sourceDone = true;
           break;
         case FrameType.COMPLETE:
           if (this.stateValue !== 'completing') {
@@ -567,32 +482,7 @@ export class Session {
       // link gives up, with this code.
       const code = (err as { code?: string }).code ?? 'SESSION_FAILED';
       this.deps.metrics.error(code);
-      const link = ch.kind === Channel.DEMAND ? this.demand : this.background;
-      link?.reset({ code, message: (err as Error).message });
-    }
-  }
-
-  private locate(offset: number, length: number): { r: RegionMap; first: number; count: number } {
-    const r = this.map.regionAtOffset(offset);
-    if (!r || offset + length > r.offset + r.sizeBytes) {
-      throw new ProtocolError(
-        'OUT_OF_RANGE',
-        `pages at ${offset}+${length} are outside every region`,
-      );
-    }
-    const rel = offset - r.offset;
-    if (rel % r.pageSizeBytes || length % r.pageSizeBytes) {
-      throw new ProtocolError('FRAME_BAD_VALUE', `run at ${offset}+${length} is not page-aligned`);
-    }
-    return { r, first: rel / r.pageSizeBytes, count: length / r.pageSizeBytes };
-  }
-
-  private grantCredit(bytes: number): void {
-    this.creditOwed += bytes;
-    // Batch grants: a CREDIT frame per quarter window keeps the stream full without chatter.
-    if (this.creditOwed >= this.windowBytes / 4) {
-      this.background?.send(encodeCredit(this.creditOwed));
-      this.creditOwed = 0;
+      this.demand?.reset({ code, message: (err as Error).message });
     }
   }
 
@@ -670,10 +560,24 @@ export class Session {
       const t0 = this.inflight.get(off);
       if (t0 !== undefined && r.state[p]! >= PageState.PRESENT) {
         this.inflight.delete(off);
+        this.deps.bulk.faultsAwaited(-1);
         this.deps.metrics.faultServiceSeconds((now - t0) / 1000);
       }
     }
-    if (this.inflight.size === 0 && this.pumpHeld) this.releasePump();
+  }
+
+  /** After bulk placements: every awaited page that is settled now was served. */
+  private settleAllInflight(): void {
+    if (this.inflight.size === 0) return;
+    const now = performance.now();
+    for (const [off, t0] of this.inflight) {
+      const r = this.map.regionAtOffset(off);
+      if (r && r.state[(off - r.offset) / r.pageSizeBytes]! >= PageState.PRESENT) {
+        this.inflight.delete(off);
+        this.deps.bulk.faultsAwaited(-1);
+        this.deps.metrics.faultServiceSeconds((now - t0) / 1000);
+      }
+    }
   }
 
   // --- completion and failure ---
@@ -703,6 +607,11 @@ export class Session {
         timeoutMs: this.deps.config.completeTimeoutMs,
       });
     }
+    // The source closes both channels after its ack: ours go first, so no loss is reported.
+    // The bulk thread's last counts arrive before it confirms the close: the reply is exact.
+    this.demand?.close();
+    await this.background?.close();
+    if (this.stateValue !== 'completing') return;
     for (const r of this.map.regions) uffd.unregister(this.uffdFd, r.base, r.sizeBytes);
     this.stateValue = 'done';
     const s = this.stats();
@@ -725,8 +634,9 @@ export class Session {
   }
 
   private sendComplete(): void {
-    const frame = encodeComplete(this.map.totalPages);
-    if (!this.background?.send(frame)) this.demand?.send(frame);
+    // On the demand channel: its answers never wait behind bulk data. A lost demand connection
+    // sends it again when restored (onDemandOpened).
+    this.demand?.send(encodeComplete(this.map.totalPages));
   }
 
   /**
@@ -763,20 +673,25 @@ export class Session {
     this.finishedAt = Date.now();
     if (this.progressTimer) clearInterval(this.progressTimer);
     if (this.backgroundTimer) clearTimeout(this.backgroundTimer);
-    this.backgroundQueue.length = 0;
-    if (this.pumpHoldTimer) clearTimeout(this.pumpHoldTimer);
+    this.deps.bulk.faultsAwaited(-this.inflight.size);
+    this.inflight.clear();
     this.uffdWatch?.stop();
     this.uffdWatch = null;
     // A failed session tells the source why (VMM_GONE, DAEMON_STOPPING...); it keeps its image.
     this.demand?.close(this.error?.code, this.error?.message);
-    this.background?.close(this.error?.code, this.error?.message);
-    try {
-      sys.close(this.uffdFd);
-    } catch (err) {
-      if ((err as { errno?: number }).errno !== ERRNO.EBADF) throw err;
-    }
     this.conn.close();
-    this.resolveDone(this.stats());
+    // The uffd is closed only once the bulk thread let go of it (its number could be reused).
+    const bulkClosed = this.background?.close(this.error?.code, this.error?.message);
+    const closeUffd = (): void => {
+      try {
+        sys.close(this.uffdFd);
+      } catch (err) {
+        if ((err as { errno?: number }).errno !== ERRNO.EBADF) throw err;
+      }
+      this.resolveDone(this.stats());
+    };
+    if (bulkClosed) void bulkClosed.then(closeUffd);
+    else closeUffd();
   }
 
   private reportProgress(): void {
@@ -786,38 +701,5 @@ export class Session {
       presentPages: this.map.settledPages,
       totalPages: this.map.totalPages,
     });
-  }
-}
-
-/**
- * Every handed-off region must lie inside one source region with the same page size, and
- * together they must cover the whole image: the source releases its image only on a COMPLETE
- * that counts every one of its pages.
- */
-function checkSourceRegions(map: PageMap, source: readonly RegionInfo[]): void {
-  for (const r of map.regions) {
-    const s = source.find(
-      (x) => r.offset >= x.offset && r.offset + r.sizeBytes <= x.offset + x.sizeBytes,
-    );
-    if (!s) {
-      throw new SessionError(
-        'SOURCE_MISMATCH',
-        `region ${r.name} (image ${r.offset}+${r.sizeBytes}) is not inside the source image`,
-      );
-    }
-    if (s.pageSizeBytes !== r.pageSizeBytes) {
-      throw new SessionError(
-        'SOURCE_MISMATCH',
-        `region ${r.name}: page size ${r.pageSizeBytes} but the source has ${s.pageSizeBytes}`,
-      );
-    }
-  }
-  // Handoff regions never overlap (checked at the handoff), so equal page counts mean full cover.
-  const sourcePages = source.reduce((n, x) => n + x.sizeBytes / x.pageSizeBytes, 0);
-  if (sourcePages !== map.totalPages) {
-    throw new SessionError(
-      'SOURCE_MISMATCH',
-      `the handoff covers ${map.totalPages} pages but the source image has ${sourcePages}`,
-    );
   }
 }

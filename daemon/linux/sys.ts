@@ -88,6 +88,8 @@ const c = {
     'int getsockopt(int fd, int level, int name, _Out_ ucred *val, _Inout_ uint32_t *len)',
   ),
   getpid: libc.func('int getpid()'),
+  gettid: libc.func('int gettid()'),
+  setpriority: libc.func('int setpriority(int which, unsigned int who, int prio)'),
   mallopt: libc.func('int mallopt(int param, int value)'),
   bind: libc.func('int bind(int fd, const void *addr, uint32_t len)'),
   sendto: libc.func(
@@ -454,6 +456,16 @@ export function keepFreedBuffers(keepBytes: number): void {
 
 export function getpid(): number {
   return c.getpid() as number;
+}
+
+const PRIO_PROCESS = 0;
+
+/**
+ * Sets the nice value of the calling thread only (Linux schedules threads, and setpriority on a
+ * thread id applies to that thread). Raising it needs no privilege.
+ */
+export function setThreadNice(nice: number): void {
+  check('setpriority', c.setpriority(PRIO_PROCESS, c.gettid() as number, nice) as number);
 }
 
 let flushPending = false;

@@ -43,6 +43,12 @@ export interface PageChannel {
    */
   attach(onFrame: (frame: Frame, bytes: number) => void, onClose: (info: CloseInfo) => void): void;
   close(code?: string, message?: string): void;
+  /**
+   * Stops reading from the connection (frames already received may still arrive) until resume():
+   * the source's sends then block on full socket buffers. How the dest makes bulk data wait.
+   */
+  pause(): void;
+  resume(): void;
   readonly isOpen: boolean;
 }
 
@@ -233,6 +239,14 @@ class ChannelImpl implements PageChannel {
     this.onClose = onClose;
     for (const [frame, bytes] of this.early.splice(0)) onFrame(frame, bytes);
     if (this.earlyClose) onClose(this.earlyClose);
+  }
+
+  pause(): void {
+    this.ws.pause();
+  }
+
+  resume(): void {
+    this.ws.resume();
   }
 
   send(frame: Uint8Array): boolean {

@@ -59,7 +59,13 @@ function assertVerified(t: Test, r: VmSimResult): void {
     r.totalPages,
     'the dest accounted for every page once',
   );
-  t.equal(d.existedPages + d.discardedPages, 0, 'a plain migration places every page itself');
+  t.equal(d.discardedPages, 0, 'a plain migration discards nothing');
+  // The main thread (demand) and the bulk thread (background) may race for a page; the loser
+  // meets EEXIST. Only a demanded page can race, so races are bounded by the faults.
+  t.ok(
+    d.existedPages <= r.workload.faults,
+    `pages found present (${d.existedPages}) are races on faulted pages (${r.workload.faults})`,
+  );
 }
 
 async function migrate(
