@@ -51,7 +51,9 @@ export interface Daemon {
 function spawnCli(args: string[], logPath: string): ChildProcess {
   // YABUSAME_DAEMON_NODE_ARGS passes node flags to the daemons (e.g. --cpu-prof for profiling).
   const nodeArgs = (process.env['YABUSAME_DAEMON_NODE_ARGS'] ?? '').split(' ').filter(Boolean);
-  const child = spawn(process.execPath, ['--enable-source-maps', ...nodeArgs, CLI, ...args], {
+  // The flags of bin/yabusame.js's shebang, which this bypasses.
+  const flags = ['--enable-source-maps', '--max-semi-space-size=1'];
+  const child = spawn(process.execPath, [...flags, ...nodeArgs, CLI, ...args], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   child.stderr!.pipe(createWriteStream(logPath));
