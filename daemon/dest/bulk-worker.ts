@@ -29,7 +29,7 @@ import type { BulkCounts, BulkSessionInit, FromBulk, ToBulk } from './bulk.js';
 
 /** How long a placement that met EAGAIN waits before it tries again, ms. */
 const RETRY_DELAY_MS = 1;
-/** Longest the bulk thread holds its placements back while faults await their pages, ms. */
+/** Longest a background channel stops reading while faults await their pages, ms. */
 const FAULT_PRIORITY_MS = 2;
 
 const port = parentPort!;
@@ -54,15 +54,20 @@ const post = (m: FromBulk): void => port.postMessage(m);
  * then waits in socket buffers, and the source, whose sends block, leaves the CPU to the fault's
  * answer too. Returns at once when no fault is awaited.
  */
+const yielding = new WeakSet<PageChannel>();
+
 function yieldToFaults(ch: PageChannel): void {
   const awaited = Atomics.load(faults, 0);
-  if (awaited === 0 || !ch.isOpen) return;
+  // Frames ws had already read still arrive while paused: they are placed, not held again.
+  if (awaited === 0 || !ch.isOpen || yielding.has(ch)) return;
+  yielding.add(ch);
   ch.pause();
   const until = performance.now() + FAULT_PRIORITY_MS;
   const check = (): void => {
     const now = performance.now();
     const v = Atomics.load(faults, 0);
     if (v === 0 || now >= until || !ch.isOpen) {
+      yielding.delete(ch);
       ch.resume();
       return;
     }
@@ -77,6 +82,8 @@ class BulkSession {
   private readonly map: PageMap;
   private readonly link: Link;
   private windowOpen = false;
+  /** Frames flow (start()): the first connection's HAVE sync went out. */
+  private started = false;
   private creditOwed = 0;
   private closed = false;
   private counts: BulkCounts = zeroCounts();
@@ -127,12 +134,15 @@ class BulkSession {
   }
 
   start(): void {
-    if (!this.closed) this.link.start();
+    if (this.closed) return;
+    this.started = true;
+    this.link.start();
   }
 
+  /** The window opens now, or with the HAVE sync if the channel has not started yet. */
   openWindow(): void {
     this.windowOpen = true;
-    if (this.link.isOpen) this.link.send(encodeCredit(this.init.windowBytes));
+    if (this.started && this.link.isOpen) this.link.send(encodeCredit(this.init.windowBytes));
   }
 
   close(code?: string, message?: string): void {

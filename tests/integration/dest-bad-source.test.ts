@@ -125,3 +125,23 @@ t.test('a good migration after all the bad ones still completes', async (t) => {
   );
   sys.close(fd);
 });
+
+t.test('a background connection gets its HAVE sync, then one window of credit', async (t) => {
+  const got: Array<{ type: number; bytes: number }> = [];
+  scripts.set('credit-once', (ws) => {
+    ws.on('message', (data: Buffer) => {
+      const f = decodeFrame(data);
+      got.push({ type: f.type, bytes: f.type === FrameType.CREDIT ? f.bytes : 0 });
+    });
+  });
+  const { replies, fd } = await migrate('credit-once');
+  t.equal((await replies.next()).type, 'ack');
+  await new Promise((r) => setTimeout(r, 300));
+  t.equal(got[0]?.type, FrameType.HAVE, 'the HAVE sync comes first');
+  const credit = got.filter((f) => f.type === FrameType.CREDIT).reduce((n, f) => n + f.bytes, 0);
+  // startTestDest's backgroundWindowBytes: a second grant would let 2 MiB be in flight.
+  t.equal(credit, 1 << 20, 'one window (1 MiB) and no more before any data arrived');
+  replies.close();
+  await replies.closed;
+  sys.close(fd);
+});
