@@ -12,7 +12,7 @@ import { encodeProgress } from '../../protocol/page-codec.js';
 import { HeaderSize, ProgressFlag } from '../../protocol/wire.js';
 import type { SourceChannel } from '../transport/source-channel.js';
 import { PageClass, type MemoryImage } from './image.js';
-import { newSpanStats, type PageWriter, type SpanStats } from './page-writer.js';
+import { newPendingZero, newSpanStats, type PageWriter, type SpanStats } from './page-writer.js';
 import type { SentMap } from './sent-map.js';
 
 export interface BackgroundOptions {
@@ -47,6 +47,8 @@ export class BackgroundStreamer {
   private doneSent = false;
   private lastProgressMs = 0;
   private awaitingHave = false;
+  /** A zero run carried across the spans of one turn (flushed before the turn ends). */
+  private readonly zeroRun = newPendingZero();
 
   constructor(
     private readonly image: MemoryImage,
@@ -140,14 +142,28 @@ export class BackgroundStreamer {
       while (more && budget.bytes > 0 && budget.frames > 0 && ch.isOpen) {
         more = this.span(ch, budget);
       }
+      // The run carried to the end of the turn: its pages are marked sent, so send it now.
+      const stats = newSpanStats();
+      this.writer.flushZero(this.zeroRun, (f) => ch.send(f), stats);
+      this.settle(stats);
     });
     if (more) this.kick();
+  }
+
+  /** Accounts for what went out: credit (a ZERO frame costs its header) and the hook. */
+  private settle(stats: SpanStats): void {
+    if (stats.frameBytes === 0) return;
+    this.creditBytes -= stats.payloadBytes + HeaderSize.ZERO * stats.zeroFrames;
+    this.hooks.sent(stats);
   }
 
   /** Sends one span of pages; false when there is nothing to send now (done, or no credit). */
   private span(ch: SourceChannel, budget: { bytes: number; frames: number }): boolean {
     const page = this.sent.nextUnsent(this.cursor);
     if (page < 0) {
+      const stats = newSpanStats();
+      this.writer.flushZero(this.zeroRun, (f) => ch.send(f), stats);
+      this.settle(stats);
       if (!this.doneSent) {
         this.doneSent = true;
         this.progress(ch, ProgressFlag.DONE);
@@ -167,7 +183,7 @@ export class BackgroundStreamer {
         ? Math.floor(MAX_ZERO_RUN_BYTES / size)
         : 0
       : Math.floor(Math.min(Math.max(this.opts.frameBytes, size), this.creditBytes) / size);
-    if (maxPages === 0) return false; // wait for CREDIT
+    if (maxPages <= 0) return false; // wait for CREDIT (a carried ZERO frame may overdraw it by 16)
     let end = page + 1;
     while (
       end < regionEnd &&
@@ -187,6 +203,7 @@ export class BackgroundStreamer {
         this.opts.frameBytes,
         (f, onWritten) => ch.send(f, onWritten),
         stats,
+        this.zeroRun,
       );
     } catch (err) {
       const code = (err as { code?: unknown }).code;
@@ -196,12 +213,13 @@ export class BackgroundStreamer {
     }
     this.sent.mark(page, end - page, size);
     this.cursor = end >= image.totalPages ? 0 : end;
-    this.creditBytes -= stats.payloadBytes + HeaderSize.ZERO * stats.zeroFrames;
-    this.hooks.sent(stats);
+    this.settle(stats);
     const now = Date.now();
     if (now - this.lastProgressMs >= this.opts.progressIntervalMs) this.progress(ch, 0);
-    budget.bytes -= stats.dataPages * size;
-    budget.frames -= stats.zeroFrames + (stats.dataPages > 0 ? 1 : 0);
+    // A turn is bounded by what it reads (data, and zero pages found by reading them) and by
+    // its spans (holes and known zeros cost no read).
+    budget.bytes -= stats.readBytes;
+    budget.frames -= 1 + (stats.dataPages > 0 ? 1 : 0);
     return true;
   }
 

@@ -26,7 +26,23 @@ export interface SpanStats {
   zeroFrames: number;
   /** Every byte of every frame (headers included). */
   frameBytes: number;
+  /** Bytes read from the image (data pages, and zero pages found only by reading them). */
+  readBytes: number;
 }
+
+/**
+ * A zero run not sent yet, carried from one write() to the next so that runs split only by
+ * span or chunk boundaries go out as one ZERO frame (one UFFDIO_ZEROPAGE on the dest). Whoever
+ * carries one must flushZero() it before the turn ends.
+ */
+export interface PendingZero {
+  region: ImageRegion | null;
+  start: number;
+  count: number;
+  flags: number;
+}
+
+export const newPendingZero = (): PendingZero => ({ region: null, start: 0, count: 0, flags: 0 });
 
 export const newSpanStats = (): SpanStats => ({
   dataPages: 0,
@@ -34,6 +50,7 @@ export const newSpanStats = (): SpanStats => ({
   payloadBytes: 0,
   zeroFrames: 0,
   frameBytes: 0,
+  readBytes: 0,
 });
 
 /** ZERO frames carry a u32 length. */
@@ -47,9 +64,22 @@ export class PageWriter {
     private readonly pool: SlabPool,
   ) {}
 
+  /** Sends the pending zero run, if any (its frame and pages count in `stats`). */
+  flushZero(z: PendingZero, sink: FrameSink, stats: SpanStats): void {
+    if (z.count === 0 || !z.region) return;
+    const size = z.region.pageSizeBytes;
+    sink(encodeZero(z.flags, this.image.pageOffset(z.region, z.start), z.count * size));
+    stats.zeroFrames++;
+    stats.zeroPages += z.count;
+    stats.frameBytes += HeaderSize.ZERO;
+    z.count = 0;
+  }
+
   /**
    * Emits `count` pages of region `r` from global page `page`. DATA frames carry at most
-   * max(`readBytes`, one page) of payload. Throws SourceError IMAGE_IO / IMAGE_CLOSED.
+   * max(`readBytes`, one page) of payload. Zero pages at the end stay in `carry` when given (the
+   * caller flushes it), so the next write can extend the run. Throws SourceError IMAGE_IO /
+   * IMAGE_CLOSED.
    */
   write(
     r: ImageRegion,
@@ -59,31 +89,32 @@ export class PageWriter {
     readBytes: number,
     sink: FrameSink,
     stats: SpanStats,
+    carry?: PendingZero,
   ): void {
     const image = this.image;
     const cls = image.pageClass;
     const size = r.pageSizeBytes;
     const maxZeroPages = Math.floor(MAX_ZERO_RUN_BYTES / size);
     const readPages = Math.max(1, Math.floor(readBytes / size));
-    let zeroStart = 0;
-    let zeroCount = 0;
+    const z = carry ?? newPendingZero();
 
-    const flushZero = (): void => {
-      if (zeroCount === 0) return;
-      sink(encodeZero(flags, image.pageOffset(r, zeroStart), zeroCount * size));
-      stats.zeroFrames++;
-      stats.zeroPages += zeroCount;
-      stats.frameBytes += HeaderSize.ZERO;
-      zeroCount = 0;
-    };
+    const flushZero = (): void => this.flushZero(z, sink, stats);
     const addZero = (p: number): void => {
-      if (zeroCount > 0 && zeroStart + zeroCount === p && zeroCount < maxZeroPages) {
-        zeroCount++;
+      if (
+        z.count > 0 &&
+        z.region === r &&
+        z.flags === flags &&
+        z.start + z.count === p &&
+        z.count < maxZeroPages
+      ) {
+        z.count++;
         return;
       }
       flushZero();
-      zeroStart = p;
-      zeroCount = 1;
+      z.region = r;
+      z.flags = flags;
+      z.start = p;
+      z.count = 1;
     };
 
     const end = page + count;
@@ -106,6 +137,7 @@ export class PageWriter {
         slab.release();
         throw err;
       }
+      stats.readBytes += n * size;
       image.classify(r, p, n, buf, HeaderSize.DATA);
       let i = 0;
       while (i < n) {
@@ -130,6 +162,6 @@ export class PageWriter {
       slab.release();
       p = q;
     }
-    flushZero();
+    if (!carry) flushZero();
   }
 }

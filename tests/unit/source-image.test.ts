@@ -8,7 +8,12 @@ import {
   validateRegions,
   type ImageRegionSpec,
 } from '../../daemon/source/image.js';
-import { newSpanStats, PageWriter } from '../../daemon/source/page-writer.js';
+import {
+  newPendingZero,
+  newSpanStats,
+  PageWriter,
+  type SpanStats,
+} from '../../daemon/source/page-writer.js';
 import { SourceError } from '../../daemon/source/errors.js';
 import { decodeFrame } from '../../protocol/page-codec.js';
 import { DataFlag, FrameType, type Frame } from '../../protocol/wire.js';
@@ -208,3 +213,36 @@ t.test(
     t.equal(image.pageClass[33], PageClass.DATA);
   },
 );
+
+t.test('page writer: a carried zero run spans write() calls as one ZERO frame', async (t) => {
+  const image = openImage(img.path, img.regions);
+  t.teardown(() => image.close());
+  const writer = new PageWriter(image, new SlabPool(24 + 256 * 1024, 4));
+  const summarize = (carry: boolean): { frames: string[]; stats: SpanStats } => {
+    const frames: string[] = [];
+    const sink = (f: Uint8Array): void => {
+      const d = decodeFrame(f);
+      if (d.type === FrameType.DATA) frames.push(`D${d.offset / 4096}+${d.payload.length / 4096}`);
+      if (d.type === FrameType.ZERO) frames.push(`Z${d.offset / 4096}+${d.length / 4096}`);
+    };
+    const stats = newSpanStats();
+    const z = newPendingZero();
+    // Pages 4..15 are zero (see above): split the run over three calls, as background spans do.
+    for (const [first, count] of [
+      [4, 3],
+      [7, 5],
+      [12, 6],
+    ] as const) {
+      writer.write(image.regions[0]!, first, count, 0, 16384, sink, stats, carry ? z : undefined);
+    }
+    writer.flushZero(z, sink, stats);
+    return { frames, stats };
+  };
+  const carried = summarize(true);
+  t.same(carried.frames, ['Z4+12', 'D16+2'], 'one ZERO frame for the whole run');
+  t.equal(carried.stats.zeroFrames, 1);
+  t.equal(carried.stats.zeroPages, 12);
+  const plain = summarize(false);
+  t.same(plain.frames, ['Z4+3', 'Z7+5', 'Z12+4', 'D16+2'], 'without a carry: one per call');
+  t.equal(plain.stats.zeroPages, 12, 'the same pages either way');
+});
