@@ -1,6 +1,6 @@
 /**
- * The bulk thread (see bulk.ts): runs every session's background channel at a lower CPU priority
- * than the main thread. Per session: the background Link (reconnects like the demand one), the
+ * The bulk thread (see bulk.ts): runs every session's background channel beside the main
+ * thread, which serves faults. Per session: the background Link (reconnects like the demand one), the
  * HAVE sync on every (re)connect and after a PROGRESS DONE with pages still missing, the credit
  * window, checksum-verified frames placed straight from the ws message into the VMM's memory.
  * It never reads the uffd (the main thread does): a placement that meets EAGAIN (a REMOVE or

@@ -30,7 +30,7 @@ export interface DestDaemonOptions {
   log: Logger;
   /** The bulk thread logs at this level (default info). */
   logLevel?: LogLevel;
-  /** Nice value of the bulk thread, which places background pages (default 10; 0 = none). */
+  /** Nice value of the bulk thread, which places background pages (default 0). */
   bulkNice?: number;
   metrics: DestMetrics;
   /** Returns the Prometheus exposition for /metrics. */
@@ -65,7 +65,7 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
   const sessions = new Map<string, Session>();
   const ended: SessionStats[] = [];
   const bulk = new BulkThread({
-    nice: opts.bulkNice ?? 10,
+    nice: opts.bulkNice ?? 0,
     logLevel: opts.logLevel ?? 'info',
     log,
   });

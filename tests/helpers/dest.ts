@@ -15,6 +15,8 @@ export interface TestDestOptions {
   connectTimeoutMs?: number;
   reconnectTimeoutMs?: number;
   metrics?: DestMetrics;
+  /** Nice value of the bulk thread (the daemon's default when absent). */
+  bulkNice?: number;
 }
 
 export function startTestDest(socketPath: string, o: TestDestOptions = {}): Promise<DestDaemon> {
@@ -34,6 +36,7 @@ export function startTestDest(socketPath: string, o: TestDestOptions = {}): Prom
     },
     log: silentLogger,
     metrics: o.metrics ?? noopDestMetrics,
+    ...(o.bulkNice !== undefined ? { bulkNice: o.bulkNice } : {}),
   });
 }
 

@@ -32,13 +32,13 @@ async function waitFor(what: () => boolean, ms = 5000): Promise<boolean> {
 }
 
 t.test(
-  'the bulk thread runs at nice 10 beside a main thread at 0, and stops with the daemon',
+  'bulkNice 10: the bulk thread runs at nice 10 beside a main thread at 0, and stops with the daemon',
   async (t) => {
     const niced = (): number[] =>
       [...threadNices()].filter(([, n]) => n === 10).map(([tid]) => tid);
     t.same(niced(), [], 'no niced thread before the daemon');
     const dir = mkdtempSync(join(tmpdir(), 'yabusame-bulk-'));
-    const dest = await startTestDest(join(dir, 'dest.sock'));
+    const dest = await startTestDest(join(dir, 'dest.sock'), { bulkNice: 10 });
     t.ok(await waitFor(() => niced().length === 1), `one thread at nice 10 (${niced().join(',')})`);
     t.equal(threadNices().get(process.pid), 0, 'the main thread keeps nice 0');
     await dest.close();

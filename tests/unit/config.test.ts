@@ -52,7 +52,7 @@ t.test('dest defaults', async (t) => {
     connectTimeoutMs: 5000,
     completeTimeoutMs: 10000,
     backgroundWindowBytes: 8 * 1024 * 1024,
-    bulkThreadNice: 10,
+    bulkThreadNice: 0,
     backgroundDelayMs: 0,
     reconnectTimeoutMs: 120000,
     heartbeatMs: 5000,
