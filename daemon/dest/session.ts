@@ -593,6 +593,11 @@ export class Session {
    * the source acknowledges it or completeTimeoutMs passes; then the VMM hears `complete`.
    */
   private async complete(): Promise<void> {
+    // Every page is settled: the background channel has nothing left to bring. Close it before
+    // COMPLETE goes out, so the source's close after its ack never looks like a lost connection
+    // to the bulk thread; its last counts arrive before it confirms, so the reply is exact.
+    await this.background?.close();
+    if (this.stateValue !== 'completing') return;
     const acked = await new Promise<boolean>((resolve) => {
       const timer = setTimeout(() => resolve(false), this.deps.config.completeTimeoutMs);
       this.completeAck = () => {
@@ -607,11 +612,8 @@ export class Session {
         timeoutMs: this.deps.config.completeTimeoutMs,
       });
     }
-    // The source closes both channels after its ack: ours go first, so no loss is reported.
-    // The bulk thread's last counts arrive before it confirms the close: the reply is exact.
+    // The source closes the demand channel after its ack: ours goes first, so no loss is logged.
     this.demand?.close();
-    await this.background?.close();
-    if (this.stateValue !== 'completing') return;
     for (const r of this.map.regions) uffd.unregister(this.uffdFd, r.base, r.sizeBytes);
     this.stateValue = 'done';
     const s = this.stats();

@@ -52,9 +52,9 @@ t.before(async () => {
 });
 
 let imageSeed = 100;
-async function image(): Promise<string> {
+async function image(sizeBytes = SIZE): Promise<string> {
   const path = join(dir, `image-${imageSeed}.ram`);
-  await generateImage({ path, sizeBytes: SIZE, seed: imageSeed++ });
+  await generateImage({ path, sizeBytes, seed: imageSeed++ });
   return path;
 }
 
@@ -167,8 +167,9 @@ async function migrateWithFault(
   id: string,
   fraction: number,
   inject: (p: ChaosProxy) => void | Promise<void>,
+  sizeBytes = SIZE,
 ): Promise<{ r: VmSimResult; s: SessionStats; at: number; p: ChaosProxy }> {
-  const img = await image();
+  const img = await image(sizeBytes);
   await registerMigration(source, { id, image: img, frozen: true });
   const p = await proxy();
   const run = migrate(id, img, p.url, { seed: imageSeed });
@@ -207,14 +208,21 @@ t.test('(b) cut the background connection mid-stream', async (t) => {
 });
 
 t.test('(c) cut both connections, three times', async (t) => {
-  const { r, s, p } = await migrateWithFault('nf-both', 0.1, async (p) => {
-    for (let i = 0; i < 3; i++) {
-      // Each time after the dest has restored both channels (WELCOME received, not just dialed).
-      await waitReconnects('nf-both', 2 * i);
-      await p.waitFor((c) => c.filter((x) => x.channel).length === 2);
-      t.equal(p.cutAll(), 2, `cut ${i + 1}: both connections`);
-    }
-  });
+  // A larger image: three cuts, each after both links are back (backoff from 50 ms), must fit in
+  // one migration, and 32 MiB arrive in well under 100 ms.
+  const { r, s, p } = await migrateWithFault(
+    'nf-both',
+    0.1,
+    async (p) => {
+      for (let i = 0; i < 3; i++) {
+        // Each time after the dest has restored both channels (WELCOME received, not just dialed).
+        await waitReconnects('nf-both', 2 * i);
+        await p.waitFor((c) => c.filter((x) => x.channel).length === 2);
+        t.equal(p.cutAll(), 2, `cut ${i + 1}: both connections`);
+      }
+    },
+    256 * MiB,
+  );
   assertVerified(t, r);
   t.equal(p.stats().cuts, 6);
   // Before each of the first two cuts both channels were back (waitReconnects); after the last
