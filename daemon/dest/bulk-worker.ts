@@ -105,6 +105,7 @@ class BulkSession {
         connectTimeoutMs: init.connectTimeoutMs,
         heartbeatMs: init.heartbeatMs,
         reconnectTimeoutMs: init.reconnectTimeoutMs,
+        retryFirst: init.retryFirst,
         log: sessionLog,
       },
       {

@@ -26,6 +26,8 @@ export interface BulkSessionInit {
   connectTimeoutMs: number;
   heartbeatMs: number;
   reconnectTimeoutMs: number;
+  /** Retry the first connection (a resumed handoff); see LinkOptions.retryFirst. */
+  retryFirst: boolean;
 }
 
 export type ToBulk =

@@ -21,6 +21,12 @@ export interface LinkOptions {
   connectTimeoutMs: number;
   heartbeatMs: number;
   reconnectTimeoutMs: number;
+  /**
+   * Retry the first connection too (with backoff, for up to reconnectTimeoutMs), instead of
+   * failing fast. For a resumed handoff: the guest already runs here, so a source that is down
+   * for a moment must not end its migration.
+   */
+  retryFirst?: boolean;
   /** First retry delay; doubles up to maxBackoffMs. */
   minBackoffMs?: number;
   maxBackoffMs?: number;
@@ -61,9 +67,12 @@ export class Link {
     return this.channel?.isOpen ?? false;
   }
 
-  /** The first connection: rejects (no retry) so a handoff to an unreachable source fails fast. */
+  /**
+   * The first connection: rejects at once (no retry) so a handoff to an unreachable source fails
+   * fast, unless `retryFirst`.
+   */
   async open(): Promise<PageChannel> {
-    const ch = await this.dial();
+    const ch = this.opts.retryFirst ? await this.dialUntilTimeout() : await this.dial();
     if (this.closed) {
       // The session ended while we were connecting (the VMM left, the other link failed).
       ch.close();
@@ -98,6 +107,31 @@ export class Link {
     if (!ch || this.closed) return;
     ch.close(info.code, info.message);
     this.onLost(ch, info);
+  }
+
+  private async dialUntilTimeout(): Promise<PageChannel> {
+    const start = Date.now();
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.dial();
+      } catch (err) {
+        const left = this.opts.reconnectTimeoutMs - (Date.now() - start);
+        if (this.closed || left <= 0) throw err;
+        this.opts.log.warn('source not reachable yet; retrying', {
+          channel: this.name,
+          code: (err as { code?: string }).code,
+          reason: (err as Error).message,
+        });
+        await new Promise((r) => setTimeout(r, Math.min(this.backoffMs(attempt), left)));
+      }
+    }
+  }
+
+  private backoffMs(attempt: number): number {
+    const min = this.opts.minBackoffMs ?? 50;
+    const max = this.opts.maxBackoffMs ?? 2000;
+    const base = Math.min(max, min * 2 ** attempt);
+    return base / 2 + Math.random() * (base / 2);
   }
 
   private dial(): Promise<PageChannel> {
@@ -161,13 +195,7 @@ export class Link {
       this.hooks.gaveUp(this.lastLoss);
       return;
     }
-    const min = this.opts.minBackoffMs ?? 50;
-    const max = this.opts.maxBackoffMs ?? 2000;
-    const base = Math.min(max, min * 2 ** this.attempt++);
-    const delayMs = Math.min(
-      base / 2 + Math.random() * (base / 2),
-      this.opts.reconnectTimeoutMs - downMs,
-    );
+    const delayMs = Math.min(this.backoffMs(this.attempt++), this.opts.reconnectTimeoutMs - downMs);
     this.retryTimer = setTimeout(() => {
       this.retryTimer = null;
       this.dial().then(

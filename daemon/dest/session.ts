@@ -198,6 +198,7 @@ export class Session {
           connectTimeoutMs: config.connectTimeoutMs,
           heartbeatMs: config.heartbeatMs,
           reconnectTimeoutMs: config.reconnectTimeoutMs,
+          retryFirst: this.request.resume === true,
           log: this.log,
         },
         {
@@ -224,6 +225,7 @@ export class Session {
           connectTimeoutMs: config.connectTimeoutMs,
           heartbeatMs: config.heartbeatMs,
           reconnectTimeoutMs: config.reconnectTimeoutMs,
+          retryFirst: this.request.resume === true,
         },
         {
           placed: (counts) => this.onBulkPlaced(counts),

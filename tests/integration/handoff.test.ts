@@ -127,6 +127,21 @@ t.test('an unreachable source', async (t) => {
   sys.close(fd);
 });
 
+t.test('a resumed handoff retries an unreachable source before it gives up', async (t) => {
+  // The test dest gives a lost source reconnectTimeoutMs = 300 ms; a new handoff fails at once.
+  const { base, fd } = guestRam();
+  const t0 = Date.now();
+  await expectRefusal(
+    t,
+    encodeHandoff(request(base, { migrationId: 'vm-resume', resume: true })),
+    [fd],
+    'SOURCE_UNREACHABLE',
+  );
+  const waited = Date.now() - t0;
+  t.ok(waited >= 300, `it kept trying for ${waited} ms`);
+  sys.close(fd);
+});
+
 t.test('a handoff that never ends times out', async (t) => {
   const { fd } = guestRam();
   await expectRefusal(t, Buffer.from('{"type":"handoff"'), [fd], 'HANDOFF_TIMEOUT');
