@@ -3,7 +3,7 @@
  * two channels to the source. Faults are read in the event loop (uv_poll on the uffd), requested
  * once each on the demand channel, and placed when their data arrives; the background channel
  * fills in everything else under credit-based flow control, on the bulk thread (bulk.ts), which
- * shares the page map and runs at a lower priority so that faults go first.
+ * shares the page map and holds back while faults await their pages.
  *
  * States (checked): connecting -> running -> completing -> done, and any -> failed.
  * Ordering written down here:

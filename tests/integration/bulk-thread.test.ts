@@ -1,6 +1,7 @@
 /**
- * The dest's bulk thread (background pages) runs below the main thread's priority, and goes
- * away with the daemon. Read from /proc: the kernel's view, not the daemon's.
+ * The dest's bulk thread (background pages) runs at the nice value it is given (bulkThreadNice)
+ * while the main thread keeps its own, and goes away with the daemon. Read from /proc: the
+ * kernel's view, not the daemon's.
  */
 import t from 'tap';
 import { mkdtempSync, readdirSync, readFileSync } from 'node:fs';
