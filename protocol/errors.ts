@@ -59,6 +59,7 @@ export const HANDOFF_ERROR_CODES = [
   'UNKNOWN_MIGRATION',
   'VERSION_UNSUPPORTED',
   'BAD_STATE',
+  'INTERNAL_ERROR',
   'SESSION_FAILED',
 ] as const;
 export type HandoffErrorCode = (typeof HANDOFF_ERROR_CODES)[number];

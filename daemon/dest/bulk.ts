@@ -102,6 +102,8 @@ export interface BulkThreadOptions {
   nice: number;
   logLevel: LogLevel;
   log: Logger;
+  /** The worker's entry (tests give a stand-in); default bulk-worker.js next to this file. */
+  workerUrl?: URL;
 }
 
 /**
@@ -122,7 +124,7 @@ export class BulkThread implements BulkLaneFactory {
   }
 
   private spawn(): Worker {
-    const worker = new Worker(new URL('./bulk-worker.js', import.meta.url), {
+    const worker = new Worker(this.opts.workerUrl ?? new URL('./bulk-worker.js', import.meta.url), {
       workerData: {
         nice: this.opts.nice,
         logLevel: this.opts.logLevel,

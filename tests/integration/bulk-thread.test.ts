@@ -4,9 +4,13 @@
  * kernel's view, not the daemon's.
  */
 import t from 'tap';
-import { mkdtempSync, readdirSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { BulkThread } from '../../daemon/dest/bulk.js';
+import { PageMap } from '../../daemon/dest/page-map.js';
+import { silentLogger } from '../../daemon/ops/log.js';
 import { startTestDest } from '../helpers/dest.js';
 
 /** Nice value of every thread of this process, by thread id. */
@@ -44,5 +48,62 @@ t.test(
     t.equal(threadNices().get(process.pid), 0, 'the main thread keeps nice 0');
     await dest.close();
     t.ok(await waitFor(() => niced().length === 0), 'the bulk thread ended with the daemon');
+  },
+);
+
+t.test(
+  'a bulk thread that dies fails its sessions with a code, and the next one gets a new thread',
+  async (t) => {
+    // A stand-in worker that dies on its first message, as a crashed bulk thread would.
+    const dir = mkdtempSync(join(tmpdir(), 'yabusame-bulk-'));
+    const script = join(dir, 'dies.mjs');
+    writeFileSync(
+      script,
+      "import { parentPort } from 'node:worker_threads';\n" +
+        "parentPort.on('message', () => process.exit(7));\n",
+    );
+    const bulk = new BulkThread({
+      nice: 0,
+      logLevel: 'error',
+      log: silentLogger,
+      workerUrl: pathToFileURL(script),
+    });
+    t.teardown(() => bulk.stop());
+    // The thread is unref'd (a daemon's sockets keep it alive); here a timer does.
+    const keepAlive = setInterval(() => {}, 1000);
+    t.teardown(() => clearInterval(keepAlive));
+    const map = new PageMap([
+      { base: 0x7000_0000_0000, sizeBytes: 1 << 20, offset: 0, pageSizeBytes: 4096 },
+    ]);
+    const init = {
+      migrationId: 'vm-bulk-dies',
+      source: 'ws://127.0.0.1:1',
+      uffd: -1,
+      map: map.share(),
+      windowBytes: 1 << 20,
+      connectTimeoutMs: 1000,
+      heartbeatMs: 0,
+      reconnectTimeoutMs: 1000,
+      retryFirst: false,
+    };
+    for (const round of [1, 2]) {
+      const failures: string[] = [];
+      const lane = bulk.lane(init, {
+        placed: () => {},
+        lost: () => {},
+        error: () => {},
+        sourceDone: () => {},
+        completeAck: () => {},
+        fail: (code) => failures.push(code),
+      });
+      const opened = await lane.open().then(
+        () => 'opened',
+        (err: { code?: string }) => err.code,
+      );
+      t.equal(opened, 'INTERNAL_ERROR', `round ${round}: open fails with INTERNAL_ERROR`);
+      t.same(failures, ['INTERNAL_ERROR'], `round ${round}: the session hears INTERNAL_ERROR`);
+      await lane.close(); // resolves: a dead thread holds no uffd
+      t.pass(`round ${round}: close resolved`);
+    }
   },
 );
