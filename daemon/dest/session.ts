@@ -327,7 +327,7 @@ export class Session {
     for (let i = 0; i < c.existed; i++) m.placeExists();
     this.counts.retries += c.retries;
     for (let i = 0; i < c.retries; i++) m.placeRetry();
-    this.settleAllInflight();
+    this.settleInflight();
     this.checkComplete();
   }
 
@@ -537,7 +537,7 @@ export class Session {
         return;
       }
     }
-    this.settleInflight(r, first, count);
+    this.settleInflight();
     this.checkComplete();
   }
 
@@ -553,23 +553,11 @@ export class Session {
     this.deps.metrics.pagesPlaced(path, zero ? 'zero' : 'data', placed);
   }
 
-  /** Faults on pages now settled are served: record how long each vCPU waited. */
-  private settleInflight(r: RegionMap, first: number, count: number): void {
-    if (this.inflight.size === 0) return;
-    const now = performance.now();
-    for (let p = first; p < first + count; p++) {
-      const off = r.imageOffset(p);
-      const t0 = this.inflight.get(off);
-      if (t0 !== undefined && r.state[p]! >= PageState.PRESENT) {
-        this.inflight.delete(off);
-        this.deps.bulk.faultsAwaited(-1);
-        this.deps.metrics.faultServiceSeconds((now - t0) / 1000);
-      }
-    }
-  }
-
-  /** After bulk placements: every awaited page that is settled now was served. */
-  private settleAllInflight(): void {
+  /**
+   * Awaited pages that are settled now (placed by either thread) were served: record how long
+   * each vCPU waited. Walks the awaited faults, a handful, not the pages just placed.
+   */
+  private settleInflight(): void {
     if (this.inflight.size === 0) return;
     const now = performance.now();
     for (const [off, t0] of this.inflight) {
