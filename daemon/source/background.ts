@@ -143,11 +143,16 @@ export class BackgroundStreamer {
         more = this.span(ch, budget);
       }
       // The run carried to the end of the turn: its pages are marked sent, so send it now.
-      const stats = newSpanStats();
-      this.writer.flushZero(this.zeroRun, (f) => ch.send(f), stats);
-      this.settle(stats);
+      this.flushCarried(ch);
     });
     if (more) this.kick();
+  }
+
+  /** Sends the zero run carried across spans, if any, and accounts for it. */
+  private flushCarried(ch: SourceChannel): void {
+    const stats = newSpanStats();
+    this.writer.flushZero(this.zeroRun, (f) => ch.send(f), stats);
+    this.settle(stats);
   }
 
   /** Accounts for what went out: credit (a ZERO frame costs its header) and the hook. */
@@ -161,9 +166,7 @@ export class BackgroundStreamer {
   private span(ch: SourceChannel, budget: { bytes: number; frames: number }): boolean {
     const page = this.sent.nextUnsent(this.cursor);
     if (page < 0) {
-      const stats = newSpanStats();
-      this.writer.flushZero(this.zeroRun, (f) => ch.send(f), stats);
-      this.settle(stats);
+      this.flushCarried(ch); // before PROGRESS DONE
       if (!this.doneSent) {
         this.doneSent = true;
         this.progress(ch, ProgressFlag.DONE);
