@@ -80,6 +80,12 @@ export interface ChaosProxyOptions {
   random?: RandomFaults | null;
   /** Every injected fault, as it happens. */
   onFault?: (e: FaultEvent) => void;
+  /**
+   * A slow link: each connection forwards at most this many source→dest bytes per second
+   * (0 or absent: as fast as the sockets go). Not a fault; it makes a migration last long enough
+   * to be hit several times, whatever the machine's speed.
+   */
+  downBytesPerSec?: number;
 }
 
 /** A small, fast, seedable PRNG (mulberry32). */
@@ -125,6 +131,9 @@ class Conn {
   bytesDown = 0;
   stalled = false;
   private stallTimer: NodeJS.Timeout | null = null;
+  /** Pacing of source→dest bytes: when the bytes forwarded so far are due (performance.now()). */
+  private paceDue = 0;
+  private paceTimer: NodeJS.Timeout | null = null;
   private closed = false;
   private sniff: Buffer | null = Buffer.alloc(0);
   readonly up: Pipe;
@@ -154,9 +163,7 @@ class Conn {
         if (this.client.destroyed && this.upstream.destroyed) this.destroy();
         else if (!p.ended || this.stalled) this.destroy();
       });
-      p.to.on('drain', () => {
-        if (!this.stalled) p.from.resume();
-      });
+      p.to.on('drain', () => this.resumeIfFree(p));
     }
     // Nothing is read from the dest before the source answers the connect.
     client.pause();
@@ -193,6 +200,7 @@ class Conn {
       const start = this.bytesDown;
       this.bytesDown += chunk.length;
       this.proxy.maybeCorrupt(this, chunk, start);
+      this.pace(chunk.length);
     }
     if (this.stalled) {
       p.held.push(chunk);
@@ -201,6 +209,26 @@ class Conn {
       return;
     }
     if (!p.to.write(chunk)) p.from.pause();
+  }
+
+  /** Reads from `p` again unless a stall, the pace or a full peer holds it. */
+  private resumeIfFree(p: Pipe): void {
+    if (this.closed || this.stalled || (p === this.down && this.paceTimer)) return;
+    if (!p.to.writableNeedDrain) p.from.resume();
+  }
+
+  /** Stops reading the source until `bytes` more are due at the configured rate. */
+  private pace(bytes: number): void {
+    const rate = this.proxy.downBytesPerSec;
+    if (rate <= 0) return;
+    const now = performance.now();
+    this.paceDue = Math.max(this.paceDue, now) + (bytes * 1000) / rate;
+    if (this.paceTimer || this.paceDue - now < 1) return;
+    this.down.from.pause();
+    this.paceTimer = setTimeout(() => {
+      this.paceTimer = null;
+      this.resumeIfFree(this.down);
+    }, this.paceDue - now);
   }
 
   /** Reads the channel byte of the dest's HELLO: the first ws frame after the upgrade request. */
@@ -256,7 +284,7 @@ class Conn {
       p.heldBytes = 0;
       let ok = true;
       for (const chunk of held) ok = p.to.write(chunk);
-      if (ok) p.from.resume();
+      if (ok) this.resumeIfFree(p);
       else p.from.pause();
     }
   }
@@ -266,6 +294,8 @@ class Conn {
     this.closed = true;
     if (this.stallTimer) clearTimeout(this.stallTimer);
     this.stallTimer = null;
+    if (this.paceTimer) clearTimeout(this.paceTimer);
+    this.paceTimer = null;
     this.stalled = false;
     this.up.held = [];
     this.down.held = [];
@@ -284,6 +314,8 @@ export class ChaosProxy {
   private readonly skip: number;
   private readonly target: { host: string; port: number };
   private readonly onFault: ((e: FaultEvent) => void) | undefined;
+  /** See ChaosProxyOptions.downBytesPerSec (0: unpaced). */
+  readonly downBytesPerSec: number;
   /** Armed corruptions, consumed in order by the next eligible chunk of a matching connection. */
   private armed: Array<{ filter: ConnFilter | undefined; random: boolean }> = [];
   private randomTimer: NodeJS.Timeout | null = null;
@@ -308,6 +340,7 @@ export class ChaosProxy {
     this.skip = opts.corruptSkipBytes ?? 512;
     this.target = { host: opts.target.host ?? '127.0.0.1', port: opts.target.port };
     this.onFault = opts.onFault;
+    this.downBytesPerSec = opts.downBytesPerSec ?? 0;
     server.on('connection', (client) => this.accept(client));
     if (opts.random) this.setRandom(opts.random);
   }

@@ -103,6 +103,22 @@ t.test('forwards both ways, byte for byte', async (t) => {
   t.equal(p.stats().cuts, 0, 'an orderly close is no fault');
 });
 
+t.test('a paced link forwards source to dest no faster than its rate, intact', async (t) => {
+  const rate = 4 << 20; // bytes per second
+  const p = await proxy({ downBytesPerSec: rate });
+  const s = await connect(p.port);
+  const data = randomBytes(2 << 20);
+  const t0 = performance.now();
+  s.write(data);
+  const back = await readN(s, data.length);
+  const ms = performance.now() - t0;
+  t.ok(back.equals(data), '2 MiB echoed intact');
+  // The first chunk passes at once; everything after it waits for its share of the rate.
+  const floorMs = ((data.length - 256 * 1024) * 1000) / rate;
+  t.ok(ms >= floorMs, `took ${ms.toFixed(0)} ms, at least ${floorMs.toFixed(0)} ms`);
+  s.destroy();
+});
+
 t.test('cut destroys both sockets', async (t) => {
   const p = await proxy();
   const [a, b] = await Promise.all([connect(p.port), connect(p.port)]);
