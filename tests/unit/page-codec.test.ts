@@ -266,6 +266,22 @@ t.test('encodeDataHeaderInto writes the header in front of a payload in place', 
   t.equal(slab[slab.length - 5], 0xee, 'the byte after is untouched');
 });
 
+t.test(
+  'page-sized payloads carry the reference CRC-32 too (the codec checksums them another way)',
+  async (t) => {
+    // Payloads of 256 bytes and more go through a SIMD CRC-32, headers through zlib's: both must
+    // agree with the test's own table-driven CRC-32, at odd sizes and offsets.
+    for (const size of [255, 256, 4096, 4096 + 13, 256 * 1024]) {
+      const slab = Buffer.alloc(3 + HeaderSize.DATA + size);
+      for (let i = 0; i < slab.length; i++) slab[i] = (i * 2654435761) >>> 24;
+      const frame = slab.subarray(3);
+      encodeDataHeaderInto(frame, DataFlag.DEMAND, 4096 * size);
+      t.equal(frame.readUInt32LE(16), expectedChecksum(frame)!.crc, `${size}-byte payload`);
+      t.equal(decodeFrame(frame).type, FrameType.DATA, 'and it decodes');
+    }
+  },
+);
+
 t.test('encodeHave: limits', async (t) => {
   const max = Array.from({ length: Limits.MAX_HAVE_ENTRIES }, (_, i) => ({
     offset: i * 8192,
