@@ -1,4 +1,4 @@
-#!/usr/bin/env -S node --max-semi-space-size=1
+#!/usr/bin/env -S MALLOC_ARENA_MAX=2 node --max-semi-space-size=1
 // Entry point of the `yabusame` command; the TypeScript sources are compiled to dist/ by `npm run build`
 // (npm ci runs it through the `prepare` script).
 // --max-semi-space-size=1 (MiB): a small young generation keeps the daemons' scavenges short and

@@ -51,10 +51,11 @@ export interface Daemon {
 function spawnCli(args: string[], logPath: string): ChildProcess {
   // YABUSAME_DAEMON_NODE_ARGS passes node flags to the daemons (e.g. --cpu-prof for profiling).
   const nodeArgs = (process.env['YABUSAME_DAEMON_NODE_ARGS'] ?? '').split(' ').filter(Boolean);
-  // The flags of bin/yabusame.js's shebang, which this bypasses.
+  // The flags and environment of bin/yabusame.js's shebang, which this bypasses.
   const flags = ['--enable-source-maps', '--max-semi-space-size=1'];
   const child = spawn(process.execPath, [...flags, ...nodeArgs, CLI, ...args], {
     stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, MALLOC_ARENA_MAX: '2' },
   });
   child.stderr!.pipe(createWriteStream(logPath));
   return child;
