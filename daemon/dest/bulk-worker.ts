@@ -23,8 +23,8 @@ import * as sys from '../linux/sys.js';
 import { connectPageChannel, type PageChannel } from '../transport/client.js';
 import { createLogger, type Logger, type LogLevel } from '../ops/log.js';
 import { Link } from './link.js';
-import { PageMap, frameRun, settledRanges, sourceMismatch } from './page-map.js';
-import { placeRun } from './placer.js';
+import { Gate, PageMap, frameRun, settledRanges, sourceMismatch } from './page-map.js';
+import { placeRun, type PlaceOutcome } from './placer.js';
 import type { BulkCounts, BulkSessionInit, FromBulk, ToBulk } from './bulk.js';
 
 /** How long a placement that met EAGAIN waits before it tries again, ms. */
@@ -239,7 +239,14 @@ class BulkSession {
   private place(region: number, first: number, count: number, data: Buffer | null): void {
     if (this.closed) return;
     const r = this.map.regions[region]!;
-    const out = placeRun(this.init.uffd, this.map, r, first, count, data);
+    // Under the gate: never between the main thread's read of a REMOVE event and its marks.
+    this.map.enterGate(Gate.BULK);
+    let out: PlaceOutcome;
+    try {
+      out = placeRun(this.init.uffd, this.map, r, first, count, data);
+    } finally {
+      this.map.leaveGate();
+    }
     if (out.kind === 'gone') {
       this.fail('VMM_GONE', `placement failed with ${out.errno}: the VMM's memory is gone`);
       return;

@@ -7,6 +7,15 @@
  * demand pages, discards) and the bulk thread (background pages). Every transition is a
  * compare-and-swap, and the settled count is one shared counter, so neither thread can undo the
  * other's step. The bulk thread only ever moves an unsettled page to PRESENT (markPlaced).
+ *
+ * The placement gate closes the one window the states cannot: the kernel refuses copies into a
+ * range the guest discarded (EAGAIN) only while its REMOVE event is queued. Once the main thread
+ * has read the event, a copy succeeds again, and the range is DISCARDED in the map only when the
+ * main thread has handled the event; a bulk copy in between would put source data where the
+ * guest must read zeros. So the main thread holds the gate from reading events until it has
+ * marked them, and the bulk thread holds it around each placement (check, ioctl, mark): a
+ * placement then either ends before the read (and the kernel zaps it or refuses it) or sees the
+ * DISCARDED marks. The bulk thread holds it for one run, tens of microseconds.
  */
 import type { HandoffRegion } from '../../protocol/handoff.js';
 import { ProtocolError } from '../../protocol/errors.js';
@@ -61,12 +70,22 @@ export class RegionMap {
   }
 }
 
+/** Who holds the placement gate. */
+export const Gate = { FREE: 0, EVENTS: 1, BULK: 2 } as const;
+export type GateHolder = typeof Gate.EVENTS | typeof Gate.BULK;
+
 /** What another thread needs to open the same page map (structured-cloneable). */
 export interface SharedPageMap {
   regions: readonly HandoffRegion[];
   states: readonly SharedArrayBuffer[];
-  settled: SharedArrayBuffer;
+  /** Int32 words: [SETTLED] the settled count, [GATE] the placement gate. */
+  words: SharedArrayBuffer;
 }
+
+const SETTLED = 0;
+const GATE = 1;
+/** Compare-and-swap attempts before sleeping on a held gate (a holder keeps it for µs). */
+const GATE_SPINS = 100;
 
 const isSettled = (s: number): boolean => s >= PageState.PRESENT;
 
@@ -75,15 +94,15 @@ export class PageMap {
   private readonly byBase: RegionMap[];
   private readonly byOffset: RegionMap[];
   readonly totalPages: number;
-  /** [0]: pages PRESENT or DISCARDED (nothing more to fetch for them), shared by both threads. */
-  private readonly settled: Int32Array;
+  /** [SETTLED]: pages PRESENT or DISCARDED (nothing more to fetch); [GATE]: its holder. */
+  private readonly words: Int32Array;
 
   constructor(regions: readonly HandoffRegion[], shared?: SharedPageMap) {
     this.regions = regions.map((r, i) => new RegionMap(r, i, shared?.states[i]));
     this.byBase = [...this.regions].sort((a, b) => a.base - b.base);
     this.byOffset = [...this.regions].sort((a, b) => a.offset - b.offset);
     this.totalPages = this.regions.reduce((n, r) => n + r.pages, 0);
-    this.settled = new Int32Array(shared?.settled ?? new SharedArrayBuffer(4));
+    this.words = new Int32Array(shared?.words ?? new SharedArrayBuffer(8));
   }
 
   /** The same map, for another thread. */
@@ -97,13 +116,29 @@ export class PageMap {
         pageSizeBytes: r.pageSizeBytes,
       })),
       states: this.regions.map((r) => r.state.buffer as SharedArrayBuffer),
-      settled: this.settled.buffer as SharedArrayBuffer,
+      words: this.words.buffer as SharedArrayBuffer,
     };
+  }
+
+  /** Takes the placement gate (see the top of this file), waiting while the other thread has it. */
+  enterGate(who: GateHolder): void {
+    const w = this.words;
+    for (let spins = 0; ; spins++) {
+      const holder = Atomics.compareExchange(w, GATE, Gate.FREE, who);
+      if (holder === Gate.FREE) return;
+      if (holder === who) throw new Error('placement gate: already held by this thread');
+      if (spins >= GATE_SPINS) Atomics.wait(w, GATE, holder, 1);
+    }
+  }
+
+  leaveGate(): void {
+    Atomics.store(this.words, GATE, Gate.FREE);
+    Atomics.notify(this.words, GATE);
   }
 
   /** Pages PRESENT or DISCARDED: nothing more to fetch for them. */
   get settledPages(): number {
-    return Atomics.load(this.settled, 0);
+    return Atomics.load(this.words, SETTLED);
   }
 
   get complete(): boolean {
@@ -133,7 +168,7 @@ export class PageMap {
       }
       if (isSettled(from) !== isSettled(to)) delta += isSettled(to) ? 1 : -1;
     }
-    if (delta !== 0) Atomics.add(this.settled, 0, delta);
+    if (delta !== 0) Atomics.add(this.words, SETTLED, delta);
   }
 
   /**
@@ -155,14 +190,14 @@ export class PageMap {
         from = seen;
       }
     }
-    if (moved !== 0) Atomics.add(this.settled, 0, moved);
+    if (moved !== 0) Atomics.add(this.words, SETTLED, moved);
     return moved;
   }
 
   /** Moves page `p` from MISSING to `to` if nobody changed it first; returns the state it saw. */
   claim(r: RegionMap, p: number, to: PageStateValue): number {
     const seen = Atomics.compareExchange(r.state, p, PageState.MISSING, to);
-    if (seen === PageState.MISSING && isSettled(to)) Atomics.add(this.settled, 0, 1);
+    if (seen === PageState.MISSING && isSettled(to)) Atomics.add(this.words, SETTLED, 1);
     return seen;
   }
 }

@@ -40,7 +40,7 @@ import type { ConnectOptions, PageChannel } from '../transport/client.js';
 import type { HandoffConnection } from '../handoff/listener.js';
 import type { Logger } from '../ops/log.js';
 import type { DestMetrics, PagePath } from '../ops/metric-ports.js';
-import { PageMap, PageState, frameRun, sourceMismatch, type RegionMap } from './page-map.js';
+import { Gate, PageMap, PageState, frameRun, sourceMismatch, type RegionMap } from './page-map.js';
 import { placeRun } from './placer.js';
 import { Link } from './link.js';
 import type { BulkCounts, BulkLane, BulkLaneFactory } from './bulk.js';
@@ -105,6 +105,8 @@ export class Session {
   private demand: Link | null = null;
   private background: BulkLane | null = null;
   private backgroundReconnects = 0;
+  /** drainEvents nesting (it holds the placement gate at depth 1). */
+  private gateDepth = 0;
   private uffdWatch: sys.FdWatch | null = null;
   private readonly eventBuf = Buffer.alloc(32 * EVENT_BATCH);
   private readonly events: uffd.UffdEvent[] = [];
@@ -369,17 +371,29 @@ export class Session {
     }
   }
 
-  /** Reads every queued uffd event and acts on it; returns 'gone' if the mm went away. */
+  /**
+   * Reads every queued uffd event and acts on it; returns 'gone' if the mm went away. Holds the
+   * placement gate throughout (page-map.ts): no bulk placement between reading a REMOVE and
+   * marking its range. Re-entered from place() on EAGAIN (a fault on a discarded page is placed
+   * at once), which already holds it.
+   */
   private drainEvents(): 'ok' | 'gone' {
-    const events = this.events;
-    events.length = 0;
-    const status = uffd.drainEvents(this.uffdFd, this.eventBuf, events);
-    const now = performance.now();
-    for (const e of events) {
-      if (e.kind === 'pagefault') this.onFault(e.address, now);
-      else if (e.kind === 'remove' || e.kind === 'unmap') this.onDiscard(e.start, e.end);
+    const nested = this.gateDepth++ > 0;
+    if (!nested) this.map.enterGate(Gate.EVENTS);
+    try {
+      // A nested call must not reuse the array the outer one is walking.
+      const events = nested ? [] : this.events;
+      events.length = 0;
+      const status = uffd.drainEvents(this.uffdFd, this.eventBuf, events);
+      const now = performance.now();
+      for (const e of events) {
+        if (e.kind === 'pagefault') this.onFault(e.address, now);
+        else if (e.kind === 'remove' || e.kind === 'unmap') this.onDiscard(e.start, e.end);
+      }
+      return status;
+    } finally {
+      if (--this.gateDepth === 0) this.map.leaveGate();
     }
-    return status;
   }
 
   private onFault(address: number, now: number): void {

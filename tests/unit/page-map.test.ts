@@ -5,7 +5,13 @@
  */
 import t from 'tap';
 import { Worker } from 'node:worker_threads';
-import { PageMap, PageState, settledRanges, sourceMismatch } from '../../daemon/dest/page-map.js';
+import {
+  Gate,
+  PageMap,
+  PageState,
+  settledRanges,
+  sourceMismatch,
+} from '../../daemon/dest/page-map.js';
 
 const region = (pages: number, base = 0x7000_0000_0000, offset = 0) => ({
   base,
@@ -102,6 +108,56 @@ t.test('two threads marking the same pages keep the settled count exact', async 
   t.ok(placedHere + movedThere <= pages, 'no page was placed twice');
   t.ok(movedThere > 0 && placedHere > 0, `both threads placed (${movedThere} + ${placedHere})`);
 });
+
+t.test(
+  'the placement gate: a bulk placement waits while the main thread handles events',
+  async (t) => {
+    const map = new PageMap([region(4)]);
+    const r = map.regions[0]!;
+    // The worker plays the bulk thread: gate, then place page 0, as bulk-worker.ts does.
+    const code = `
+    const { workerData, parentPort } = require('node:worker_threads');
+    import(workerData.url).then(({ PageMap, Gate }) => {
+      const map = new PageMap(workerData.shared.regions, workerData.shared);
+      parentPort.postMessage('trying');
+      map.enterGate(Gate.BULK);
+      const moved = map.markPlaced(map.regions[0], 0, 2);
+      map.leaveGate();
+      parentPort.postMessage(moved);
+    });`;
+    // As the main thread does from reading a REMOVE event until its range is marked.
+    map.enterGate(Gate.EVENTS);
+    t.throws(() => map.enterGate(Gate.EVENTS), /already held/, 'not re-entrant by mistake');
+    const worker = new Worker(code, {
+      eval: true,
+      workerData: {
+        url: new URL('../../daemon/dest/page-map.js', import.meta.url).href,
+        shared: map.share(),
+      },
+    });
+    const messages: unknown[] = [];
+    const moved = new Promise<number>((resolve, reject) => {
+      worker.on('message', (m: unknown) => {
+        messages.push(m);
+        if (typeof m === 'number') resolve(m);
+      });
+      worker.on('error', reject);
+    });
+    const deadline = Date.now() + 5000;
+    while (!messages.includes('trying') && Date.now() < deadline) {
+      await new Promise((res) => setTimeout(res, 5));
+    }
+    await new Promise((res) => setTimeout(res, 100));
+    t.same(messages, ['trying'], 'the worker waits at the gate');
+    t.equal(r.state[0], PageState.MISSING, 'nothing placed while the gate is held');
+    map.mark(r, 0, 1, PageState.DISCARDED); // the event's range, marked before the gate opens
+    map.leaveGate();
+    t.equal(await moved, 1, 'after the gate: only the page that was not discarded');
+    t.equal(r.state[0], PageState.DISCARDED, 'the discard stands');
+    t.equal(r.state[1], PageState.PRESENT);
+    await worker.terminate();
+  },
+);
 
 t.test('sourceMismatch names what does not fit', async (t) => {
   const map = new PageMap([region(4)]);
