@@ -215,6 +215,7 @@ async function runSource(args: string[]): Promise<void> {
   const server = await startSourceServer({
     listen: config.listen,
     backgroundFrameBytes: config.backgroundFrameBytes,
+    bulkThreadNice: config.bulkThreadNice,
     metrics: createSourceMetrics(registry),
     log,
     httpHandler: (req, res) => {

@@ -183,6 +183,12 @@ export const SourceConfigSchema = z
     listen: hostPort.default({ host: '127.0.0.1', port: 7070 }),
     /** Largest background DATA frame, bytes (contiguous runs go out in one frame up to this). */
     backgroundFrameBytes: pageMultiple(4096, 16 * MiB).default(256 * KiB),
+    /**
+     * Nice value of the bulk thread that streams background pages (0-19; demand answers stay on
+     * the main thread). Raising it lets demand answers win the CPU from the stream, at the cost
+     * of a slower stream when the host is busy.
+     */
+    bulkThreadNice: int(0, 19).default(0),
     /** Exit once every configured migration has completed (one-shot use, demos). */
     exitWhenDone: z.boolean().default(false),
     logLevel: logLevel.default('info'),

@@ -49,5 +49,26 @@ export function createLogger(
   };
 }
 
+/**
+ * A logger whose records go to `send` as they are (another thread's logger writes them, so
+ * levels and the output are that logger's). Fields must survive structured cloning.
+ */
+export function forwardingLogger(
+  send: (level: LogLevel, msg: string, fields: LogFields) => void,
+  base: LogFields = {},
+): Logger {
+  const emit =
+    (level: LogLevel) =>
+    (msg: string, fields?: LogFields): void =>
+      send(level, msg, { ...base, ...fields });
+  return {
+    debug: emit('debug'),
+    info: emit('info'),
+    warn: emit('warn'),
+    error: emit('error'),
+    child: (fields) => forwardingLogger(send, { ...base, ...fields }),
+  };
+}
+
 /** A logger that drops everything (tests of pure logic). */
 export const silentLogger: Logger = createLogger('error', {}, () => {});

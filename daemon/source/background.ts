@@ -6,7 +6,8 @@
  *
  * Flow control: DATA payload only within the credit the dest granted (a ZERO frame costs 16), and
  * no new chunk while the socket holds more than `maxBufferedBytes`. One chunk per event loop turn
- * (setImmediate), so REQUESTs arriving meanwhile are read and answered before the next chunk.
+ * (setImmediate). It runs on the bulk thread (bulk-worker.ts); demand REQUESTs are answered on
+ * the main thread meanwhile, and where they ended arrives through `cursorHint`.
  */
 import { encodeProgress } from '../../protocol/page-codec.js';
 import { HeaderSize, ProgressFlag } from '../../protocol/wire.js';
@@ -26,6 +27,8 @@ export interface BackgroundOptions {
 
 export interface BackgroundHooks {
   sent(stats: SpanStats): void;
+  /** Where the demand answers ended since the last call (continueFrom from another thread), or -1. */
+  cursorHint?: () => number;
   /** Frame bytes that are not pages (PROGRESS). */
   overhead(bytes: number): void;
   failed(code: string): void;
@@ -128,6 +131,8 @@ export class BackgroundStreamer {
   private step(): void {
     const ch = this.channel;
     if (!this.running || this.awaitingHave || !ch || !ch.isOpen) return;
+    const hint = this.hooks.cursorHint?.() ?? -1;
+    if (hint >= 0) this.cursor = hint >= this.image.totalPages ? 0 : hint;
     if (ch.bufferedBytes > this.opts.maxBufferedBytes) {
       this.waitingDrain = true;
       ch.whenBufferedBelow(this.opts.maxBufferedBytes, () => {

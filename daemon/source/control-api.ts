@@ -138,7 +138,12 @@ export function controlApi(
         if (!mig) throw new SourceError('UNKNOWN_MIGRATION', `no migration ${id}`);
         return send(res, 200, mig.status());
       }
-      if (method === 'DELETE') return send(res, 200, registry.abort(id));
+      if (method === 'DELETE') {
+        const status = registry.abort(id);
+        // Answered once the image file is closed (the caller may delete it then).
+        await registry.released(id);
+        return send(res, 200, status);
+      }
     }
     throw new HttpError('METHOD_NOT_ALLOWED', `${method} is not allowed on ${path}`);
   };

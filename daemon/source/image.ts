@@ -9,7 +9,7 @@ import { O_RDONLY } from '../linux/abi.js';
 import { close, open, pread } from '../linux/sys.js';
 import { Limits, type RegionInfo } from '../../protocol/wire.js';
 import { SourceError } from './errors.js';
-import { scanExtents, type DataExtents } from './extents.js';
+import { makeExtents, scanExtents, type DataExtents } from './extents.js';
 
 export interface ImageRegionSpec {
   name: string;
@@ -134,11 +134,24 @@ export function validateRegions(
   });
 }
 
+/**
+ * What another thread needs to serve the same image (structured-cloneable): the fd is shared by
+ * the threads of the process, the page classes are shared memory, the extents are copied.
+ */
+export interface SharedImage {
+  path: string;
+  fd: number;
+  regions: ImageRegion[];
+  fileSizeBytes: number;
+  pageClass: SharedArrayBuffer;
+  extents: Float64Array[];
+}
+
 export class MemoryImage {
   readonly regions: readonly ImageRegion[];
   readonly totalPages: number;
   readonly totalBytes: number;
-  /** One PageClass per global page index. */
+  /** One PageClass per global page index (shared memory: both source threads classify). */
   readonly pageClass: Uint8Array;
   private readonly extents: readonly DataExtents[];
   private fd: number;
@@ -148,13 +161,19 @@ export class MemoryImage {
     fd: number,
     regions: ImageRegion[],
     readonly fileSizeBytes: number,
+    shared?: Pick<SharedImage, 'pageClass' | 'extents'>,
   ) {
     this.fd = fd;
     this.regions = regions;
     const last = regions[regions.length - 1]!;
     this.totalPages = last.firstPage + last.pageCount;
     this.totalBytes = regions.reduce((n, r) => n + r.sizeBytes, 0);
-    this.pageClass = new Uint8Array(this.totalPages);
+    if (shared) {
+      this.pageClass = new Uint8Array(shared.pageClass);
+      this.extents = shared.extents.map(makeExtents);
+      return;
+    }
+    this.pageClass = new Uint8Array(new SharedArrayBuffer(this.totalPages));
     this.extents = regions.map((r) => {
       const ext = scanExtents(fd, r.fileOffset, r.fileOffset + r.sizeBytes);
       // Pages are holes unless some data extent touches them.
@@ -168,6 +187,28 @@ export class MemoryImage {
       }
       return ext;
     });
+  }
+
+  /** The same image for another thread; only this one closes the fd (after that one let go). */
+  share(): SharedImage {
+    return {
+      path: this.path,
+      fd: this.fd,
+      regions: [...this.regions],
+      fileSizeBytes: this.fileSizeBytes,
+      pageClass: this.pageClass.buffer as SharedArrayBuffer,
+      extents: this.extents.map((e) => e.bounds),
+    };
+  }
+
+  /** An image another thread shared; release() it instead of close(). */
+  static fromShared(s: SharedImage): MemoryImage {
+    return new MemoryImage(s.path, s.fd, s.regions, s.fileSizeBytes, s);
+  }
+
+  /** Stops reading without closing the fd (an image from fromShared, whose owner closes it). */
+  release(): void {
+    this.fd = -1;
   }
 
   get closed(): boolean {

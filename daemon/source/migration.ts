@@ -1,20 +1,19 @@
 /**
- * One migration on the source: a memory image, its state, its two connections, the demand
- * server and the background streamer.
+ * One migration on the source: a memory image, its state, its demand connection and demand
+ * server, and its background lane (the streamer runs on the bulk thread, see bulk.ts).
  *
  *   registered ──freeze──► frozen ──COMPLETE from dest──► complete
  *        └──────abort──────┴──────abort──────► aborted
  *
  * Every transition is checked; an illegal one throws SourceError BAD_STATE. The image is
- * released (its fd closed) only on complete, or on an explicit abort.
+ * released (its fd closed) only on complete, or on an explicit abort, and only after the bulk
+ * thread stopped reading it.
  */
 import { ProtocolError } from '../../protocol/errors.js';
 import { encodeComplete } from '../../protocol/page-codec.js';
 import {
   Channel,
-  HaveFlag,
   HeaderSize,
-  type PageRange,
   FrameType,
   type ChannelKind,
   type Frame,
@@ -27,7 +26,7 @@ import {
   type ChannelCloseInfo,
   type SourceChannel,
 } from '../transport/source-channel.js';
-import { BackgroundStreamer } from './background.js';
+import type { SourceBulkLane, SourceBulkThread } from './bulk.js';
 import { DemandServer } from './demand.js';
 import { SourceError } from './errors.js';
 import type { MemoryImage } from './image.js';
@@ -89,11 +88,12 @@ export class Migration {
   private stateValue: MigrationState = 'registered';
   private readonly sent: SentMap;
   private readonly demand: DemandServer;
-  private readonly background: BackgroundStreamer;
+  /** The background stream, on the bulk thread (bulk.ts). */
+  private readonly background: SourceBulkLane;
   private readonly channels: Partial<Record<ChannelKind, SourceChannel>> = {};
-  /** A HAVE sync is under way (its first frame arrived, its LAST not yet). */
-  private haveSyncOpen = false;
-  private readonly counts = { demand: 0, background: 0, zero: 0 };
+  private readonly counts = { demand: 0, zero: 0 };
+  /** Resolves once the image is closed (after the bulk thread let go of it). */
+  private closedImage: Promise<void> | null = null;
 
   constructor(
     readonly id: string,
@@ -101,12 +101,13 @@ export class Migration {
     private readonly metrics: SourceMetrics,
     private readonly log: Logger,
     private readonly onEvent: (event: MigrationEvent) => void,
+    bulk: SourceBulkThread,
     opts: MigrationOptions = {},
   ) {
     this.sent = new SentMap(image.totalPages);
-    // Slabs sized for a full background frame; enough idle ones to refill the socket buffer.
+    // Demand answers are a page or a few: a handful of idle slabs (the bulk thread has its own).
     const frameBytes = opts.backgroundFrameBytes ?? DEFAULT_BACKGROUND_FRAME_BYTES;
-    const writer = new PageWriter(image, new SlabPool(HeaderSize.DATA + frameBytes, 32));
+    const writer = new PageWriter(image, new SlabPool(HeaderSize.DATA + frameBytes, 4));
     this.demand = new DemandServer(
       image,
       this.sent,
@@ -118,7 +119,7 @@ export class Migration {
       },
       {
         served: (stats, seconds, nextPage) => {
-          this.account('demand', stats);
+          this.account(stats);
           metrics.demandServiceSeconds(seconds);
           // Demand answers go out first; the background continues after the faulted range.
           this.background.continueFrom(nextPage);
@@ -126,21 +127,11 @@ export class Migration {
         failed: (code) => this.failed(code),
       },
     );
-    this.background = new BackgroundStreamer(
-      image,
-      this.sent,
-      writer,
-      {
-        frameBytes: opts.backgroundFrameBytes ?? DEFAULT_BACKGROUND_FRAME_BYTES,
-        maxBufferedBytes: opts.maxBufferedBytes ?? 4 * 1024 * 1024,
-        progressIntervalMs: opts.progressIntervalMs ?? 500,
-      },
-      {
-        sent: (stats) => this.account('background', stats),
-        overhead: (bytes) => metrics.bytesSent('background', bytes),
-        failed: (code) => this.failed(code),
-      },
-    );
+    this.background = bulk.lane(id, image, this.sent, {
+      frameBytes,
+      maxBufferedBytes: opts.maxBufferedBytes ?? 4 * 1024 * 1024,
+      progressIntervalMs: opts.progressIntervalMs ?? 500,
+    });
     metrics.migrationEvent('registered');
   }
 
@@ -148,10 +139,16 @@ export class Migration {
     return this.stateValue;
   }
 
-  /** Checks `hello` may attach now; throws ProtocolError BAD_STATE otherwise. */
-  checkHello(): void {
+  /** Checks `hello` may attach here now; throws ProtocolError BAD_STATE otherwise. */
+  checkHello(channel: ChannelKind): void {
     if (this.stateValue === 'complete' || this.stateValue === 'aborted') {
       throw new ProtocolError('BAD_STATE', `migration ${this.id} is ${this.stateValue}`);
+    }
+    if (channel === Channel.BACKGROUND) {
+      throw new ProtocolError(
+        'BAD_STATE',
+        'background connections are served at /v1/pages?channel=background (the bulk thread)',
+      );
     }
   }
 
@@ -171,12 +168,6 @@ export class Migration {
     this.metrics.connectionOpened(channelName(kind));
     channel.onFrame = (frame) => this.onFrame(channel, frame);
     channel.onClose = (info) => this.onClosed(channel, info);
-    if (kind === Channel.BACKGROUND) {
-      // Pages in flight on the old connection may be lost: the dest's HAVE sync says what it
-      // holds, and the stream waits for it before sending anything.
-      this.haveSyncOpen = false;
-      this.background.attach(channel);
-    }
   }
 
   freeze(): void {
@@ -187,15 +178,23 @@ export class Migration {
 
   abort(): void {
     this.transition('aborted');
-    this.shutdown((ch) => ch.fail('MIGRATION_ABORTED', `migration ${this.id} was aborted`));
+    this.shutdown('MIGRATION_ABORTED', `migration ${this.id} was aborted`);
   }
 
-  /** Releases the image without a state change (daemon shutdown). */
-  dispose(): void {
-    this.shutdown((ch) => ch.close('SHUTDOWN', 'the source is shutting down'));
+  /** Resolves once the image is closed (never before complete, abort or dispose). */
+  released(): Promise<void> {
+    return this.closedImage ?? new Promise(() => {});
+  }
+
+  /** Releases the image without a state change (daemon shutdown); resolves once it is closed. */
+  dispose(): Promise<void> {
+    this.shutdown('SHUTDOWN', 'the source is shutting down');
+    return this.closedImage!;
   }
 
   status(): MigrationStatus {
+    this.background.syncMetrics();
+    const bg = this.background.pages;
     return {
       id: this.id,
       state: this.stateValue,
@@ -205,13 +204,13 @@ export class Migration {
         total: this.image.totalPages,
         sent: this.sent.sentPages,
         demand: this.counts.demand,
-        background: this.counts.background,
-        zero: this.counts.zero,
+        background: bg.data + bg.zero,
+        zero: this.counts.zero + bg.zero,
       },
       bytes: { total: this.image.totalBytes, sent: this.sent.sentBytes },
       connections: {
         demand: this.channels[Channel.DEMAND]?.isOpen ?? false,
-        background: this.channels[Channel.BACKGROUND]?.isOpen ?? false,
+        background: this.background.connected,
       },
       pendingRequests: this.demand.pendingRequests,
     };
@@ -234,49 +233,12 @@ export class Migration {
       case FrameType.REQUEST:
         this.demand.request(channel, frame.ranges, this.stateValue === 'frozen');
         return;
-      case FrameType.CREDIT:
-        this.background.addCredit(frame.bytes);
-        return;
-      case FrameType.HAVE:
-        this.onHave(channel, frame.flags, frame.ranges);
-        return;
       case FrameType.COMPLETE:
         this.complete(channel, frame.pages);
         return;
       default:
         // The transport delivers only frames legal for the channel; anything else is a bug here.
         channel.fail('BAD_STATE', `unexpected frame type ${frame.type}`);
-    }
-  }
-
-  /**
-   * A HAVE sync from the dest: the first frame of a sync forgets what was sent, every frame marks
-   * the ranges the dest holds, and the LAST one lets the background stream the rest.
-   */
-  private onHave(channel: SourceChannel, flags: number, ranges: readonly PageRange[]): void {
-    if (!this.haveSyncOpen) {
-      this.sent.reset();
-      this.haveSyncOpen = true;
-    }
-    for (const range of ranges) {
-      let pos = range.offset;
-      const end = range.offset + range.length;
-      while (pos < end) {
-        const idx = this.image.regionIndexAt(pos);
-        const r = idx < 0 ? undefined : this.image.regions[idx];
-        if (!r || (pos - r.offset) % r.pageSizeBytes !== 0) {
-          channel.fail('OUT_OF_RANGE', `HAVE range at ${pos} is not page-aligned inside the image`);
-          return;
-        }
-        const stop = Math.min(end, r.offset + r.sizeBytes);
-        const first = r.firstPage + (pos - r.offset) / r.pageSizeBytes;
-        this.sent.mark(first, Math.ceil((stop - pos) / r.pageSizeBytes), r.pageSizeBytes);
-        pos = stop;
-      }
-    }
-    if (flags & HaveFlag.LAST) {
-      this.haveSyncOpen = false;
-      this.background.synced();
     }
   }
 
@@ -296,17 +258,22 @@ export class Migration {
     this.transition('complete');
     const ack = encodeComplete(this.image.totalPages);
     if (channel.send(ack)) this.metrics.bytesSent(channelName(channel.kind), ack.byteLength);
-    this.shutdown((ch) => ch.close('COMPLETE', 'migration complete'));
+    this.shutdown('COMPLETE', 'migration complete');
   }
 
-  private shutdown(closeChannel: (ch: SourceChannel) => void): void {
-    this.background.stop();
+  /**
+   * Ends both connections with `code` (COMPLETE and SHUTDOWN close normally, anything else is
+   * sent as an ERROR) and closes the image once the bulk thread has let go of it.
+   */
+  private shutdown(code: string, message: string): void {
+    if (this.closedImage) return;
     this.demand.clear();
-    for (const kind of [Channel.DEMAND, Channel.BACKGROUND] as const) {
-      const ch = this.channels[kind];
-      if (ch?.isOpen) closeChannel(ch);
+    const ch = this.channels[Channel.DEMAND];
+    if (ch?.isOpen) {
+      if (code === 'COMPLETE' || code === 'SHUTDOWN') ch.close(code, message);
+      else ch.fail(code, message);
     }
-    this.image.close();
+    this.closedImage = this.background.release(code, message).then(() => this.image.close());
   }
 
   private onClosed(channel: SourceChannel, info: ChannelCloseInfo): void {
@@ -323,16 +290,16 @@ export class Migration {
       },
     );
     this.demand.drop(channel);
-    this.background.detach(channel);
     if (this.channels[channel.kind] === channel) delete this.channels[channel.kind];
   }
 
-  private account(path: 'demand' | 'background', stats: SpanStats): void {
-    this.counts[path] += stats.dataPages + stats.zeroPages;
+  /** Demand pages (the bulk thread counts the background's in its lane). */
+  private account(stats: SpanStats): void {
+    this.counts.demand += stats.dataPages + stats.zeroPages;
     this.counts.zero += stats.zeroPages;
-    if (stats.dataPages > 0) this.metrics.pagesSent(path, 'data', stats.dataPages);
-    if (stats.zeroPages > 0) this.metrics.pagesSent(path, 'zero', stats.zeroPages);
-    this.metrics.bytesSent(path, stats.frameBytes);
+    if (stats.dataPages > 0) this.metrics.pagesSent('demand', 'data', stats.dataPages);
+    if (stats.zeroPages > 0) this.metrics.pagesSent('demand', 'zero', stats.zeroPages);
+    this.metrics.bytesSent('demand', stats.frameBytes);
   }
 
   private failed(code: string): void {

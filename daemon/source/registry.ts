@@ -8,6 +8,7 @@ import { validMigrationId } from '../../protocol/page-codec.js';
 import type { Logger } from '../ops/log.js';
 import type { SourceMetrics } from '../ops/metric-ports.js';
 import type { HelloAcceptance, HelloFrame } from '../transport/server.js';
+import type { SourceBulkThread } from './bulk.js';
 import { SourceError } from './errors.js';
 import { openImage, type ImageRegionSpec } from './image.js';
 import {
@@ -42,11 +43,14 @@ export type MigrationListener = (event: MigrationEvent, status: MigrationStatus)
 
 export class MigrationRegistry {
   private readonly migrations = new Map<string, Migration>();
+  /** Aborted migrations whose image is still being released. */
+  private readonly forgotten = new Map<string, Migration>();
   private readonly listeners = new Set<MigrationListener>();
 
   constructor(
     private readonly metrics: SourceMetrics,
     private readonly log: Logger,
+    private readonly bulk: SourceBulkThread,
     private readonly options: MigrationOptions = {},
   ) {}
 
@@ -65,6 +69,7 @@ export class MigrationRegistry {
       this.metrics,
       this.log.child({ migration: req.id }),
       (event) => this.emit(event),
+      this.bulk,
       this.options,
     );
     this.migrations.set(req.id, m);
@@ -87,7 +92,17 @@ export class MigrationRegistry {
     const m = this.require(id);
     if (m.state === 'registered' || m.state === 'frozen') m.abort();
     this.migrations.delete(id);
+    // Kept until its image is closed: released(id) waits for it.
+    this.forgotten.set(id, m);
+    void m.released().then(() => {
+      if (this.forgotten.get(id) === m) this.forgotten.delete(id);
+    });
     return m.status();
+  }
+
+  /** Resolves once the image of migration `id` (if it is or was here) is closed. */
+  released(id: string): Promise<void> {
+    return (this.migrations.get(id) ?? this.forgotten.get(id))?.released() ?? Promise.resolve();
   }
 
   get(id: string): Migration | undefined {
@@ -108,13 +123,13 @@ export class MigrationRegistry {
   acceptHello = (hello: HelloFrame): HelloAcceptance => {
     const m = this.migrations.get(hello.migrationId);
     if (!m) throw new ProtocolError('UNKNOWN_MIGRATION', `no migration ${hello.migrationId} here`);
-    m.checkHello();
+    m.checkHello(hello.channel);
     return { regions: m.image.regionTable(), attach: (channel) => m.attach(channel) };
   };
 
   /** Releases every image (daemon shutdown); states are left as they are. */
-  dispose(): void {
-    for (const m of this.migrations.values()) m.dispose();
+  async dispose(): Promise<void> {
+    await Promise.all([...this.migrations.values()].map((m) => m.dispose()));
   }
 
   private require(id: string): Migration {

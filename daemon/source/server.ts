@@ -1,12 +1,13 @@
 /**
  * `yabusame source`'s composition root: the migration registry, the page server (ws on
- * /v1/pages) and the control API on one HTTP port. close() stops accepting, closes every
- * connection, then releases every image, once.
+ * /v1/pages) and the control API on one HTTP port, and the bulk thread that serves background
+ * connections. close() stops accepting, closes every connection, then releases every image, once.
  */
 import type http from 'node:http';
 import type { Logger } from '../ops/log.js';
 import type { SourceMetrics } from '../ops/metric-ports.js';
 import { listenPageServer } from '../transport/server.js';
+import { SourceBulkThread } from './bulk.js';
 import { controlApi } from './control-api.js';
 import type { MigrationOptions } from './migration.js';
 import { MigrationRegistry } from './registry.js';
@@ -21,6 +22,10 @@ export interface SourceServerOptions extends MigrationOptions {
   heartbeatIntervalMs?: number;
   /** Time a connection has to send its HELLO, ms. Default 10 s. */
   helloTimeoutMs?: number;
+  /** Nice value of the bulk thread that serves background connections. Default 0. */
+  bulkThreadNice?: number;
+  /** The bulk thread's entry (tests give a stand-in). */
+  bulkWorkerUrl?: URL;
 }
 
 export interface SourceServer {
@@ -31,11 +36,20 @@ export interface SourceServer {
 
 export async function startSourceServer(opts: SourceServerOptions): Promise<SourceServer> {
   const { log, metrics } = opts;
-  const registry = new MigrationRegistry(metrics, log, opts);
+  const bulk = new SourceBulkThread({
+    nice: opts.bulkThreadNice ?? 0,
+    log,
+    metrics,
+    heartbeatIntervalMs: opts.heartbeatIntervalMs,
+    helloTimeoutMs: opts.helloTimeoutMs,
+    ...(opts.bulkWorkerUrl ? { workerUrl: opts.bulkWorkerUrl } : {}),
+  });
+  const registry = new MigrationRegistry(metrics, log, bulk, opts);
   const pages = await listenPageServer({
     host: opts.listen.host,
     port: opts.listen.port,
     onHello: registry.acceptHello,
+    background: (socket) => bulk.adopt(socket),
     httpHandler: controlApi(registry, log, opts.httpHandler),
     heartbeatIntervalMs: opts.heartbeatIntervalMs,
     helloTimeoutMs: opts.helloTimeoutMs,
@@ -48,7 +62,10 @@ export async function startSourceServer(opts: SourceServerOptions): Promise<Sour
     port: pages.port,
     registry,
     close() {
-      closing ??= pages.close().then(() => registry.dispose());
+      closing ??= pages
+        .close()
+        .then(() => registry.dispose())
+        .then(() => bulk.stop());
       return closing;
     },
   };

@@ -65,8 +65,9 @@ export interface ConnectOptions {
 const channelName = (kind: ChannelKind): string =>
   kind === Channel.DEMAND ? 'demand' : 'background';
 
-export function pagesUrl(base: string): string {
-  return base.replace(/\/+$/, '') + '/v1/pages';
+/** Where a channel connects: the source serves background connections on its bulk thread. */
+export function pagesUrl(base: string, kind: ChannelKind): string {
+  return `${base.replace(/\/+$/, '')}/v1/pages?channel=${channelName(kind)}`;
 }
 
 /** One ws message as a frame, or why it is not one (a text message, an undecodable frame). */
@@ -83,7 +84,7 @@ function decodeMessage(data: Buffer, isBinary: boolean): Frame | { bad: CloseInf
 /** Opens a channel: resolves after a valid WELCOME, rejects with a TransportError otherwise. */
 export function connectPageChannel(opts: ConnectOptions): Promise<PageChannel> {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(pagesUrl(opts.url), {
+    const ws = new WebSocket(pagesUrl(opts.url, opts.channel), {
       perMessageDeflate: false,
       maxPayload: Limits.MAX_FRAME_BYTES,
       handshakeTimeout: opts.timeoutMs,

@@ -3,10 +3,12 @@
  * connections (everything else goes to an injected request handler: control API, /metrics).
  * Each connection starts with a HELLO; the server answers WELCOME or a coded ERROR, then hands a
  * SourceChannel to whoever accepted the HELLO. Bad input closes that connection only.
+ * Background connections can be handed to another thread before their handshake (handOver, then
+ * PageConnections.adopt there): the threads share the fd table, so a dup of the fd moves it.
  */
 import { randomBytes } from 'node:crypto';
 import http from 'node:http';
-import type { AddressInfo } from 'node:net';
+import net, { type AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
 import WebSocket, { WebSocketServer } from 'ws';
 import { ProtocolError } from '../../protocol/errors.js';
@@ -18,6 +20,7 @@ import {
   type FrameOf,
   type RegionInfo,
 } from '../../protocol/wire.js';
+import * as sys from '../linux/sys.js';
 import type { Logger } from '../ops/log.js';
 import { channelName, WsSourceChannel, type SourceChannel } from './source-channel.js';
 
@@ -37,13 +40,9 @@ export interface HelloAcceptance {
  */
 export type HelloHandler = (hello: HelloFrame, nonce: Uint8Array) => HelloAcceptance;
 
-export interface PageServerOptions {
-  host: string;
-  /** 0 picks an ephemeral port. */
-  port: number;
+/** How one thread serves page connections (see PageConnections). */
+export interface PageConnectionOptions {
   onHello: HelloHandler;
-  /** Plain HTTP requests (anything but the ws upgrade); 404 when absent. */
-  httpHandler?: http.RequestListener;
   /** ws ping interval; a connection that missed the previous pong is terminated. 0 disables. */
   heartbeatIntervalMs?: number;
   /** Connections that have not sent a HELLO within this time are closed. */
@@ -53,11 +52,64 @@ export interface PageServerOptions {
   onError?: (code: string) => void;
 }
 
+export interface PageServerOptions extends PageConnectionOptions {
+  host: string;
+  /** 0 picks an ephemeral port. */
+  port: number;
+  /** Plain HTTP requests (anything but the ws upgrade); 404 when absent. */
+  httpHandler?: http.RequestListener;
+  /**
+   * Background connections (`/v1/pages?channel=background`) are handed over here, before the ws
+   * handshake, to be served by another thread; absent: served here like the others.
+   */
+  background?: (socket: HandedSocket) => void;
+}
+
 export interface PageServer {
   readonly port: number;
   readonly http: http.Server;
   /** Closes every connection and the listener. */
   close(): Promise<void>;
+}
+
+/**
+ * An upgrade request whose socket moves to another thread: a duplicate of the socket's fd (the
+ * threads share the fd table) and what the ws handshake needs. Structured-cloneable.
+ */
+export interface HandedSocket {
+  fd: number;
+  url: string;
+  headers: http.IncomingHttpHeaders;
+  head: Uint8Array;
+  remote: string;
+}
+
+/** The channel a connection asks for in its URL (`?channel=demand|background`), if any. */
+export function requestedChannel(url: string): string | null {
+  const q = url.indexOf('?');
+  return q < 0 ? null : new URLSearchParams(url.slice(q + 1)).get('channel');
+}
+
+const remoteOf = (socket: { remoteAddress?: string; remotePort?: number }): string =>
+  `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`;
+
+/**
+ * Takes `socket` away from this thread for PageConnections.adopt on another: duplicates its fd
+ * and destroys this side (the duplicate keeps the connection open). Nothing was read past the
+ * request but `head`: a ws client sends no frame before the handshake's answer.
+ */
+export function handOver(req: http.IncomingMessage, socket: Duplex, head: Buffer): HandedSocket {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) throw new Error('the connection has no file descriptor');
+  const handed: HandedSocket = {
+    fd: sys.dup(fd),
+    url: req.url ?? '',
+    headers: req.headers,
+    head: new Uint8Array(head),
+    remote: remoteOf(req.socket),
+  };
+  socket.destroy();
+  return handed;
 }
 
 interface Conn {
@@ -66,53 +118,96 @@ interface Conn {
   channel: WsSourceChannel | null;
 }
 
-export async function listenPageServer(opts: PageServerOptions): Promise<PageServer> {
-  const { log } = opts;
-  const heartbeatMs = opts.heartbeatIntervalMs ?? 15_000;
-  const helloTimeoutMs = opts.helloTimeoutMs ?? 10_000;
-  const onError = opts.onError ?? (() => {});
-  const conns = new Set<Conn>();
-  let serial = 0;
-
-  const httpServer = http.createServer((req, res) => {
-    if (opts.httpHandler) {
-      opts.httpHandler(req, res);
-      return;
-    }
-    res.writeHead(404, { 'content-type': 'application/json' });
-    res.end(JSON.stringify({ error: { code: 'NOT_FOUND', message: `no route for ${req.url}` } }));
-  });
-  const wss = new WebSocketServer({
+/**
+ * The page connections one thread serves: each starts with a HELLO, answered with WELCOME or a
+ * coded ERROR; an accepted one becomes a SourceChannel handed to whoever accepted the HELLO.
+ * Bad input closes that connection only. Heartbeats ping every connection.
+ */
+export class PageConnections {
+  private readonly conns = new Set<Conn>();
+  private serial = 0;
+  private readonly wss = new WebSocketServer({
     noServer: true,
     perMessageDeflate: false,
     maxPayload: Limits.MAX_FRAME_BYTES,
   });
+  private readonly heartbeat: NodeJS.Timeout | null;
+  private readonly helloTimeoutMs: number;
+  private readonly onError: (code: string) => void;
 
-  httpServer.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
-    const path = (req.url ?? '').split('?')[0];
-    if (path !== PAGES_PATH) {
-      socket.end('HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
-      return;
+  constructor(
+    private readonly opts: PageConnectionOptions,
+    /** Connection numbers in logs: `${prefix}${n}` ('' on the main thread). */
+    private readonly prefix = '',
+  ) {
+    const heartbeatMs = opts.heartbeatIntervalMs ?? 15_000;
+    this.helloTimeoutMs = opts.helloTimeoutMs ?? 10_000;
+    this.onError = opts.onError ?? (() => {});
+    this.heartbeat = heartbeatMs > 0 ? setInterval(() => this.ping(), heartbeatMs) : null;
+    this.heartbeat?.unref();
+  }
+
+  /** Completes the ws handshake of an upgrade request of this thread, then serves it. */
+  upgrade(req: http.IncomingMessage, socket: Duplex, head: Buffer): void {
+    const remote = remoteOf(req.socket);
+    this.wss.handleUpgrade(req, socket, head, (ws) => this.accept(ws, remote));
+  }
+
+  /** Serves a socket another thread handed over (see handOver). */
+  adopt(h: HandedSocket): void {
+    const socket = new net.Socket({ fd: h.fd, readable: true, writable: true });
+    // What ws's handshake reads of a request: its method, URL and headers.
+    const req = { method: 'GET', url: h.url, headers: h.headers, socket };
+    this.wss.handleUpgrade(
+      req as unknown as http.IncomingMessage,
+      socket,
+      Buffer.from(h.head),
+      (ws) => this.accept(ws, h.remote),
+    );
+  }
+
+  /** Closes every connection (SHUTDOWN). */
+  close(): void {
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    for (const conn of this.conns) {
+      if (conn.channel) conn.channel.close('SHUTDOWN', 'the source is shutting down');
+      else conn.ws.close(1001, 'SHUTDOWN');
+      conn.ws.terminate();
     }
-    wss.handleUpgrade(req, socket, head, (ws) => accept(ws, req));
-  });
+    this.wss.close();
+  }
 
-  function accept(ws: WebSocket, req: http.IncomingMessage): void {
-    const id = ++serial;
-    const remote = `${req.socket.remoteAddress ?? '?'}:${req.socket.remotePort ?? '?'}`;
+  private ping(): void {
+    for (const conn of this.conns) {
+      if (!conn.alive) {
+        this.opts.log.warn('page connection missed a heartbeat', { conn: conn.channel?.serial });
+        this.onError('HEARTBEAT_TIMEOUT');
+        conn.ws.terminate();
+        continue;
+      }
+      conn.alive = false;
+      conn.ws.ping();
+    }
+  }
+
+  private accept(ws: WebSocket, remote: string): void {
+    const { log } = this.opts;
+    const onError = this.onError;
+    const id = ++this.serial;
+    const connName = `${this.prefix}${id}`;
     const conn: Conn = { ws, alive: true, channel: null };
-    conns.add(conn);
+    this.conns.add(conn);
     ws.binaryType = 'nodebuffer';
     const refuse = (code: string, message: string): void => {
       onError(code);
-      log.warn('page connection refused', { conn: id, remote, code, reason: message });
+      log.warn('page connection refused', { conn: connName, remote, code, reason: message });
       ws.send(encodeError(code, message));
       ws.close(1008, code);
       setTimeout(() => ws.terminate(), 2000).unref();
     };
     const helloTimer = setTimeout(
-      () => refuse('BAD_STATE', `no HELLO within ${helloTimeoutMs} ms`),
-      helloTimeoutMs,
+      () => refuse('BAD_STATE', `no HELLO within ${this.helloTimeoutMs} ms`),
+      this.helloTimeoutMs,
     );
     helloTimer.unref();
     let sawHello = false;
@@ -123,11 +218,11 @@ export async function listenPageServer(opts: PageServerOptions): Promise<PageSer
     ws.on('error', (err: Error & { code?: string }) => {
       // ws closes the socket itself after an error (e.g. WS_ERR_UNSUPPORTED_MESSAGE_LENGTH).
       onError(err.code ?? 'WS_ERROR');
-      log.warn('page connection error', { conn: id, remote, err });
+      log.warn('page connection error', { conn: connName, remote, err });
     });
     ws.on('close', (code: number, reason: Buffer) => {
       clearTimeout(helloTimer);
-      conns.delete(conn);
+      this.conns.delete(conn);
       conn.channel?.closed({ code: 'CLOSED', message: `ws closed ${code} ${reason.toString()}` });
     });
     ws.on('message', (data: Buffer, isBinary: boolean) => {
@@ -165,7 +260,7 @@ export async function listenPageServer(opts: PageServerOptions): Promise<PageSer
       const nonce = randomBytes(16);
       let acceptance: HelloAcceptance;
       try {
-        acceptance = opts.onHello(hello, nonce);
+        acceptance = this.opts.onHello(hello, nonce);
       } catch (err) {
         if (!(err instanceof ProtocolError)) throw err;
         refuse(err.code, err.message);
@@ -175,7 +270,7 @@ export async function listenPageServer(opts: PageServerOptions): Promise<PageSer
       const channel = new WsSourceChannel(ws, hello.channel, hello.migrationId, id, remote);
       conn.channel = channel;
       log.info('page connection accepted', {
-        conn: id,
+        conn: connName,
         remote,
         migration: hello.migrationId,
         channel: channelName(hello.channel),
@@ -183,23 +278,42 @@ export async function listenPageServer(opts: PageServerOptions): Promise<PageSer
       acceptance.attach(channel);
     });
   }
+}
 
-  const heartbeat =
-    heartbeatMs > 0
-      ? setInterval(() => {
-          for (const conn of conns) {
-            if (!conn.alive) {
-              log.warn('page connection missed a heartbeat', { conn: conn.channel?.serial });
-              onError('HEARTBEAT_TIMEOUT');
-              conn.ws.terminate();
-              continue;
-            }
-            conn.alive = false;
-            conn.ws.ping();
-          }
-        }, heartbeatMs)
-      : null;
-  heartbeat?.unref();
+export async function listenPageServer(opts: PageServerOptions): Promise<PageServer> {
+  const conns = new PageConnections(opts);
+  const httpServer = http.createServer((req, res) => {
+    if (opts.httpHandler) {
+      opts.httpHandler(req, res);
+      return;
+    }
+    res.writeHead(404, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ error: { code: 'NOT_FOUND', message: `no route for ${req.url}` } }));
+  });
+
+  httpServer.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
+    const url = req.url ?? '';
+    const path = url.split('?')[0];
+    if (path !== PAGES_PATH) {
+      socket.end('HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
+      return;
+    }
+    if (opts.background && requestedChannel(url) === 'background') {
+      let handed: HandedSocket;
+      try {
+        handed = handOver(req, socket, head);
+      } catch (err) {
+        opts.log.error('cannot hand a background connection over', { err });
+        socket.end(
+          'HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\nContent-Length: 0\r\n\r\n',
+        );
+        return;
+      }
+      opts.background(handed);
+      return;
+    }
+    conns.upgrade(req, socket, head);
+  });
 
   await new Promise<void>((resolve, reject) => {
     httpServer.once('error', reject);
@@ -216,13 +330,7 @@ export async function listenPageServer(opts: PageServerOptions): Promise<PageSer
     http: httpServer,
     close() {
       closing ??= new Promise<void>((resolve) => {
-        if (heartbeat) clearInterval(heartbeat);
-        for (const conn of conns) {
-          if (conn.channel) conn.channel.close('SHUTDOWN', 'the source is shutting down');
-          else conn.ws.close(1001, 'SHUTDOWN');
-          conn.ws.terminate();
-        }
-        wss.close();
+        conns.close();
         httpServer.close(() => resolve());
         httpServer.closeAllConnections();
       });

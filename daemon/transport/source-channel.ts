@@ -46,12 +46,7 @@ export interface SourceChannel {
 /** Frames a destination may send after HELLO, by channel kind (protocol/README.md). */
 const LEGAL: Record<ChannelKind, ReadonlySet<number>> = {
   [Channel.DEMAND]: new Set([FrameType.REQUEST, FrameType.COMPLETE, FrameType.ERROR]),
-  [Channel.BACKGROUND]: new Set([
-    FrameType.CREDIT,
-    FrameType.HAVE,
-    FrameType.COMPLETE,
-    FrameType.ERROR,
-  ]),
+  [Channel.BACKGROUND]: new Set([FrameType.CREDIT, FrameType.HAVE, FrameType.ERROR]),
 };
 
 /** A peer that never answers our close frame must not keep the socket open. */

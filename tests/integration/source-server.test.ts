@@ -387,6 +387,9 @@ t.test(
     const server = await start(t, { backgroundFrameBytes: 8192 });
     await register(server.port, 'm1', true);
     const bg = await RawDest.open(server.port, Channel.BACKGROUND, 'm1');
+    // The HAVE sync first (the bulk thread reads it): a sync forgets every page sent before it,
+    // demand answers included, so a request racing it may be streamed again (harmless).
+    await bg.dest.roundTrip();
     const dm = await RawDest.open(server.port, Channel.DEMAND, 'm1');
     dm.dest.send(encodeRequest([{ offset: 20 * PAGE, length: 2 * PAGE }]));
     await dm.dest.frameAt(1);
@@ -421,20 +424,62 @@ t.test('COMPLETE is acknowledged, the image released and the migration complete'
   wrong.dest.send(encodeComplete(TOTAL_PAGES - 1));
   expectError(t, await wrong.dest.frameAt(1), 'BAD_STATE');
   t.equal(server.registry.get('m1')!.image.closed, false, 'not released on a wrong COMPLETE');
+  // COMPLETE belongs to the demand channel: on the background one it is refused.
   bg.dest.send(encodeComplete(TOTAL_PAGES));
-  const n = bg.dest.frames.length;
-  const ack = await bg.dest.frameAt(n);
-  t.ok(ack.type === FrameType.COMPLETE && ack.pages === TOTAL_PAGES, 'COMPLETE answered');
+  expectError(t, await bg.dest.frameAt(bg.dest.frames.length), 'BAD_STATE');
   await bg.dest.closed;
+  t.equal(server.registry.get('m1')!.state, 'frozen', 'a refused COMPLETE changes nothing');
+  const dm2 = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+  dm2.dest.send(encodeComplete(TOTAL_PAGES));
+  const ack = await dm2.dest.frameAt(1);
+  t.ok(ack.type === FrameType.COMPLETE && ack.pages === TOTAL_PAGES, 'COMPLETE answered');
+  await dm2.dest.closed;
   const m = server.registry.get('m1')!;
   t.equal(m.state, 'complete');
-  t.equal(m.image.closed, true, 'image fd closed');
+  await m.released();
+  t.equal(m.image.closed, true, 'image fd closed once the bulk thread let go');
   t.same(events, ['frozen:m1', 'complete:m1']);
   const hello = await RawDest.hello(server.port, Channel.DEMAND, 'm1');
   expectError(t, hello.answer, 'BAD_STATE');
   const del = await api(server.port, 'DELETE', '/v1/migrations/m1');
   t.equal(del.json.state, 'complete', 'DELETE forgets a complete migration');
   t.equal((await api(server.port, 'GET', '/v1/migrations/m1')).status, 404);
+});
+
+t.test(
+  'each channel is served where its URL asks; a HELLO for the other one is refused',
+  async (t) => {
+    const server = await start(t);
+    await register(server.port, 'm1', true);
+    for (const [path, channel] of [
+      ['/v1/pages', Channel.BACKGROUND],
+      ['/v1/pages?channel=demand', Channel.BACKGROUND],
+      ['/v1/pages?channel=background', Channel.DEMAND],
+    ] as const) {
+      const dest = await RawDest.connect(server.port, {}, path);
+      dest.send(encodeHello(channel, 1, 'm1'));
+      expectError(t, await dest.frameAt(0), 'BAD_STATE');
+      await dest.closed;
+    }
+  },
+);
+
+t.test('the background streams while the main thread is blocked (its own thread)', async (t) => {
+  const server = await start(t);
+  await register(server.port, 'm1', true);
+  const m = server.registry.get('m1')!;
+  const { dest: bg } = await RawDest.open(server.port, Channel.BACKGROUND, 'm1');
+  await bg.roundTrip(); // the HAVE sync is done; without credit nothing is sent
+  t.equal(m.status().pages.background, 0, 'nothing before credit');
+  bg.send(encodeCredit(img.fileSizeBytes)); // written to the socket at once
+  // Block this thread (the source's main thread) for 300 ms: no event loop turn.
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 300);
+  const during = m.status().pages.background;
+  t.ok(during > 0, `${during} pages streamed meanwhile by the bulk thread`);
+  await bg.until(() =>
+    bg.frames.some((f) => f.type === FrameType.PROGRESS && (f.flags & ProgressFlag.DONE) !== 0),
+  );
+  t.equal(m.status().pages.sent, TOTAL_PAGES, 'and every page went out');
 });
 
 t.test('a second connection of the same kind replaces the first', async (t) => {

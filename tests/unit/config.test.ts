@@ -118,6 +118,7 @@ t.test('source defaults', async (t) => {
   t.same(loadSourceConfig(), {
     listen: { host: '127.0.0.1', port: 7070 },
     backgroundFrameBytes: 256 * 1024,
+    bulkThreadNice: 0,
     exitWhenDone: false,
     logLevel: 'info',
     metricsListen: null,
