@@ -248,7 +248,10 @@ class BulkSession {
       this.map.leaveGate();
     }
     if (out.kind === 'gone') {
-      this.fail('VMM_GONE', `placement failed with ${out.errno}: the VMM's memory is gone`);
+      this.fail(
+        'VMM_GONE',
+        `placement failed with ${out.errno} (${out.what}): the VMM's memory is gone`,
+      );
       return;
     }
     if (data) this.counts.dataPages += out.placed;

@@ -15,7 +15,8 @@ export type PlaceOutcome =
   | { kind: 'done'; placed: number; existed: number }
   /** Stopped at page `resumeAt` (absolute page index in the region): drain events, then retry. */
   | { kind: 'retry'; placed: number; existed: number; resumeAt: number }
-  | { kind: 'gone'; errno: string };
+  /** `what`: the ioctl that failed, its range and source length (for the logs). */
+  | { kind: 'gone'; errno: string; what: string };
 
 /**
  * Places pages [first, first+count) of region `r`. `data` holds their bytes (count pages), or is
@@ -41,9 +42,8 @@ export function placeRun(
     let q = p;
     while (q < end && r.state[q]! < PageState.PRESENT) q++;
     const len = (q - p) * ps;
-    const res = data
-      ? uffd.copy(fd, r.address(p), data.subarray((p - first) * ps, (q - first) * ps), len)
-      : uffd.zeropage(fd, r.address(p), len);
+    const src = data?.subarray((p - first) * ps, (q - first) * ps);
+    const res = src ? uffd.copy(fd, r.address(p), src, len) : uffd.zeropage(fd, r.address(p), len);
     switch (res.kind) {
       case 'placed': {
         const pages = Math.floor(res.bytes / ps);
@@ -60,8 +60,11 @@ export function placeRun(
         break;
       case 'retry':
         return { kind: 'retry', placed, existed, resumeAt: p };
-      case 'gone':
-        return { kind: 'gone', errno: res.errno };
+      case 'gone': {
+        const op = src ? `UFFDIO_COPY from ${src.byteLength} bytes` : 'UFFDIO_ZEROPAGE';
+        const what = `${op} of ${len} bytes at 0x${r.address(p).toString(16)}`;
+        return { kind: 'gone', errno: res.errno, what };
+      }
     }
   }
   return { kind: 'done', placed, existed };

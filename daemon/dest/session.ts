@@ -522,7 +522,10 @@ export class Session {
         data ? data.subarray((at - first) * r.pageSizeBytes) : null,
       );
       if (out.kind === 'gone') {
-        this.fail('VMM_GONE', `placement failed with ${out.errno}: the VMM's memory is gone`);
+        this.fail(
+          'VMM_GONE',
+          `placement failed with ${out.errno} (${out.what}): the VMM's memory is gone`,
+        );
         return;
       }
       this.account(path, data === null, out.placed, out.existed);
