@@ -237,6 +237,7 @@ port.on('message', (m: ToSourceBulk) => {
       break;
     case 'socket':
       conns.adopt(m.socket);
+      post({ t: 'adopted', fd: m.socket.fd });
       break;
     case 'release':
       lanes.get(m.key)?.release(m.code, m.message);

@@ -11,6 +11,7 @@
  * after the bulk thread confirmed it let go of it: a reused fd number must never be read as
  * another migration's image.
  */
+import { closeSync, fstatSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
 import type { HandedSocket } from '../transport/server.js';
 import type { LogFields, Logger, LogLevel } from '../ops/log.js';
@@ -55,6 +56,8 @@ export type ToSourceBulk =
 export type FromSourceBulk =
   | { t: 'released'; key: number }
   | { t: 'error'; code: string }
+  /** The thread took over a handed socket's fd (from now on it closes it). */
+  | { t: 'adopted'; fd: number }
   /** A background connection passed its HELLO (metrics). */
   | { t: 'connected' }
   | { t: 'log'; level: LogLevel; msg: string; fields: LogFields };
@@ -157,6 +160,8 @@ export class SourceBulkThread {
   private worker: Worker | null = null;
   private readonly lanes = new Map<number, SourceBulkLane>();
   private nextKey = 1;
+  /** Handed sockets the thread has not taken over yet: fd → its inode (see onExit). */
+  private readonly handed = new Map<number, number>();
   private stopped = false;
   private readonly timer: NodeJS.Timeout;
 
@@ -190,6 +195,11 @@ export class SourceBulkThread {
 
   /** Serves a background connection the page server handed over. */
   adopt(socket: HandedSocket): void {
+    if (this.stopped) {
+      closeSync(socket.fd);
+      return;
+    }
+    this.handed.set(socket.fd, fstatSync(socket.fd).ino);
     this.post({ t: 'socket', socket });
   }
 
@@ -213,6 +223,7 @@ export class SourceBulkThread {
     const bulkLog = opts.log.child({ thread: 'bulk' });
     worker.on('message', (m: FromSourceBulk) => {
       if (m.t === 'log') bulkLog[m.level](m.msg, m.fields);
+      else if (m.t === 'adopted') this.handed.delete(m.fd);
       else if (m.t === 'error') opts.metrics.error(m.code);
       else if (m.t === 'connected') opts.metrics.connectionOpened('background');
       else this.onReleased(m.key);
@@ -222,6 +233,7 @@ export class SourceBulkThread {
       if (this.worker === worker) this.worker = null;
       if (this.stopped) return;
       opts.log.error('the bulk thread exited; starting another', { exitCode: code });
+      this.closeHanded();
       // A dead thread reads no image: releases it owed are done; live lanes move to a new one.
       for (const [key, lane] of this.lanes) {
         if (lane.resolveReleased) this.onReleased(key);
@@ -232,6 +244,22 @@ export class SourceBulkThread {
     });
     this.worker = worker;
     return worker;
+  }
+
+  /**
+   * Closes the sockets a dead thread never took over (their peers see the connection end and
+   * reconnect). One it did take over was closed with the thread, and its fd number may belong
+   * to something else by now: only an fd that is still the same socket (same inode) is closed.
+   */
+  private closeHanded(): void {
+    for (const [fd, ino] of this.handed) {
+      try {
+        if (fstatSync(fd).ino === ino) closeSync(fd);
+      } catch {
+        // already closed
+      }
+    }
+    this.handed.clear();
   }
 
   private onReleased(key: number): void {
@@ -249,5 +277,6 @@ export class SourceBulkThread {
     const w = this.worker;
     this.worker = null;
     if (w) await w.terminate();
+    this.closeHanded();
   }
 }

@@ -1,5 +1,9 @@
 import t from 'tap';
 import http from 'node:http';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import WebSocket from 'ws';
 import { startSourceServer, type SourceServer } from '../../daemon/source/server.js';
 import type { SourceServerOptions } from '../../daemon/source/server.js';
@@ -481,6 +485,37 @@ t.test('the background streams while the main thread is blocked (its own thread)
   );
   t.equal(m.status().pages.sent, TOTAL_PAGES, 'and every page went out');
 });
+
+t.test(
+  'a bulk thread that dies: demand goes on, its pending socket is closed, not leaked',
+  async (t) => {
+    // A stand-in bulk thread that dies on the first socket it is handed, before taking it over,
+    // and answers releases (so the daemon's own bookkeeping can be checked after its death).
+    const dir = mkdtempSync(join(tmpdir(), 'yabusame-bulk-'));
+    t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+    const script = join(dir, 'dies.mjs');
+    writeFileSync(
+      script,
+      `import { parentPort } from 'node:worker_threads';
+     parentPort.on('message', (m) => {
+       if (m.t === 'socket') process.exit(7);
+       if (m.t === 'release') parentPort.postMessage({ t: 'released', key: m.key });
+     });`,
+    );
+    const server = await start(t, { bulkWorkerUrl: pathToFileURL(script) });
+    await register(server.port, 'm1', true);
+    const dm = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+    await t.rejects(
+      RawDest.connect(server.port, {}, '/v1/pages?channel=background'),
+      'the background connection ends instead of hanging',
+    );
+    dm.dest.send(encodeRequest([{ offset: 0, length: PAGE }]));
+    t.equal((await dm.dest.frameAt(1)).type, FrameType.DATA, 'demand is still served');
+    const del = await api(server.port, 'DELETE', '/v1/migrations/m1');
+    t.equal(del.status, 200, 'the migration is released through the new thread');
+    t.equal(server.registry.get('m1'), undefined);
+  },
+);
 
 t.test('a second connection of the same kind replaces the first', async (t) => {
   const server = await start(t);
