@@ -27,7 +27,8 @@ function threadNices(): Map<number, number> {
   return out;
 }
 
-async function waitFor(what: () => boolean, ms = 5000): Promise<boolean> {
+/** Polls `what` (a worker's start, loading koffi, can take seconds on a loaded machine). */
+async function waitFor(what: () => boolean, ms = 20_000): Promise<boolean> {
   const end = Date.now() + ms;
   while (Date.now() < end) {
     if (what()) return true;
