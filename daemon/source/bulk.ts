@@ -160,7 +160,7 @@ export class SourceBulkThread {
   private worker: Worker | null = null;
   private readonly lanes = new Map<number, SourceBulkLane>();
   private nextKey = 1;
-  /** Handed sockets the thread has not taken over yet: fd → its inode (see onExit). */
+  /** Handed sockets the thread has not taken over yet: fd → its inode (see closeHanded). */
   private readonly handed = new Map<number, number>();
   private stopped = false;
   private readonly timer: NodeJS.Timeout;
