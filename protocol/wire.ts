@@ -41,6 +41,10 @@ export type FrameTypeValue = (typeof FrameType)[keyof typeof FrameType];
 export const Channel = { DEMAND: 1, BACKGROUND: 2 } as const;
 export type ChannelKind = (typeof Channel)[keyof typeof Channel];
 
+/** A channel's name in logs, metrics labels and the connection URL (`?channel=`). */
+export const channelName = (kind: ChannelKind): 'demand' | 'background' =>
+  kind === Channel.DEMAND ? 'demand' : 'background';
+
 /** DATA/ZERO flags. */
 export const DataFlag = {
   /** Sent in answer to a REQUEST (demand), rather than by the background stream. */

@@ -6,7 +6,7 @@
  * without a working connection.
  */
 import type { Frame, ChannelKind } from '../../protocol/wire.js';
-import { Channel } from '../../protocol/wire.js';
+import { channelName } from '../../protocol/wire.js';
 import type { CloseInfo, ConnectOptions, PageChannel } from '../transport/client.js';
 import type { Logger } from '../ops/log.js';
 
@@ -60,7 +60,7 @@ export class Link {
   ) {}
 
   get name(): 'demand' | 'background' {
-    return this.opts.kind === Channel.DEMAND ? 'demand' : 'background';
+    return channelName(this.opts.kind);
   }
 
   get isOpen(): boolean {

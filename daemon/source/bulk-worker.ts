@@ -6,12 +6,19 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { ProtocolError } from '../../protocol/errors.js';
-import { Channel, FrameType, HaveFlag, HeaderSize, type Frame } from '../../protocol/wire.js';
+import {
+  channelName,
+  Channel,
+  FrameType,
+  HaveFlag,
+  HeaderSize,
+  type Frame,
+} from '../../protocol/wire.js';
 import type { PageRange } from '../../protocol/wire.js';
 import * as sys from '../linux/sys.js';
 import { forwardingLogger, type Logger } from '../ops/log.js';
 import { PageConnections, type HelloAcceptance, type HelloFrame } from '../transport/server.js';
-import { channelName, type SourceChannel } from '../transport/source-channel.js';
+import type { SourceChannel } from '../transport/source-channel.js';
 import { BackgroundStreamer } from './background.js';
 import {
   LaneCount,

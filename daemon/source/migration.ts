@@ -12,6 +12,7 @@
 import { ProtocolError } from '../../protocol/errors.js';
 import { encodeComplete } from '../../protocol/page-codec.js';
 import {
+  channelName,
   Channel,
   HeaderSize,
   FrameType,
@@ -21,11 +22,7 @@ import {
 } from '../../protocol/wire.js';
 import type { Logger } from '../ops/log.js';
 import type { SourceMetrics } from '../ops/metric-ports.js';
-import {
-  channelName,
-  type ChannelCloseInfo,
-  type SourceChannel,
-} from '../transport/source-channel.js';
+import { type ChannelCloseInfo, type SourceChannel } from '../transport/source-channel.js';
 import type { SourceBulkLane, SourceBulkThread } from './bulk.js';
 import { DemandServer } from './demand.js';
 import { SourceError } from './errors.js';

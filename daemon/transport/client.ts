@@ -7,7 +7,7 @@ import WebSocket from 'ws';
 import { decodeFrame, encodeError, encodeHello } from '../../protocol/page-codec.js';
 import { ProtocolError } from '../../protocol/errors.js';
 import {
-  Channel,
+  channelName,
   FrameType,
   Limits,
   PROTOCOL_VERSION,
@@ -61,9 +61,6 @@ export interface ConnectOptions {
   /** Interval of ws pings; the channel closes with HEARTBEAT_TIMEOUT when a pong is missed. */
   heartbeatMs?: number;
 }
-
-const channelName = (kind: ChannelKind): string =>
-  kind === Channel.DEMAND ? 'demand' : 'background';
 
 /** Where a channel connects: the source serves background connections on its bulk thread. */
 export function pagesUrl(base: string, kind: ChannelKind): string {

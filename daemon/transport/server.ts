@@ -14,6 +14,7 @@ import WebSocket, { WebSocketServer } from 'ws';
 import { ProtocolError } from '../../protocol/errors.js';
 import { decodeFrame, encodeError, encodeWelcome } from '../../protocol/page-codec.js';
 import {
+  channelName,
   FrameType,
   Limits,
   PROTOCOL_VERSION,
@@ -22,7 +23,7 @@ import {
 } from '../../protocol/wire.js';
 import * as sys from '../linux/sys.js';
 import type { Logger } from '../ops/log.js';
-import { channelName, WsSourceChannel, type SourceChannel } from './source-channel.js';
+import { WsSourceChannel, type SourceChannel } from './source-channel.js';
 
 export const PAGES_PATH = '/v1/pages';
 

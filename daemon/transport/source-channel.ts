@@ -7,7 +7,13 @@
 import WebSocket from 'ws';
 import { ProtocolError } from '../../protocol/errors.js';
 import { decodeFrame, encodeError } from '../../protocol/page-codec.js';
-import { Channel, FrameType, type ChannelKind, type Frame } from '../../protocol/wire.js';
+import {
+  channelName,
+  Channel,
+  FrameType,
+  type ChannelKind,
+  type Frame,
+} from '../../protocol/wire.js';
 
 export interface ChannelCloseInfo {
   /** Why: CLOSED (peer or normal close), REPLACED, an ERROR code we sent, or the peer's ERROR code. */
@@ -51,9 +57,6 @@ const LEGAL: Record<ChannelKind, ReadonlySet<number>> = {
 
 /** A peer that never answers our close frame must not keep the socket open. */
 const CLOSE_GRACE_MS = 2000;
-
-export const channelName = (kind: ChannelKind): 'demand' | 'background' =>
-  kind === Channel.DEMAND ? 'demand' : 'background';
 
 interface Waiter {
   bytes: number;
