@@ -207,9 +207,6 @@ class BulkSession {
             if (!this.map.complete) this.sendHave();
           }
           break;
-        case FrameType.COMPLETE:
-          post({ t: 'completeAck', key: this.key });
-          break;
         default:
           throw new ProtocolError(
             'BAD_STATE',

@@ -52,7 +52,6 @@ export type FromBulk =
   | { t: 'lost'; key: number; code: string }
   | { t: 'error'; key: number; code: string }
   | { t: 'sourceDone'; key: number }
-  | { t: 'completeAck'; key: number }
   | { t: 'fail'; key: number; code: string; message: string }
   | { t: 'closed'; key: number };
 
@@ -64,7 +63,6 @@ export interface BulkHooks {
   /** A frame was refused with `code` (the connection was reset). */
   error(code: string): void;
   sourceDone(): void;
-  completeAck(): void;
   /** The lane cannot go on (no source for reconnectTimeoutMs, VMM memory gone, thread died). */
   fail(code: string, message: string): void;
 }
@@ -184,9 +182,6 @@ export class BulkThread implements BulkLaneFactory {
         break;
       case 'sourceDone':
         e.hooks.sourceDone();
-        break;
-      case 'completeAck':
-        e.hooks.completeAck();
         break;
       case 'fail':
         e.hooks.fail(m.code, m.message);

@@ -238,7 +238,6 @@ export class Session {
           },
           error: (code) => this.deps.metrics.error(code),
           sourceDone: () => (this.sourceDone = true),
-          completeAck: () => this.completeAck?.(),
           fail: (code, message) => this.fail(code, message),
         },
       );

@@ -94,7 +94,6 @@ t.test(
         lost: () => {},
         error: () => {},
         sourceDone: () => {},
-        completeAck: () => {},
         fail: (code) => failures.push(code),
       });
       const opened = await lane.open().then(
