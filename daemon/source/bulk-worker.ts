@@ -18,7 +18,7 @@ import type { PageRange } from '../../protocol/wire.js';
 import * as sys from '../linux/sys.js';
 import { forwardingLogger, type Logger } from '../ops/log.js';
 import { PageConnections, type HelloAcceptance, type HelloFrame } from '../transport/server.js';
-import type { SourceChannel } from '../transport/source-channel.js';
+import { endChannel, type SourceChannel } from '../transport/source-channel.js';
 import { BackgroundStreamer } from './background.js';
 import {
   LaneCount,
@@ -196,10 +196,7 @@ class Lane {
     const ch = this.channel;
     this.channel = null;
     Atomics.store(this.words, LaneWord.CONNECTED, 0);
-    if (ch?.isOpen) {
-      if (code === 'COMPLETE' || code === 'SHUTDOWN') ch.close(code, message);
-      else ch.fail(code, message);
-    }
+    endChannel(ch, code, message);
     this.image.release();
   }
 }

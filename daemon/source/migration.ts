@@ -22,7 +22,11 @@ import {
 } from '../../protocol/wire.js';
 import type { Logger } from '../ops/log.js';
 import type { SourceMetrics } from '../ops/metric-ports.js';
-import { type ChannelCloseInfo, type SourceChannel } from '../transport/source-channel.js';
+import {
+  endChannel,
+  type ChannelCloseInfo,
+  type SourceChannel,
+} from '../transport/source-channel.js';
 import type { SourceBulkLane, SourceBulkThread } from './bulk.js';
 import { DemandServer } from './demand.js';
 import { SourceError } from './errors.js';
@@ -265,11 +269,7 @@ export class Migration {
   private shutdown(code: string, message: string): void {
     if (this.closedImage) return;
     this.demand.clear();
-    const ch = this.channels[Channel.DEMAND];
-    if (ch?.isOpen) {
-      if (code === 'COMPLETE' || code === 'SHUTDOWN') ch.close(code, message);
-      else ch.fail(code, message);
-    }
+    endChannel(this.channels[Channel.DEMAND], code, message);
     this.closedImage = this.background.release(code, message).then(() => this.image.close());
   }
 

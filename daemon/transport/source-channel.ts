@@ -49,6 +49,20 @@ export interface SourceChannel {
   close(code?: string, message?: string): void;
 }
 
+/**
+ * Ends `ch`, if it is open, for `code`: COMPLETE and SHUTDOWN close it normally, any other code
+ * goes to the peer as an ERROR frame first.
+ */
+export function endChannel(
+  ch: SourceChannel | null | undefined,
+  code: string,
+  message: string,
+): void {
+  if (!ch?.isOpen) return;
+  if (code === 'COMPLETE' || code === 'SHUTDOWN') ch.close(code, message);
+  else ch.fail(code, message);
+}
+
 /** Frames a destination may send after HELLO, by channel kind (protocol/README.md). */
 const LEGAL: Record<ChannelKind, ReadonlySet<number>> = {
   [Channel.DEMAND]: new Set([FrameType.REQUEST, FrameType.COMPLETE, FrameType.ERROR]),
