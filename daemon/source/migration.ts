@@ -194,7 +194,6 @@ export class Migration {
   }
 
   status(): MigrationStatus {
-    this.background.syncMetrics();
     const bg = this.background.pages;
     return {
       id: this.id,
