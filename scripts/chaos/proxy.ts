@@ -217,6 +217,14 @@ class Conn {
     if (!p.to.writableNeedDrain) p.from.resume();
   }
 
+  /** The link's pace changed: what was held back under the old one is due now. */
+  repace(): void {
+    if (this.paceTimer) clearTimeout(this.paceTimer);
+    this.paceTimer = null;
+    this.paceDue = 0;
+    this.resumeIfFree(this.down);
+  }
+
   /** Stops reading the source until `bytes` more are due at the configured rate. */
   private pace(bytes: number): void {
     const rate = this.proxy.downBytesPerSec;
@@ -314,8 +322,8 @@ export class ChaosProxy {
   private readonly skip: number;
   private readonly target: { host: string; port: number };
   private readonly onFault: ((e: FaultEvent) => void) | undefined;
-  /** See ChaosProxyOptions.downBytesPerSec (0: unpaced). */
-  readonly downBytesPerSec: number;
+  /** See ChaosProxyOptions.downBytesPerSec (0: unpaced); setPace changes it. */
+  downBytesPerSec: number;
   /** Armed corruptions, consumed in order by the next eligible chunk of a matching connection. */
   private armed: Array<{ filter: ConnFilter | undefined; random: boolean }> = [];
   private randomTimer: NodeJS.Timeout | null = null;
@@ -343,6 +351,12 @@ export class ChaosProxy {
     this.downBytesPerSec = opts.downBytesPerSec ?? 0;
     server.on('connection', (client) => this.accept(client));
     if (opts.random) this.setRandom(opts.random);
+  }
+
+  /** Changes the pace of every connection, open or to come (0: unpaced), from now on. */
+  setPace(downBytesPerSec: number): void {
+    this.downBytesPerSec = downBytesPerSec;
+    for (const c of this.conns.values()) c.repace();
   }
 
   /** Starts listening on 127.0.0.1. Throws if the target is not loopback. */

@@ -1,6 +1,9 @@
 // Every network failure as a deterministic test: the real `yabusame source` and `yabusame dest`,
 // the chaos proxy between them, vm-sim as the VMM (2 workload threads) verifying every page byte
-// for byte. Faults are timed by polling the dest's /v1/sessions for presentPages, never by sleeps.
+// for byte. Faults are timed by polling the dest's /v1/sessions for presentPages, never by sleeps,
+// and every fault lands mid-migration whatever the machine's speed: until it is injected, the
+// proxy paces each connection (FAULT_PACE), which bounds how much of the image can arrive while
+// the test polls and injects; then the pace is lifted and the migration runs at full speed.
 import t, { type Test } from 'tap';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -18,6 +21,8 @@ import {
 
 const MiB = 1 << 20;
 const SIZE = 32 * MiB;
+/** Source→dest bytes per second and connection until the fault is in (see the top). */
+const FAULT_PACE = 1 * MiB;
 const TOTAL_PAGES = SIZE / 4096;
 const dir = mkdtempSync('/dev/shm/yabusame-faults-');
 const daemons: Daemon[] = [];
@@ -153,9 +158,9 @@ function assertVerified(t: Test, r: VmSimResult): void {
   t.equal(r.pagesVerified, r.totalPages, `all ${r.totalPages} pages verified byte for byte`);
 }
 
-async function proxy(downBytesPerSec = 0): Promise<ChaosProxy> {
+async function proxy(downBytesPerSec: number, port = source.port): Promise<ChaosProxy> {
   const p = await ChaosProxy.start({
-    target: { port: source.port },
+    target: { port },
     seed: imageSeed,
     downBytesPerSec,
   });
@@ -164,24 +169,26 @@ async function proxy(downBytesPerSec = 0): Promise<ChaosProxy> {
 }
 
 /**
- * One migration through a fresh proxy: once `fraction` of the pages are present, `inject` runs;
- * returns vm-sim's result, the session's final stats and how many pages were present at the fault.
+ * One migration through a fresh proxy, paced at `pace` bytes/s per connection: once `fraction`
+ * of the pages are present, `inject` runs, then the pace is lifted. Returns vm-sim's result, the
+ * session's final stats and how many pages were present at the fault.
  */
 async function migrateWithFault(
   id: string,
   fraction: number,
   inject: (p: ChaosProxy) => void | Promise<void>,
-  downBytesPerSec = 0,
+  pace = FAULT_PACE,
 ): Promise<{ r: VmSimResult; s: SessionStats; at: number; p: ChaosProxy }> {
   const img = await image();
   await registerMigration(source, { id, image: img, frozen: true });
-  const p = await proxy(downBytesPerSec);
+  const p = await proxy(pace);
   const run = migrate(id, img, p.url, { seed: imageSeed });
   let at: number;
   try {
     at = await waitPresent(id, fraction, run);
     await p.waitFor((c) => c.filter((x) => x.channel).length === 2);
     await inject(p);
+    p.setPace(0);
   } catch (err) {
     await run.catch(() => undefined);
     throw err;
@@ -192,7 +199,7 @@ async function migrateWithFault(
 }
 
 t.test('(a) cut the demand connection mid-migration', async (t) => {
-  const { r, s, at, p } = await migrateWithFault('nf-demand', 0.2, (p) => {
+  const { r, s, at, p } = await migrateWithFault('nf-demand', 0.05, (p) => {
     t.equal(p.cutAll({ channel: 'demand' }), 1, 'one demand connection cut');
   });
   assertVerified(t, r);
@@ -203,7 +210,7 @@ t.test('(a) cut the demand connection mid-migration', async (t) => {
 });
 
 t.test('(b) cut the background connection mid-stream', async (t) => {
-  const { r, s, at } = await migrateWithFault('nf-background', 0.3, (p) => {
+  const { r, s, at } = await migrateWithFault('nf-background', 0.05, (p) => {
     t.equal(p.cutAll({ channel: 'background' }), 1, 'one background connection cut');
   });
   assertVerified(t, r);
@@ -212,12 +219,13 @@ t.test('(b) cut the background connection mid-stream', async (t) => {
 });
 
 t.test('(c) cut both connections, three times', async (t) => {
-  // Three cuts, each after both links are back (backoff from 50 ms), must fit in one migration:
-  // a link paced at 4 MiB/s per connection makes the 32 MiB last seconds on any machine (unpaced,
-  // they arrive in well under 100 ms, and a fast run once completed between two cuts).
+  // Three cuts, each after both links are back, must all land before the migration completes,
+  // however fast the machine: while they are made, the proxy paces each connection at
+  // 128 KiB/s, so that phase can deliver at most a few MiB of the 32 (it would have to last a
+  // minute to deliver them all); then the pace is lifted and the migration completes.
   const { r, s, p } = await migrateWithFault(
     'nf-both',
-    0.1,
+    0.01,
     async (p) => {
       for (let i = 0; i < 3; i++) {
         // Each time after the dest has restored both channels (WELCOME received, not just dialed).
@@ -225,8 +233,10 @@ t.test('(c) cut both connections, three times', async (t) => {
         await p.waitFor((c) => c.filter((x) => x.channel).length === 2);
         t.equal(p.cutAll(), 2, `cut ${i + 1}: both connections`);
       }
+      const now = (await session('nf-both'))!;
+      t.ok(now.presentPages < TOTAL_PAGES, `mid-migration: ${now.presentPages}/${TOTAL_PAGES}`);
     },
-    4 * MiB,
+    128 * 1024,
   );
   assertVerified(t, r);
   t.equal(p.stats().cuts, 6);
@@ -238,7 +248,7 @@ t.test('(c) cut both connections, three times', async (t) => {
 t.test('(d) stall everything: heartbeats notice, then it is a cut', async (t) => {
   const before = await metrics();
   const t0 = Date.now();
-  const { r, s, p } = await migrateWithFault('nf-stall', 0.2, (p) => {
+  const { r, s, p } = await migrateWithFault('nf-stall', 0.05, (p) => {
     t.equal(p.stallAll(Infinity), 2, 'both connections silent until cut');
   });
   assertVerified(t, r);
@@ -259,7 +269,7 @@ t.test('(d) stall everything: heartbeats notice, then it is a cut', async (t) =>
 
 t.test('(e) bit flips on the source→dest stream are never placed', async (t) => {
   const before = await metrics();
-  const { r, s, p } = await migrateWithFault('nf-corrupt', 0.1, async (p) => {
+  const { r, s, p } = await migrateWithFault('nf-corrupt', 0.02, async (p) => {
     // One flip at a time, each on a live connection, so every flip lands.
     for (let i = 0; i < 6; i++) {
       await p.waitFor((c) => c.filter((x) => x.channel).length === 2);
@@ -294,10 +304,11 @@ t.test('(f) the source killed (SIGKILL) and restarted on its port', async (t) =>
   const img = await image();
   const id = 'nf-source-kill';
   await registerMigration(own, { id, image: img, frozen: true });
-  const run = migrate(id, img, own.ws);
+  const p = await proxy(FAULT_PACE, own.port);
+  const run = migrate(id, img, p.url);
   let restarted: Awaited<ReturnType<typeof startSource>>;
   try {
-    const at = await waitPresent(id, 0.25, run);
+    const at = await waitPresent(id, 0.05, run);
     const exited = once(own.child, 'exit');
     own.child.kill('SIGKILL');
     await exited;
@@ -311,6 +322,7 @@ t.test('(f) the source killed (SIGKILL) and restarted on its port', async (t) =>
       },
     );
     daemons.push(restarted);
+    p.setPace(0);
     const state = await migrationState(restarted, id);
     const s = await session(id);
     if (s?.state !== 'done') {
@@ -344,7 +356,9 @@ t.test('(g) the source lets go only after the dest holds every page', async (t) 
   const id = 'nf-release';
   await registerMigration(own, { id, image: img, frozen: true });
   let vmsimCompleteAt = 0;
-  const run = migrate(id, img, own.ws, { onPhaseEnd: () => (vmsimCompleteAt = Date.now()) });
+  // Paced until the source restart below, so the samples see it frozen with pages missing.
+  const p = await proxy(FAULT_PACE, own.port);
+  const run = migrate(id, img, p.url, { onPhaseEnd: () => (vmsimCompleteAt = Date.now()) });
   let finished = false;
   void run.then(
     () => (finished = true),
@@ -365,7 +379,7 @@ t.test('(g) the source lets go only after the dest holds every page', async (t) 
     } else if (s && s.presentPages < s.totalPages) {
       sawFrozenMidway ||= state === 'frozen';
     }
-    if (s && !restartedMidway && s.presentPages > 0.5 * s.totalPages) {
+    if (s && !restartedMidway && s.presentPages > 0.05 * s.totalPages) {
       // Kill and restart the source before completion: it comes back frozen, not complete.
       const exited = once(own.child, 'exit');
       own.child.kill('SIGKILL');
@@ -379,6 +393,7 @@ t.test('(g) the source lets go only after the dest holds every page', async (t) 
       daemons.push(again);
       restartedMidway = await migrationState(again, id);
       Object.assign(own, { child: again.child });
+      p.setPace(0);
     }
     await new Promise((r) => setTimeout(r, 2));
   }
