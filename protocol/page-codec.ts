@@ -6,7 +6,7 @@
  */
 import { crc32 as simdCrc32 } from '@node-rs/crc32';
 import { crc32 as zlibCrc32 } from 'node:zlib';
-import { ProtocolError } from './errors.js';
+import { ProtocolError, type FRAME_ERROR_CODES } from './errors.js';
 import {
   Channel,
   FrameType,
@@ -23,7 +23,7 @@ const TWO32 = 2 ** 32;
 const MAX_SAFE_HI = Math.floor(Number.MAX_SAFE_INTEGER / TWO32);
 const ID_RE = /^[A-Za-z0-9._:-]+$/;
 
-function bad(code: string, message: string): never {
+function bad(code: (typeof FRAME_ERROR_CODES)[number], message: string): never {
   throw new ProtocolError(code, message);
 }
 

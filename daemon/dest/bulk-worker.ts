@@ -1,15 +1,16 @@
 /**
- * The bulk thread (see bulk.ts): runs every session's background channel beside the main
- * thread, which serves faults. Per session: the background Link (reconnects like the demand one), the
- * HAVE sync on every (re)connect and after a PROGRESS DONE with pages still missing, the credit
- * window, checksum-verified frames placed straight from the ws message into the VMM's memory.
- * It never reads the uffd (the main thread does): a placement that meets EAGAIN (a REMOVE or
- * UNMAP event the main thread has not read yet) waits a moment and retries, by then skipping the
- * pages the main thread marked discarded.
+ * The bulk thread (see bulk.ts): every session's background connection lives here. Per session:
+ * the background Link (reconnects like the demand one), frames decoded and checked (checksum,
+ * inside one region of this connection's WELCOME, whole pages), the HAVE sync of each new
+ * connection (the main thread, which owns the page map, says what to send), and credit: the
+ * main thread reports each run it placed, and this thread grants that much again on the
+ * connection the run came from. Verified runs go to the main thread, which places every page;
+ * this thread never touches a uffd.
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { encodeCredit, encodeHave } from '../../protocol/page-codec.js';
-import { ProtocolError } from '../../protocol/errors.js';
+import { ProtocolError, codeOf, HANDOFF_ERROR_CODES } from '../../protocol/errors.js';
+import { checkRun } from '../../protocol/ranges.js';
 import {
   Channel,
   FrameType,
@@ -18,18 +19,15 @@ import {
   Limits,
   ProgressFlag,
   type Frame,
+  type PageRange,
 } from '../../protocol/wire.js';
 import * as sys from '../linux/sys.js';
 import { connectPageChannel, type PageChannel } from '../transport/client.js';
 import { createLogger, type Logger, type LogLevel } from '../ops/log.js';
 import { Link } from './link.js';
-import { Gate, PageMap, frameRun, settledRanges, sourceMismatch } from './page-map.js';
-import { placeRun, type PlaceOutcome } from './placer.js';
-import type { BulkCounts, BulkSessionInit, FromBulk, ToBulk } from './bulk.js';
+import type { BulkSessionInit, FromBulk, ToBulk } from './bulk.js';
 
-/** How long a placement that met EAGAIN waits before it tries again, ms. */
-const RETRY_DELAY_MS = 1;
-/** Longest a background channel stops reading while faults await their pages, ms. */
+/** Longest a background connection stops reading while faults await their pages, ms. */
 const FAULT_PRIORITY_MS = 2;
 
 const port = parentPort!;
@@ -46,19 +44,18 @@ try {
   log.warn('cannot lower the bulk thread priority; it competes with faults for CPU', { err });
 }
 
-const post = (m: FromBulk): void => port.postMessage(m);
+const post = (m: FromBulk, transfer?: ArrayBuffer[]): void => port.postMessage(m, transfer ?? []);
 
 /**
- * Faults go first: after placing a frame while any fault in the daemon awaits its page, the
- * channel stops reading for up to FAULT_PRIORITY_MS (or until no fault is awaited). Bulk data
- * then waits in socket buffers, and the source, whose sends block, leaves the CPU to the fault's
- * answer too. Returns at once when no fault is awaited.
+ * Faults go first: while any fault in the daemon awaits its page, a background connection stops
+ * reading for up to FAULT_PRIORITY_MS after each frame (or until none is awaited). Bulk data
+ * then waits in socket buffers, and the source, whose sends block, leaves the CPU and the link
+ * to the fault's answer.
  */
 const yielding = new WeakSet<PageChannel>();
-
 function yieldToFaults(ch: PageChannel): void {
   const awaited = Atomics.load(faults, 0);
-  // Frames ws had already read still arrive while paused: they are placed, not held again.
+  // Frames ws had already read still arrive while paused: they are delivered, not held again.
   if (awaited === 0 || !ch.isOpen || yielding.has(ch)) return;
   yielding.add(ch);
   ch.pause();
@@ -78,24 +75,43 @@ function yieldToFaults(ch: PageChannel): void {
   check();
 }
 
+/**
+ * The ArrayBuffer to hand to the main thread with a frame's payload, and where the payload
+ * starts in it. A ws message that is a whole ArrayBuffer of its own (every frame larger than
+ * a socket read) moves without a copy; one that shares its buffer with other messages is copied.
+ */
+function transferable(payload: Uint8Array, message: Buffer): { buf: ArrayBuffer; at: number } {
+  const ab = message.buffer;
+  if (
+    ab instanceof ArrayBuffer &&
+    message.byteOffset === 0 &&
+    message.byteLength === ab.byteLength
+  ) {
+    return { buf: ab, at: payload.byteOffset };
+  }
+  const copy = new Uint8Array(payload); // deliberate: the message shares its memory
+  return { buf: copy.buffer, at: 0 };
+}
+
 class BulkSession {
-  private readonly map: PageMap;
   private readonly link: Link;
+  /** Connection numbers: runs and credit belong to the connection they came on. */
+  private readonly serials = new WeakMap<PageChannel, number>();
+  private lastSerial = 0;
+  /** The current connection (after opened()). */
+  private channel: PageChannel | null = null;
+  /** The first CREDIT may go out (after backgroundDelayMs). */
   private windowOpen = false;
-  /** Frames flow (start()): the first connection's HAVE sync went out. */
-  private started = false;
+  /** The current connection's HAVE sync went out (credit may follow). */
+  private synced = false;
   private creditOwed = 0;
   private closed = false;
-  private counts: BulkCounts = zeroCounts();
-  private flushScheduled = false;
-  private readonly retryTimers = new Set<NodeJS.Timeout>();
 
   constructor(
     private readonly key: number,
     private readonly init: BulkSessionInit,
     sessionLog: Logger,
   ) {
-    this.map = new PageMap(init.map.regions, init.map);
     this.link = new Link(
       {
         connect: connectPageChannel,
@@ -110,11 +126,14 @@ class BulkSession {
       },
       {
         opened: (ch, reconnect) => this.onOpened(ch, reconnect),
-        frame: (ch, frame, bytes) => this.onFrame(ch, frame, bytes),
-        lost: (info) => post({ t: 'lost', key, code: info.code }),
+        frame: (ch, frame, message) => this.onFrame(ch, frame, message),
+        lost: (info) => {
+          this.channel = null;
+          post({ t: 'lost', key, code: info.code });
+        },
         gaveUp: (info) =>
           this.fail(
-            info.code,
+            codeOf(info.code, HANDOFF_ERROR_CODES, 'SOURCE_UNREACHABLE'),
             `no working background connection to the source for ${init.reconnectTimeoutMs} ms; last: ${info.message}`,
           ),
       },
@@ -123,107 +142,56 @@ class BulkSession {
 
   open(): void {
     this.link.open().then(
-      () => post({ t: 'opened', key: this.key }),
+      (ch) => post({ t: 'opened', key: this.key, regions: ch.welcome.regions }),
       (err: { code?: string; message?: string }) =>
         post({
           t: 'openFailed',
           key: this.key,
-          code: err.code ?? 'SOURCE_UNREACHABLE',
+          code: codeOf(err, HANDOFF_ERROR_CODES, 'SOURCE_UNREACHABLE'),
           message: err.message ?? String(err),
         }),
     );
   }
 
   start(): void {
-    if (this.closed) return;
-    this.started = true;
-    this.link.start();
+    if (!this.closed) this.link.start();
   }
 
-  /** The window opens now, or with the HAVE sync if the channel has not started yet. */
+  /** The window opens now (if the current connection is synced), or with its HAVE sync. */
   openWindow(): void {
     this.windowOpen = true;
-    if (this.started && this.link.isOpen) this.link.send(encodeCredit(this.init.windowBytes));
+    if (this.synced && this.channel) this.link.send(encodeCredit(this.init.windowBytes));
   }
 
-  close(code?: string, message?: string): void {
-    this.closed = true;
-    for (const t of this.retryTimers) clearTimeout(t);
-    this.retryTimers.clear();
-    this.link.close(code, message);
-    this.flush();
+  private serialOf(ch: PageChannel): number {
+    let n = this.serials.get(ch);
+    if (n === undefined) this.serials.set(ch, (n = ++this.lastSerial));
+    return n;
   }
 
-  private fail(code: string, message: string): void {
-    if (this.closed) return;
-    post({ t: 'fail', key: this.key, code, message });
+  private get serial(): number {
+    return this.channel ? this.serialOf(this.channel) : -1;
   }
 
-  /** A (new) connection: check its regions, tell the source what we hold, open the window. */
-  private onOpened(ch: PageChannel, reconnect: boolean): void {
-    if (this.closed) return;
-    if (reconnect) {
-      const why = sourceMismatch(this.map, ch.welcome.regions);
-      if (why) {
-        this.fail('SOURCE_MISMATCH', why);
-        return;
-      }
-    }
-    this.sendHave();
-    this.creditOwed = 0;
-    if (this.windowOpen) this.link.send(encodeCredit(this.init.windowBytes));
-  }
-
-  /** A HAVE sync: every settled range, LAST on the final frame (one empty frame if none). */
-  private sendHave(): void {
-    const ranges = settledRanges(this.map);
+  /** The main thread's HAVE sync for connection `serial` (it owns the page map). */
+  have(serial: number, ranges: readonly PageRange[]): void {
+    if (this.closed || serial !== this.serial || !this.channel) return;
     const max = Limits.MAX_HAVE_ENTRIES;
     for (let i = 0; i < ranges.length || i === 0; i += max) {
       const last = i + max >= ranges.length;
       this.link.send(encodeHave(last ? HaveFlag.LAST : 0, ranges.slice(i, i + max)));
     }
-  }
-
-  private onFrame(ch: PageChannel, frame: Frame, bytes: number): void {
-    if (this.closed) return;
-    this.counts.bytes += bytes;
-    try {
-      switch (frame.type) {
-        case FrameType.DATA:
-        case FrameType.ZERO: {
-          const { r, first, count, data, length } = frameRun(this.map, frame);
-          this.place(r.index, first, count, data);
-          this.link.healthy(ch);
-          // Credit belongs to the connection that used it: a frame left from a lost one is
-          // placed (its checksum held) but grants nothing to the new connection.
-          if (ch.isOpen) this.grantCredit(data ? length : HeaderSize.ZERO);
-          yieldToFaults(ch);
-          break;
-        }
-        case FrameType.PROGRESS:
-          if (frame.flags & ProgressFlag.DONE) {
-            post({ t: 'sourceDone', key: this.key });
-            // The source sent everything, yet pages are missing: frames were lost in a cut.
-            if (!this.map.complete) this.sendHave();
-          }
-          break;
-        default:
-          throw new ProtocolError(
-            'BAD_STATE',
-            `frame type ${frame.type} is not legal from the source`,
-          );
-      }
-    } catch (err) {
-      // Well-formed but wrong (outside the image, misaligned, illegal here): drop this
-      // connection and reconnect; a source that keeps doing it fails the session when the
-      // link gives up, with this code.
-      const code = (err as { code?: string }).code ?? 'SESSION_FAILED';
-      post({ t: 'error', key: this.key, code });
-      this.link.reset({ code, message: (err as Error).message });
+    if (!this.synced) {
+      this.synced = true;
+      this.creditOwed = 0;
+      if (this.windowOpen) this.link.send(encodeCredit(this.init.windowBytes));
     }
   }
 
-  private grantCredit(bytes: number): void {
+  /** The main thread placed `bytes` of connection `serial`'s runs: grant them again. */
+  credit(serial: number, bytes: number): void {
+    // Credit belongs to the connection that used it: a run left from a lost one grants nothing.
+    if (this.closed || serial !== this.serial || !this.synced) return;
     this.creditOwed += bytes;
     // Batch grants: a CREDIT frame per quarter window keeps the stream full without chatter.
     if (this.creditOwed >= this.init.windowBytes / 4) {
@@ -232,67 +200,76 @@ class BulkSession {
     }
   }
 
-  /** Places a run; on EAGAIN retries shortly (the main thread reads the pending event). */
-  private place(region: number, first: number, count: number, data: Buffer | null): void {
-    if (this.closed) return;
-    const r = this.map.regions[region]!;
-    // Under the gate: never between the main thread's read of a REMOVE event and its marks.
-    this.map.enterGate(Gate.BULK);
-    let out: PlaceOutcome;
-    try {
-      out = placeRun(this.init.uffd, this.map, r, first, count, data);
-    } finally {
-      this.map.leaveGate();
-    }
-    if (out.kind === 'gone') {
-      this.fail(
-        'VMM_GONE',
-        `placement failed with ${out.errno} (${out.what}): the VMM's memory is gone`,
-      );
-      return;
-    }
-    if (data) this.counts.dataPages += out.placed;
-    else this.counts.zeroPages += out.placed;
-    this.counts.existed += out.existed;
-    if (out.kind === 'retry') {
-      this.counts.retries++;
-      const at = out.resumeAt;
-      // The frame's buffer stays referenced by this closure until the retry: bounded by the
-      // credit window like every frame in flight.
-      const timer = setTimeout(() => {
-        this.retryTimers.delete(timer);
-        this.place(
-          region,
-          at,
-          first + count - at,
-          data ? data.subarray((at - first) * r.pageSizeBytes) : null,
-        );
-      }, RETRY_DELAY_MS);
-      this.retryTimers.add(timer);
-    }
-    this.scheduleFlush();
+  close(code?: string, message?: string): void {
+    this.closed = true;
+    this.link.close(code, message);
   }
 
-  private scheduleFlush(): void {
-    if (this.flushScheduled) return;
-    this.flushScheduled = true;
-    setImmediate(() => {
-      this.flushScheduled = false;
-      this.flush();
+  private fail(code: (typeof HANDOFF_ERROR_CODES)[number], message: string): void {
+    if (!this.closed) post({ t: 'fail', key: this.key, code, message });
+  }
+
+  /** A (new) connection: the main thread checks its regions and answers with the HAVE sync. */
+  private onOpened(ch: PageChannel, reconnect: boolean): void {
+    if (this.closed) return;
+    this.channel = ch;
+    this.synced = false;
+    post({
+      t: 'connected',
+      key: this.key,
+      serial: this.serialOf(ch),
+      regions: ch.welcome.regions,
+      reconnect,
     });
   }
 
-  /** One report per turn: the main thread accounts for the pages and settles faults. */
-  private flush(): void {
-    const c = this.counts;
-    if (c.dataPages + c.zeroPages + c.existed + c.retries + c.bytes === 0) return;
-    this.counts = zeroCounts();
-    post({ t: 'placed', key: this.key, counts: c });
+  private onFrame(ch: PageChannel, frame: Frame, message: Buffer): void {
+    if (this.closed) return;
+    try {
+      switch (frame.type) {
+        case FrameType.DATA:
+        case FrameType.ZERO: {
+          const length = frame.type === FrameType.DATA ? frame.payload.byteLength : frame.length;
+          // Frames that came right behind WELCOME arrive before opened(): check and count them
+          // by their own connection.
+          checkRun(ch.welcome.regions, frame.offset, length);
+          const base = {
+            t: 'run' as const,
+            key: this.key,
+            serial: this.serialOf(ch),
+            offset: frame.offset,
+            length,
+            bytes: message.byteLength,
+          };
+          if (frame.type === FrameType.ZERO) {
+            // A ZERO frame costs its header in credit (the source's accounting).
+            post({ ...base, credit: HeaderSize.ZERO, buf: null, at: 0 });
+          } else {
+            const { buf, at } = transferable(frame.payload, message);
+            post({ ...base, credit: length, buf, at }, [buf]);
+          }
+          this.link.healthy(ch);
+          yieldToFaults(ch);
+          break;
+        }
+        case FrameType.PROGRESS:
+          if (frame.flags & ProgressFlag.DONE) post({ t: 'sourceDone', key: this.key });
+          break;
+        default:
+          throw new ProtocolError(
+            'BAD_STATE',
+            `frame type ${frame.type} is not legal on the background channel`,
+          );
+      }
+    } catch (err) {
+      // Well-formed but wrong (outside the image, misaligned, illegal here): drop this
+      // connection and reconnect; a source that keeps doing it fails the session when the
+      // link gives up, with this code.
+      const code = codeOf(err, HANDOFF_ERROR_CODES, 'INTERNAL_ERROR');
+      post({ t: 'error', key: this.key, code });
+      this.link.reset({ code, message: (err as Error).message });
+    }
   }
-}
-
-function zeroCounts(): BulkCounts {
-  return { dataPages: 0, zeroPages: 0, existed: 0, retries: 0, bytes: 0 };
 }
 
 const sessions = new Map<number, BulkSession>();
@@ -301,7 +278,7 @@ port.on('message', (m: ToBulk) => {
   try {
     switch (m.t) {
       case 'open': {
-        const s = new BulkSession(m.key, m.init, log.child({ migration: m.init.migrationId }));
+        const s = new BulkSession(m.key, m.init, log.child({ migrationId: m.init.migrationId }));
         sessions.set(m.key, s);
         s.open();
         break;
@@ -312,18 +289,22 @@ port.on('message', (m: ToBulk) => {
       case 'window':
         sessions.get(m.key)?.openWindow();
         break;
+      case 'have':
+        sessions.get(m.key)?.have(m.serial, m.ranges);
+        break;
+      case 'credit':
+        sessions.get(m.key)?.credit(m.serial, m.bytes);
+        break;
       case 'close':
         sessions.get(m.key)?.close(m.code, m.message);
         sessions.delete(m.key);
-        // From here on this thread never touches that session's uffd.
         post({ t: 'closed', key: m.key });
         break;
     }
   } catch (err) {
-    const key = m.key;
     post({
       t: 'fail',
-      key,
+      key: m.key,
       code: 'INTERNAL_ERROR',
       message: `bulk thread: ${(err as Error).message}`,
     });

@@ -1,27 +1,28 @@
 /**
- * The bulk lane of the destination: every session's background channel lives on one worker
- * thread (bulk-worker.ts); the main thread keeps faults and demand pages. Measured on these
- * 2-core machines, a single thread doing both let a fault wait behind background frames and the
- * garbage collection their buffers cause (fault p99 17 ms under load, 5.6 ms with the split).
- * The bulk thread's nice value is configurable (bulkThreadNice; 0 by default: higher values let
- * busy vCPUs starve the stream). While any fault is awaited, it stops reading for up to 2 ms
- * after each frame, so faults go first. The threads share each session's page map
- * (SharedArrayBuffers, see page-map.ts) and its uffd, and talk through the messages below.
+ * The bulk lane of the destination, main-thread side. Every session's background connection
+ * lives on one worker thread (bulk-worker.ts), which decodes and checks frames, keeps credit
+ * and sends HAVE syncs; the main thread owns every uffd and page map and places every page
+ * (placement.ts), so each page has one writer and no lock is needed.
  *
- * A uffd is closed only after the bulk thread confirmed it let go of it: a closed fd number can
- * be reused at once, and a late UFFDIO_COPY into someone else's uffd would place one VM's pages
- * in another.
+ * Verified runs arrive here as messages (a frame's payload moves between the threads without a
+ * copy: its ArrayBuffer is transferred) and wait in one queue for all sessions. The queue is
+ * placed one run per event-loop turn, so faults and demand answers, read in the loop's poll
+ * phase, are never queued behind more than one background run; and while any fault in the
+ * daemon awaits its page, the queue waits (up to FAULT_PRIORITY_MS): any VM's demand goes
+ * before every VM's background.
+ *
+ * A uffd is closed only after its session's lane is closed here and on the worker, so no run of
+ * a closed session can reach a reused fd number.
  */
 import { Worker } from 'node:worker_threads';
+import type { HandoffErrorCode } from '../../protocol/errors.js';
+import type { PageRange, RegionInfo } from '../../protocol/wire.js';
 import type { Logger, LogLevel } from '../ops/log.js';
-import type { SharedPageMap } from './page-map.js';
 
 /** Everything the bulk thread needs to run one session's background channel. */
 export interface BulkSessionInit {
   migrationId: string;
   source: string;
-  uffd: number;
-  map: SharedPageMap;
   windowBytes: number;
   connectTimeoutMs: number;
   heartbeatMs: number;
@@ -34,63 +35,98 @@ export type ToBulk =
   | { t: 'open'; key: number; init: BulkSessionInit }
   | { t: 'start'; key: number }
   | { t: 'window'; key: number }
+  | { t: 'have'; key: number; serial: number; ranges: PageRange[] }
+  | { t: 'credit'; key: number; serial: number; bytes: number }
   | { t: 'close'; key: number; code?: string; message?: string };
 
-/** Placement counts since the last report (one report per bulk event-loop turn at most). */
-export interface BulkCounts {
-  dataPages: number;
-  zeroPages: number;
-  existed: number;
-  retries: number;
+/** A verified DATA (buf) or ZERO (buf null) run of connection `serial`. */
+export interface RunMessage {
+  t: 'run';
+  key: number;
+  serial: number;
+  offset: number;
+  length: number;
+  /** The frame's size on the wire (metrics). */
   bytes: number;
+  /** What placing it gives back in credit (payload bytes, or a ZERO frame's header). */
+  credit: number;
+  buf: ArrayBuffer | null;
+  /** Where the payload starts in `buf`. */
+  at: number;
+}
+
+/** PROGRESS DONE: queued behind the session's runs, so it is heard after they are placed. */
+export interface SourceDoneMessage {
+  t: 'sourceDone';
+  key: number;
 }
 
 export type FromBulk =
-  | { t: 'opened'; key: number }
-  | { t: 'openFailed'; key: number; code: string; message: string }
-  | { t: 'placed'; key: number; counts: BulkCounts }
+  | { t: 'opened'; key: number; regions: RegionInfo[] }
+  | { t: 'openFailed'; key: number; code: HandoffErrorCode; message: string }
+  | {
+      t: 'connected';
+      key: number;
+      serial: number;
+      regions: readonly RegionInfo[];
+      reconnect: boolean;
+    }
+  | RunMessage
   | { t: 'lost'; key: number; code: string }
   | { t: 'error'; key: number; code: string }
-  | { t: 'sourceDone'; key: number }
-  | { t: 'fail'; key: number; code: string; message: string }
+  | SourceDoneMessage
+  | { t: 'fail'; key: number; code: HandoffErrorCode; message: string }
   | { t: 'closed'; key: number };
+
+/** A background run for the session to place (payload a view, no copy). */
+export interface BackgroundRun {
+  offset: number;
+  length: number;
+  data: Buffer | null;
+  /** The frame's size on the wire. */
+  bytes: number;
+}
 
 /** What a session hears from its bulk lane. */
 export interface BulkHooks {
-  placed(counts: BulkCounts): void;
+  /** A (new) background connection with these regions: answer with have() (its HAVE sync). */
+  connected(serial: number, regions: readonly RegionInfo[], reconnect: boolean): void;
+  /** Place this run now (called from the daemon-wide queue, one run per turn). */
+  run(run: BackgroundRun): void;
   /** The background connection was lost (it reconnects by itself). */
   lost(code: string): void;
   /** A frame was refused with `code` (the connection was reset). */
   error(code: string): void;
+  /** The source says it sent every page (PROGRESS DONE), and every run before it is placed. */
   sourceDone(): void;
-  /** The lane cannot go on (no source for reconnectTimeoutMs, VMM memory gone, thread died). */
-  fail(code: string, message: string): void;
+  /** The lane cannot go on (no source for reconnectTimeoutMs, the thread died). */
+  fail(code: HandoffErrorCode, message: string): void;
 }
 
 /** One session's background channel, seen from the main thread. */
 export interface BulkLane {
-  /** Connects; rejects with a coded error when the first connection fails. */
-  open(): Promise<void>;
+  /** Connects; resolves with the source's regions, rejects with a coded error. */
+  open(): Promise<RegionInfo[]>;
   /** Starts taking frames (after the session is running). */
   start(): void;
   /** Grants the first CREDIT (the background stream may start). */
   openWindow(): void;
-  /** Closes the channel; resolves once the bulk thread no longer touches the uffd. */
+  /** The HAVE sync for connection `serial` (after connected(), or to resync). */
+  have(serial: number, ranges: PageRange[]): void;
+  /** Closes the channel; resolves once no run of it can reach the session any more. */
   close(code?: string, message?: string): Promise<void>;
 }
 
 export interface BulkLaneFactory {
   lane(init: BulkSessionInit, hooks: BulkHooks): BulkLane;
-  /**
-   * Faults awaiting their page, daemon-wide, went up or down by `delta`. While any is awaited
-   * the bulk thread stops reading after each frame (up to FAULT_PRIORITY_MS each time).
-   */
+  /** Faults awaiting their page, daemon-wide, went up or down by `delta`. */
   faultsAwaited(delta: number): void;
 }
 
 interface Entry {
   hooks: BulkHooks;
-  opened: { resolve(): void; reject(err: Error): void } | null;
+  opened: { resolve(regions: RegionInfo[]): void; reject(err: Error): void } | null;
+  closing: boolean;
   closed: Promise<void>;
   resolveClosed(): void;
 }
@@ -104,10 +140,13 @@ export interface BulkThreadOptions {
   workerUrl?: URL;
 }
 
+/** Longest the background queue waits for awaited faults before placing anyway, ms. */
+const FAULT_PRIORITY_MS = 2;
+
 /**
- * The worker thread and the routing of its messages to sessions. Started at once (so a thread
- * that cannot start fails the daemon at startup); a thread that dies fails the sessions it
- * carried and is replaced for the next session.
+ * The worker thread, the routing of its messages to sessions, and the daemon-wide queue of
+ * background runs. Started at once (a thread that cannot start fails the daemon at startup); a
+ * thread that dies fails the sessions it carried and is replaced for the next session.
  */
 export class BulkThread implements BulkLaneFactory {
   private worker: Worker | null = null;
@@ -116,6 +155,12 @@ export class BulkThread implements BulkLaneFactory {
   private stopped = false;
   /** [0]: faults awaited in all sessions (shared with the bulk thread). */
   private readonly faults = new Int32Array(new SharedArrayBuffer(4));
+  /** Runs to place, and each session's PROGRESS DONE behind the runs that came before it. */
+  private readonly queue: Array<RunMessage | SourceDoneMessage> = [];
+  private queueHead = 0;
+  private scheduled: NodeJS.Immediate | null = null;
+  private deferTimer: NodeJS.Timeout | null = null;
+  private deferredSince = 0;
 
   constructor(private readonly opts: BulkThreadOptions) {
     this.spawn();
@@ -123,26 +168,20 @@ export class BulkThread implements BulkLaneFactory {
 
   private spawn(): Worker {
     const worker = new Worker(this.opts.workerUrl ?? new URL('./bulk-worker.js', import.meta.url), {
-      workerData: {
-        nice: this.opts.nice,
-        logLevel: this.opts.logLevel,
-        faults: this.faults,
-      },
+      workerData: { nice: this.opts.nice, logLevel: this.opts.logLevel, faults: this.faults },
       stdout: false,
       stderr: false,
     });
     worker.unref();
     worker.on('message', (m: FromBulk) => this.onMessage(m));
-    worker.on('error', (err) => {
-      this.opts.log.error('the bulk thread failed', { err });
-    });
+    worker.on('error', (err) => this.opts.log.error('the bulk thread failed', { err }));
     worker.on('exit', (code) => {
       if (this.worker === worker) this.worker = null;
       if (!this.stopped) this.opts.log.error('the bulk thread exited', { exitCode: code });
-      // A dead thread touches no uffd: every session it carried may close its fd.
+      this.dropQueued(() => true);
       for (const [key, e] of this.entries) {
         this.entries.delete(key);
-        if (!this.stopped) {
+        if (!this.stopped && !e.closing) {
           e.opened?.reject(
             Object.assign(new Error('the bulk thread exited'), { code: 'INTERNAL_ERROR' }),
           );
@@ -161,27 +200,29 @@ export class BulkThread implements BulkLaneFactory {
 
   private onMessage(m: FromBulk): void {
     const e = this.entries.get(m.key);
-    if (!e) return;
+    if (!e || (e.closing && m.t !== 'closed')) return;
     switch (m.t) {
       case 'opened':
-        e.opened?.resolve();
+        e.opened?.resolve(m.regions);
         e.opened = null;
         break;
       case 'openFailed':
         e.opened?.reject(Object.assign(new Error(m.message), { code: m.code }));
         e.opened = null;
         break;
-      case 'placed':
-        e.hooks.placed(m.counts);
+      case 'connected':
+        e.hooks.connected(m.serial, m.regions, m.reconnect);
+        break;
+      case 'run':
+      case 'sourceDone':
+        this.queue.push(m);
+        this.schedule();
         break;
       case 'lost':
         e.hooks.lost(m.code);
         break;
       case 'error':
         e.hooks.error(m.code);
-        break;
-      case 'sourceDone':
-        e.hooks.sourceDone();
         break;
       case 'fail':
         e.hooks.fail(m.code, m.message);
@@ -194,9 +235,68 @@ export class BulkThread implements BulkLaneFactory {
   }
 
   faultsAwaited(delta: number): void {
-    if (delta !== 0 && Atomics.add(this.faults, 0, delta) + delta === 0) {
+    if (delta === 0) return;
+    if (Atomics.add(this.faults, 0, delta) + delta === 0) {
       Atomics.notify(this.faults, 0);
+      if (this.deferTimer) {
+        clearTimeout(this.deferTimer);
+        this.deferTimer = null;
+        this.schedule();
+      }
     }
+  }
+
+  /** Places the next queued run in a later turn (or after awaited faults, see the top). */
+  private schedule(): void {
+    if (this.scheduled || this.deferTimer || this.queueHead >= this.queue.length) return;
+    this.scheduled = setImmediate(() => {
+      this.scheduled = null;
+      if (Atomics.load(this.faults, 0) > 0) {
+        const now = performance.now();
+        this.deferredSince ||= now;
+        const left = FAULT_PRIORITY_MS - (now - this.deferredSince);
+        if (left > 0) {
+          this.deferTimer = setTimeout(() => {
+            this.deferTimer = null;
+            this.schedule();
+          }, left);
+          return;
+        }
+      }
+      this.deferredSince = 0;
+      this.placeNext();
+      this.schedule();
+    });
+  }
+
+  private placeNext(): void {
+    const m = this.queue[this.queueHead++];
+    if (this.queueHead > 1024 && this.queueHead * 2 > this.queue.length) {
+      this.queue.splice(0, this.queueHead);
+      this.queueHead = 0;
+    }
+    if (!m) return;
+    const e = this.entries.get(m.key);
+    if (!e || e.closing) return;
+    if (m.t === 'sourceDone') {
+      e.hooks.sourceDone();
+      return;
+    }
+    e.hooks.run({
+      offset: m.offset,
+      length: m.length,
+      data: m.buf ? Buffer.from(m.buf, m.at, m.length) : null,
+      bytes: m.bytes,
+    });
+    this.post({ t: 'credit', key: m.key, serial: m.serial, bytes: m.credit });
+  }
+
+  /** Drops queued runs that `which` selects (a closing session's, or all when the thread died). */
+  private dropQueued(which: (m: RunMessage | SourceDoneMessage) => boolean): void {
+    const kept = this.queue.slice(this.queueHead).filter((m) => !which(m));
+    this.queue.length = 0;
+    this.queue.push(...kept);
+    this.queueHead = 0;
   }
 
   lane(init: BulkSessionInit, hooks: BulkHooks): BulkLane {
@@ -205,22 +305,24 @@ export class BulkThread implements BulkLaneFactory {
     const entry: Entry = {
       hooks,
       opened: null,
+      closing: false,
       closed: new Promise<void>((r) => (resolveClosed = r)),
       resolveClosed: () => resolveClosed(),
     };
     this.entries.set(key, entry);
-    let closing = false;
     return {
       open: () =>
-        new Promise<void>((resolve, reject) => {
+        new Promise<RegionInfo[]>((resolve, reject) => {
           entry.opened = { resolve, reject };
           this.post({ t: 'open', key, init });
         }),
       start: () => this.post({ t: 'start', key }),
       openWindow: () => this.post({ t: 'window', key }),
+      have: (serial, ranges) => this.post({ t: 'have', key, serial, ranges }),
       close: (code, message) => {
-        if (!closing && this.entries.has(key)) {
-          closing = true;
+        if (!entry.closing && this.entries.has(key)) {
+          entry.closing = true;
+          this.dropQueued((m) => m.key === key);
           this.post({
             t: 'close',
             key,
@@ -236,6 +338,9 @@ export class BulkThread implements BulkLaneFactory {
   /** Stops the thread (daemon shutdown, after the sessions closed). */
   async stop(): Promise<void> {
     this.stopped = true;
+    if (this.scheduled) clearImmediate(this.scheduled);
+    if (this.deferTimer) clearTimeout(this.deferTimer);
+    this.queue.length = 0;
     const w = this.worker;
     this.worker = null;
     if (w) await w.terminate();

@@ -36,7 +36,8 @@ export interface LinkOptions {
 export interface LinkHooks {
   /** A (new) connection is up: frames may be sent on it now. `reconnect` is false the first time. */
   opened(ch: PageChannel, reconnect: boolean): void;
-  frame(ch: PageChannel, frame: Frame, bytes: number): void;
+  /** A frame of connection `ch`, with the ws message it came in (see PageChannel.attach). */
+  frame(ch: PageChannel, frame: Frame, message: Buffer): void;
   /** The connection was lost; the link is reconnecting. */
   lost(info: CloseInfo): void;
   /** No connection for reconnectTimeoutMs: the link stopped trying. */
@@ -155,8 +156,8 @@ export class Link {
     this.stableTimer = setTimeout(() => this.healthy(ch), STABLE_MS);
     this.stableTimer.unref?.();
     ch.attach(
-      (frame, bytes) => {
-        if (this.channel === ch) this.hooks.frame(ch, frame, bytes);
+      (frame, message) => {
+        if (this.channel === ch) this.hooks.frame(ch, frame, message);
       },
       (info) => this.onLost(ch, info),
     );

@@ -1,7 +1,8 @@
 /**
  * Linux ABI vocabulary for x86_64, with the C names kept verbatim so each value can be checked
  * against its header (<linux/userfaultfd.h>, <sys/socket.h>, <sys/mman.h>, <poll.h>).
- * tests/unit/abi.test.ts recomputes every ioctl number and compares with the installed header.
+ * tests/unit/abi.test.ts compiles a C program against the installed headers and compares every
+ * value below with what the compiler says.
  * Pure data: no FFI here.
  */
 
@@ -38,6 +39,7 @@ export const _UFFDIO_UNREGISTER = 0x01;
 export const _UFFDIO_WAKE = 0x02;
 export const _UFFDIO_COPY = 0x03;
 export const _UFFDIO_ZEROPAGE = 0x04;
+export const _UFFDIO_WRITEPROTECT = 0x06;
 export const _UFFDIO_API = 0x3f;
 
 /** Struct sizes in bytes, as the kernel lays them out on x86_64. */
@@ -46,6 +48,7 @@ export const SIZEOF_uffdio_range = 16; // start, len
 export const SIZEOF_uffdio_register = 32; // range, mode, ioctls
 export const SIZEOF_uffdio_copy = 40; // dst, src, len, mode, s64 copy
 export const SIZEOF_uffdio_zeropage = 32; // range, mode, s64 zeropage
+export const SIZEOF_uffdio_writeprotect = 24; // range, mode
 export const SIZEOF_uffd_msg = 32;
 
 export const UFFDIO_API = IOWR(UFFDIO, _UFFDIO_API, SIZEOF_uffdio_api);
@@ -54,6 +57,7 @@ export const UFFDIO_UNREGISTER = IOR(UFFDIO, _UFFDIO_UNREGISTER, SIZEOF_uffdio_r
 export const UFFDIO_WAKE = IOR(UFFDIO, _UFFDIO_WAKE, SIZEOF_uffdio_range);
 export const UFFDIO_COPY = IOWR(UFFDIO, _UFFDIO_COPY, SIZEOF_uffdio_copy);
 export const UFFDIO_ZEROPAGE = IOWR(UFFDIO, _UFFDIO_ZEROPAGE, SIZEOF_uffdio_zeropage);
+export const UFFDIO_WRITEPROTECT = IOWR(UFFDIO, _UFFDIO_WRITEPROTECT, SIZEOF_uffdio_writeprotect);
 export const USERFAULTFD_IOC = 0xaa;
 export const USERFAULTFD_IOC_NEW = IO(USERFAULTFD_IOC, 0x00);
 
@@ -67,6 +71,7 @@ export const UFFD_PAGEFAULT_FLAG_WRITE = 1 << 0;
 export const UFFD_PAGEFAULT_FLAG_WP = 1 << 1;
 export const UFFD_PAGEFAULT_FLAG_MINOR = 1 << 2;
 
+export const UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0;
 export const UFFD_FEATURE_EVENT_FORK = 1 << 1;
 export const UFFD_FEATURE_EVENT_REMAP = 1 << 2;
 export const UFFD_FEATURE_EVENT_REMOVE = 1 << 3;
@@ -74,12 +79,15 @@ export const UFFD_FEATURE_MISSING_HUGETLBFS = 1 << 4;
 export const UFFD_FEATURE_MISSING_SHMEM = 1 << 5;
 export const UFFD_FEATURE_EVENT_UNMAP = 1 << 6;
 export const UFFD_FEATURE_THREAD_ID = 1 << 8;
+export const UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12;
 
 export const UFFDIO_REGISTER_MODE_MISSING = 1 << 0;
 export const UFFDIO_REGISTER_MODE_WP = 1 << 1;
 export const UFFDIO_REGISTER_MODE_MINOR = 1 << 2;
 export const UFFDIO_COPY_MODE_DONTWAKE = 1 << 0;
 export const UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1 << 0;
+export const UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0;
+export const UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 1 << 1;
 
 /** Bits of the `ioctls` mask that UFFDIO_REGISTER returns: 1 << _UFFDIO_x. */
 export const UFFD_IOCTL_BIT_WAKE = 1 << _UFFDIO_WAKE;
@@ -88,7 +96,6 @@ export const UFFD_IOCTL_BIT_ZEROPAGE = 1 << _UFFDIO_ZEROPAGE;
 export const UFFD_USER_MODE_ONLY = 1;
 
 export const SYS_userfaultfd = 323; // x86_64 <asm/unistd_64.h>
-export const SYS_pidfd_open = 434;
 
 // --- files, memory ---
 export const O_RDONLY = 0;
@@ -107,8 +114,6 @@ export const MADV_REMOVE = 9;
 export const SEEK_SET = 0;
 export const SEEK_DATA = 3;
 export const SEEK_HOLE = 4;
-export const EFD_CLOEXEC = 0o2000000;
-export const EFD_NONBLOCK = 0o4000;
 export const F_GETFL = 3;
 export const F_SETFL = 4;
 

@@ -35,12 +35,22 @@ koffi.struct('uffdio_copy', {
   mode: 'uint64_t',
   copy: 'int64_t',
 });
+// The same layout with `src` as an address in this process (the zero and probe mappings of
+// daemon/uffd/uffd.ts), not a Buffer.
+koffi.struct('uffdio_copy_addr', {
+  dst: 'uintptr_t',
+  src: 'uintptr_t',
+  len: 'uint64_t',
+  mode: 'uint64_t',
+  copy: 'int64_t',
+});
 // Registered by name: the prototypes below refer to it as `uffdio_zeropage`.
 koffi.struct('uffdio_zeropage', {
   range: uffdio_range,
   mode: 'uint64_t',
   zeropage: 'int64_t',
 });
+koffi.struct('uffdio_writeprotect', { range: uffdio_range, mode: 'uint64_t' });
 const iovec = koffi.struct('iovec', { iov_base: 'void *', iov_len: 'size_t' });
 // Registered by name: the prototypes below refer to it as `msghdr`.
 koffi.struct('msghdr', {
@@ -57,7 +67,6 @@ koffi.struct('ucred', { pid: 'int32_t', uid: 'uint32_t', gid: 'uint32_t' });
 
 const c = {
   syscall_uffd: libc.func('long syscall(long nr, int flags)'),
-  syscall_pidfd_open: libc.func('long syscall(long nr, int pid, unsigned int flags)'),
   open: libc.func('int open(const char *path, int flags, int mode)'),
   close: libc.func('int close(int fd)'),
   dup: libc.func('int dup(int fd)'),
@@ -66,7 +75,6 @@ const c = {
   pread: libc.func('long pread(int fd, void *buf, size_t count, int64_t offset)'),
   lseek: libc.func('int64_t lseek(int fd, int64_t offset, int whence)'),
   fcntl: libc.func('int fcntl(int fd, int cmd, int arg)'),
-  eventfd: libc.func('int eventfd(unsigned int initval, int flags)'),
   mmap: libc.func(
     'uintptr_t mmap(uintptr_t addr, size_t len, int prot, int flags, int fd, int64_t off)',
   ),
@@ -79,6 +87,8 @@ const c = {
   ioctlRegister: libc.func('int ioctl(int fd, unsigned long req, _Inout_ uffdio_register *arg)'),
   ioctlRange: libc.func('int ioctl(int fd, unsigned long req, uffdio_range *arg)'),
   ioctlCopy: libc.func('int ioctl(int fd, unsigned long req, _Inout_ uffdio_copy *arg)'),
+  ioctlCopyAddr: libc.func('int ioctl(int fd, unsigned long req, _Inout_ uffdio_copy_addr *arg)'),
+  ioctlWriteProtect: libc.func('int ioctl(int fd, unsigned long req, uffdio_writeprotect *arg)'),
   ioctlZeropage: libc.func('int ioctl(int fd, unsigned long req, _Inout_ uffdio_zeropage *arg)'),
   socket: libc.func('int socket(int domain, int type, int protocol)'),
   socketpair: libc.func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)'),
@@ -100,7 +110,6 @@ const c = {
   listen: libc.func('int listen(int fd, int backlog)'),
   accept4: libc.func('int accept4(int fd, void *addr, void *len, int flags)'),
   send: libc.func('long send(int fd, const void *buf, size_t len, int flags)'),
-  shutdown: libc.func('int shutdown(int fd, int how)'),
 };
 
 function fail(name: string, detail?: string): never {
@@ -118,10 +127,6 @@ const negErrno = (): number => -koffi.errno();
 export function userfaultfd(flags: number): number {
   const rc = Number(c.syscall_uffd(abi.SYS_userfaultfd, flags));
   return check('userfaultfd', rc);
-}
-
-export function pidfdOpen(pid: number): number {
-  return check('pidfd_open', Number(c.syscall_pidfd_open(abi.SYS_pidfd_open, pid, 0)));
 }
 
 export function open(path: string, flags: number, mode = 0): number {
@@ -161,10 +166,6 @@ export function setNonBlocking(fd: number, on: boolean): void {
   const flags = check('fcntl', c.fcntl(fd, abi.F_GETFL, 0) as number);
   const next = on ? flags | abi.O_NONBLOCK : flags & ~abi.O_NONBLOCK;
   check('fcntl', c.fcntl(fd, abi.F_SETFL, next) as number);
-}
-
-export function eventfd(flags: number): number {
-  return check('eventfd', c.eventfd(0, flags | abi.EFD_CLOEXEC) as number);
 }
 
 export function mmap(len: number, prot: number, flags: number, fd = -1, offset = 0): number {
@@ -229,6 +230,28 @@ export function uffdCopy(fd: number, dst: number, src: Buffer, len: number, mode
   if (rc < 0 && copied > 0) return copied; // partial copy: the caller continues after it
   if (rc < 0) return copied < 0 ? copied : negErrno();
   return copied;
+}
+
+/** UFFDIO_COPY from `srcAddr`, an address in this process: same result as uffdCopy. */
+export function uffdCopyFromAddress(
+  fd: number,
+  dst: number,
+  srcAddr: number,
+  len: number,
+  mode: number,
+): number {
+  const arg = { dst, src: srcAddr, len, mode, copy: 0 };
+  const rc = c.ioctlCopyAddr(fd, abi.UFFDIO_COPY, arg) as number;
+  const copied = Number(arg.copy);
+  if (rc < 0 && copied > 0) return copied;
+  if (rc < 0) return copied < 0 ? copied : negErrno();
+  return copied;
+}
+
+/** UFFDIO_WRITEPROTECT on a range with `mode`; 0 or a negative errno. */
+export function tryUffdWriteProtect(fd: number, start: number, len: number, mode: number): number {
+  const rc = c.ioctlWriteProtect(fd, abi.UFFDIO_WRITEPROTECT, { range: { start, len }, mode });
+  return (rc as number) < 0 ? negErrno() : 0;
 }
 
 /** UFFDIO_ZEROPAGE: same result convention as uffdCopy. */
@@ -433,10 +456,6 @@ export function sendto(fd: number, data: Buffer, name: string): number {
 export function tryRecv(fd: number, buf: Buffer, flags = 0): number {
   const rc = Number(c.recv(fd, buf, buf.length, flags));
   return rc < 0 ? negErrno() : rc;
-}
-
-export function shutdownBoth(fd: number): void {
-  c.shutdown(fd, 2);
 }
 
 const M_TRIM_THRESHOLD = -1;

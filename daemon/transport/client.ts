@@ -5,7 +5,14 @@
  */
 import WebSocket from 'ws';
 import { decodeFrame, encodeError, encodeHello } from '../../protocol/page-codec.js';
-import { ProtocolError } from '../../protocol/errors.js';
+import {
+  CodedError,
+  codeOf,
+  HANDOFF_ERROR_CODES,
+  PAGE_ERROR_CODES,
+  type HandoffErrorCode,
+  type PageErrorCode,
+} from '../../protocol/errors.js';
 import {
   channelName,
   FrameType,
@@ -16,17 +23,14 @@ import {
   type FrameOf,
 } from '../../protocol/wire.js';
 
-export class TransportError extends Error {
-  readonly code: string;
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = 'TransportError';
-    this.code = code;
-  }
-}
+/** The dest's transport boundary: connecting a channel failed, with the code the VMM hears. */
+export class TransportError extends CodedError<HandoffErrorCode> {}
 
 export interface CloseInfo {
-  /** Why: a protocol/transport code (SOURCE_CLOSED, HEARTBEAT_TIMEOUT, FRAME_*, or the ERROR frame's code). */
+  /**
+   * Why: a transport code (SOURCE_CLOSED, HEARTBEAT_TIMEOUT, SOURCE_IO, FRAME_*), the code of
+   * the source's ERROR frame, or the code the destination closed it with.
+   */
   code: string;
   message: string;
 }
@@ -37,11 +41,15 @@ export interface PageChannel {
   /** Sends one frame; false when the channel is closed. */
   send(frame: Uint8Array): boolean;
   /**
-   * Starts delivery: frames in order (`bytes` is the message size), then one `onClose` when the
-   * channel closes for any reason. Frames and a close that arrive before attach are kept and
-   * delivered by it, so nothing sent right behind WELCOME is lost.
+   * Starts delivery: frames in order, each with the ws message it was decoded from (DATA
+   * payloads are views into it), then one `onClose` when the channel closes for any reason.
+   * Frames and a close that arrive before attach are kept and delivered by it, so nothing sent
+   * right behind WELCOME is lost.
    */
-  attach(onFrame: (frame: Frame, bytes: number) => void, onClose: (info: CloseInfo) => void): void;
+  attach(
+    onFrame: (frame: Frame, message: Buffer) => void,
+    onClose: (info: CloseInfo) => void,
+  ): void;
   close(code?: string, message?: string): void;
   /**
    * Stops reading from the connection (frames already received may still arrive) until resume():
@@ -68,13 +76,20 @@ export function pagesUrl(base: string, kind: ChannelKind): string {
 }
 
 /** One ws message as a frame, or why it is not one (a text message, an undecodable frame). */
-function decodeMessage(data: Buffer, isBinary: boolean): Frame | { bad: CloseInfo } {
+function decodeMessage(
+  data: Buffer,
+  isBinary: boolean,
+): Frame | { bad: { code: PageErrorCode; message: string } } {
   if (!isBinary) return { bad: { code: 'FRAME_TEXT', message: 'text message from source' } };
   try {
     return decodeFrame(data);
   } catch (err) {
-    const code = err instanceof ProtocolError ? err.code : 'FRAME_BAD';
-    return { bad: { code, message: (err as Error).message } };
+    return {
+      bad: {
+        code: codeOf(err, PAGE_ERROR_CODES, 'FRAME_BAD_VALUE'),
+        message: (err as Error).message,
+      },
+    };
   }
 }
 
@@ -144,10 +159,12 @@ export function connectPageChannel(opts: ConnectOptions): Promise<PageChannel> {
         return;
       }
       if (frame.type === FrameType.ERROR) {
+        // A code this version does not know (a newer source) still fails the handoff, coded.
+        const code = codeOf(frame.code, HANDOFF_ERROR_CODES, 'SESSION_FAILED');
         fail(
           new TransportError(
-            frame.code,
-            `source refused ${channelName(opts.channel)}: ${frame.message}`,
+            code,
+            `source refused ${channelName(opts.channel)}: ${code === frame.code ? '' : `${frame.code}: `}${frame.message}`,
           ),
         );
         ws.close();
@@ -177,9 +194,9 @@ export function connectPageChannel(opts: ConnectOptions): Promise<PageChannel> {
 }
 
 class ChannelImpl implements PageChannel {
-  private onFrame: ((frame: Frame, bytes: number) => void) | null = null;
+  private onFrame: ((frame: Frame, message: Buffer) => void) | null = null;
   private onClose: ((info: CloseInfo) => void) | null = null;
-  private early: Array<[Frame, number]> = [];
+  private early: Array<[Frame, Buffer]> = [];
   private earlyClose: CloseInfo | null = null;
   private open = true;
   private heartbeat: NodeJS.Timeout | null = null;
@@ -228,14 +245,17 @@ class ChannelImpl implements PageChannel {
       this.ws.close();
       return;
     }
-    if (this.onFrame) this.onFrame(frame, data.length);
-    else this.early.push([frame, data.length]);
+    if (this.onFrame) this.onFrame(frame, data);
+    else this.early.push([frame, data]);
   }
 
-  attach(onFrame: (frame: Frame, bytes: number) => void, onClose: (info: CloseInfo) => void): void {
+  attach(
+    onFrame: (frame: Frame, message: Buffer) => void,
+    onClose: (info: CloseInfo) => void,
+  ): void {
     this.onFrame = onFrame;
     this.onClose = onClose;
-    for (const [frame, bytes] of this.early.splice(0)) onFrame(frame, bytes);
+    for (const [frame, message] of this.early.splice(0)) onFrame(frame, message);
     if (this.earlyClose) onClose(this.earlyClose);
   }
 

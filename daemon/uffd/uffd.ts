@@ -2,10 +2,9 @@
  * Typed userfaultfd: the operations yabusame needs, with kernel results as data
  * (https://docs.kernel.org/admin-guide/mm/userfaultfd.html).
  *
- * - placement (copy / zeropage) returns `placed`, `exists` (EEXIST: another delivery won the
- *   race), `retry` (EAGAIN: a REMOVE/UNMAP event is pending, drain events and try again) or
- *   `gone` (ESRCH/ENOENT/EBADF...: the address space or range is gone, the VMM died);
- *   a partial copy reports its byte count and the caller continues after it.
+ * - placement (copy / copyZeros / zeropage) returns a PlaceResult: kernel answers are data, and
+ *   a partial copy reports its byte count (the caller continues after it);
+ * - probes answer questions about a received uffd's ranges without changing them;
  * - anything else throws UffdError with a stable code.
  */
 import * as sys from '../linux/sys.js';
@@ -22,40 +21,122 @@ export class UffdError extends Error {
 }
 
 export type PlaceResult =
+  /** `bytes` were placed from the start of the range (a partial copy: continue after them). */
   | { kind: 'placed'; bytes: number }
-  | { kind: 'exists'; bytes: number }
+  /** EEXIST: the first page is already present (another delivery, or placed before a resume). */
+  | { kind: 'exists' }
+  /** EAGAIN: a REMOVE/UNMAP event (or an mm change) is pending: read the events, then retry. */
   | { kind: 'retry' }
-  | { kind: 'gone'; errno: string };
-
-const GONE = new Set([
-  ERRNO.ESRCH,
-  ERRNO.ENOENT,
-  ERRNO.EBADF,
-  ERRNO.EFAULT,
-  ERRNO.ENOMEM,
-  ERRNO.EINVAL,
-]);
+  /** ENOENT: the range is not inside one registered mapping (a VMA boundary, or unmapped). */
+  | { kind: 'unmapped' }
+  /** ESRCH: the address space is gone (the VMM exited). */
+  | { kind: 'gone' }
+  /** Anything else (EFAULT, EINVAL, ENOMEM...): `errno` names it. */
+  | { kind: 'failed'; errno: string };
 
 function classify(rc: number): PlaceResult {
   if (rc >= 0) return { kind: 'placed', bytes: rc };
-  const errno = -rc;
-  if (errno === ERRNO.EEXIST) return { kind: 'exists', bytes: 0 };
-  if (errno === ERRNO.EAGAIN) return { kind: 'retry' };
-  if (GONE.has(errno)) return { kind: 'gone', errno: errnoName(errno) };
-  throw new UffdError(
-    `UFFD_${errnoName(errno)}`,
-    `userfaultfd placement failed: ${errnoName(errno)}`,
-  );
+  switch (-rc) {
+    case ERRNO.EEXIST:
+      return { kind: 'exists' };
+    case ERRNO.EAGAIN:
+      return { kind: 'retry' };
+    case ERRNO.ENOENT:
+      return { kind: 'unmapped' };
+    case ERRNO.ESRCH:
+      return { kind: 'gone' };
+    default:
+      return { kind: 'failed', errno: errnoName(-rc) };
+  }
 }
+
+const copyMode = (wake: boolean): number => (wake ? 0 : abi.UFFDIO_COPY_MODE_DONTWAKE);
 
 /** UFFDIO_COPY `len` bytes of `src` (a view, not copied) to `dst`. */
 export function copy(fd: number, dst: number, src: Buffer, len: number, wake = true): PlaceResult {
-  return classify(sys.uffdCopy(fd, dst, src, len, wake ? 0 : abi.UFFDIO_COPY_MODE_DONTWAKE));
+  return classify(sys.uffdCopy(fd, dst, src, len, copyMode(wake)));
+}
+
+/**
+ * Largest run copyZeros places in one ioctl, bytes: the size of the zero mapping it copies from
+ * (at least one page of the largest page size the protocol allows).
+ */
+export const ZERO_SOURCE_BYTES = 16 * 1024 * 1024;
+
+/**
+ * Mappings of this process that UFFDIO_COPY reads from instead of a Buffer (made once, lazily):
+ * - zeros: anonymous and read-only, never written, so every page of it is the kernel's shared
+ *   zero page (no memory is used however much of it is read);
+ * - inaccessible: PROT_NONE, so a copy from it fails with EFAULT after the kernel has checked
+ *   the destination range and before it places anything (probeRange).
+ */
+let zeroSource = 0;
+let probeSource = 0;
+function sourceMapping(prot: number): number {
+  return sys.mmap(ZERO_SOURCE_BYTES, prot, abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_NORESERVE);
+}
+
+/**
+ * Places zeros on `[dst, dst+len)` by UFFDIO_COPY from the zero mapping: for ranges without
+ * UFFDIO_ZEROPAGE (hugetlbfs, whose UFFDIO_REGISTER leaves it out of the ioctl mask). `len` is
+ * at most ZERO_SOURCE_BYTES.
+ */
+export function copyZeros(fd: number, dst: number, len: number, wake = true): PlaceResult {
+  if (len > ZERO_SOURCE_BYTES) throw new RangeError(`copyZeros of ${len} bytes`);
+  zeroSource ||= sourceMapping(abi.PROT_READ);
+  return classify(sys.uffdCopyFromAddress(fd, dst, zeroSource, len, copyMode(wake)));
 }
 
 /** UFFDIO_ZEROPAGE on `[start, start+len)` in one ioctl. */
 export function zeropage(fd: number, start: number, len: number, wake = true): PlaceResult {
   return classify(sys.uffdZeropage(fd, start, len, wake ? 0 : abi.UFFDIO_ZEROPAGE_MODE_DONTWAKE));
+}
+
+/**
+ * Whether `[start, start+len)` lies inside one mapping registered with this uffd, without placing
+ * anything: a UFFDIO_COPY from an inaccessible source. The kernel checks the destination range
+ * first (ENOENT: a hole or a VMA boundary inside it, or not registered), then pending events
+ * (EAGAIN), and only then reads the source, which fails (EFAULT) before any page is installed
+ * (mm/userfaultfd.c: uffd_mfill_lock/validate_dst_vma, then the copy_from_user fallback).
+ * Measured on kernel 6.18 for anonymous, shmem and hugetlbfs mappings, present pages included.
+ */
+export function probeRange(
+  fd: number,
+  start: number,
+  len: number,
+): 'inside' | 'outside' | 'retry' | 'gone' | { errno: string } {
+  probeSource ||= sourceMapping(abi.PROT_NONE);
+  const rc = sys.uffdCopyFromAddress(fd, start, probeSource, len, abi.UFFDIO_COPY_MODE_DONTWAKE);
+  if (rc === -ERRNO.EFAULT) return 'inside';
+  if (rc === -ERRNO.ENOENT) return 'outside';
+  if (rc === -ERRNO.EAGAIN) return 'retry';
+  if (rc === -ERRNO.ESRCH) return 'gone';
+  // A copy that succeeded would mean the source mapping is readable: never for PROT_NONE.
+  return { errno: rc >= 0 ? `copied ${rc}` : errnoName(-rc) };
+}
+
+/**
+ * Whether the mapping at `start` is registered in write-protect mode: UFFDIO_WRITEPROTECT
+ * (clearing, DONTWAKE) on its first page answers ENOENT unless it is (mm/userfaultfd.c:
+ * mwriteprotect_range). On a WP range this clears the protection of that one page; callers
+ * probe only to refuse such a range.
+ */
+export function isWriteProtectRegistered(
+  fd: number,
+  start: number,
+  pageSizeBytes: number,
+): boolean | 'retry' | 'gone' {
+  const rc = sys.tryUffdWriteProtect(
+    fd,
+    start,
+    pageSizeBytes,
+    abi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+  );
+  if (rc === 0) return true;
+  if (rc === -ERRNO.EAGAIN) return 'retry';
+  if (rc === -ERRNO.ESRCH) return 'gone';
+  // ENOENT: not WP-registered; EINVAL: a kernel without WP support.
+  return false;
 }
 
 /** Wakes threads blocked on `[start, start+len)`: they retry the access and fault again if still missing. */
@@ -109,7 +190,8 @@ export function create(features: number, nonBlocking = true): { fd: number; feat
 
 // --- events (struct uffd_msg, 32 bytes) ---
 export type UffdEvent =
-  | { kind: 'pagefault'; address: number; write: boolean; tid: number }
+  /** `wp`: a write-protect fault; `minor`: a minor fault (page cache hit, not mapped). */
+  | { kind: 'pagefault'; address: number; write: boolean; wp: boolean; minor: boolean; tid: number }
   | { kind: 'remove'; start: number; end: number }
   | { kind: 'unmap'; start: number; end: number }
   | { kind: 'remap'; from: number; to: number; len: number }
@@ -123,13 +205,17 @@ const u64 = (b: Buffer, off: number): number =>
 export function decodeEvent(b: Buffer, off: number): UffdEvent {
   const event = b[off]!;
   switch (event) {
-    case abi.UFFD_EVENT_PAGEFAULT:
+    case abi.UFFD_EVENT_PAGEFAULT: {
+      const flags = b.readUInt32LE(off + 8);
       return {
         kind: 'pagefault',
-        write: (b.readUInt32LE(off + 8) & abi.UFFD_PAGEFAULT_FLAG_WRITE) !== 0,
+        write: (flags & abi.UFFD_PAGEFAULT_FLAG_WRITE) !== 0,
+        wp: (flags & abi.UFFD_PAGEFAULT_FLAG_WP) !== 0,
+        minor: (flags & abi.UFFD_PAGEFAULT_FLAG_MINOR) !== 0,
         address: u64(b, off + 16),
         tid: b.readUInt32LE(off + 24),
       };
+    }
     case abi.UFFD_EVENT_REMOVE:
       return { kind: 'remove', start: u64(b, off + 8), end: u64(b, off + 16) };
     case abi.UFFD_EVENT_UNMAP:

@@ -107,8 +107,8 @@ export function startLocalHandler(o: LocalHandlerOptions): LocalHandler {
       if (r.kind === 'placed') done += r.bytes;
       else if (r.kind === 'exists')
         done += P; // raced with another placement: skip that page
-      else if (r.kind === 'gone') {
-        fail('LOCAL_VMM_GONE', `placement failed: ${r.errno}`);
+      else if (r.kind !== 'retry') {
+        fail('LOCAL_VMM_GONE', `placement failed: ${r.kind === 'failed' ? r.errno : r.kind}`);
         return false;
       } // 'retry': no non-cooperative events are requested, so just try again
     }

@@ -9,7 +9,6 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { BulkThread } from '../../daemon/dest/bulk.js';
-import { PageMap } from '../../daemon/dest/page-map.js';
 import { silentLogger } from '../../daemon/ops/log.js';
 import { startTestDest } from '../helpers/dest.js';
 
@@ -73,14 +72,9 @@ t.test(
     // The thread is unref'd (a daemon's sockets keep it alive); here a timer does.
     const keepAlive = setInterval(() => {}, 1000);
     t.teardown(() => clearInterval(keepAlive));
-    const map = new PageMap([
-      { base: 0x7000_0000_0000, sizeBytes: 1 << 20, offset: 0, pageSizeBytes: 4096 },
-    ]);
     const init = {
       migrationId: 'vm-bulk-dies',
       source: 'ws://127.0.0.1:1',
-      uffd: -1,
-      map: map.share(),
       windowBytes: 1 << 20,
       connectTimeoutMs: 1000,
       heartbeatMs: 0,
@@ -90,7 +84,8 @@ t.test(
     for (const round of [1, 2]) {
       const failures: string[] = [];
       const lane = bulk.lane(init, {
-        placed: () => {},
+        connected: () => {},
+        run: () => {},
         lost: () => {},
         error: () => {},
         sourceDone: () => {},

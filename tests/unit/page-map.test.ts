@@ -1,176 +1,139 @@
 /**
- * The page map shared by the dest's main thread and its bulk thread: state transitions and the
- * settled count stay exact when both threads mark the same pages at once (a real second thread,
- * a worker, racing the main one over shared memory).
+ * The dest's region table and page map, as pure logic: runs split over regions handed over in
+ * any order and at any addresses, VMA segments, the source check, and counts that add up to the
+ * number of pages whatever happens to a page (placed, discarded, discarded again).
  */
 import t from 'tap';
-import { Worker } from 'node:worker_threads';
-import {
-  Gate,
-  PageMap,
-  PageState,
-  settledRanges,
-  sourceMismatch,
-} from '../../daemon/dest/page-map.js';
+import { PageMap, PageState } from '../../daemon/dest/page-map.js';
+import { RegionTable } from '../../daemon/dest/regions.js';
 
-const region = (pages: number, base = 0x7000_0000_0000, offset = 0) => ({
+const P = 4096;
+const region = (name: string, pages: number, base: number, offset: number, ps = P) => ({
+  name,
   base,
-  sizeBytes: pages * 4096,
+  sizeBytes: pages * ps,
   offset,
-  pageSizeBytes: 4096,
-});
-
-t.test('markPlaced settles unsettled pages only, and never undoes a discard', async (t) => {
-  const map = new PageMap([region(8)]);
-  const r = map.regions[0]!;
-  map.mark(r, 0, 1, PageState.REQUESTED);
-  map.mark(r, 1, 1, PageState.DISCARDED);
-  t.equal(map.settledPages, 1, 'a discarded page is settled');
-  t.equal(map.markPlaced(r, 0, 4), 3, 'requested and missing pages moved; the discarded one not');
-  t.equal(r.state[1], PageState.DISCARDED, 'the discard stands');
-  t.equal(map.markPlaced(r, 0, 4), 0, 'placing again moves nothing');
-  t.equal(map.settledPages, 4);
-  t.equal(map.claim(r, 5, PageState.REQUESTED), PageState.MISSING, 'a missing page is claimed');
-  t.equal(map.claim(r, 5, PageState.REQUESTED), PageState.REQUESTED, 'and only once');
-  t.equal(map.claim(r, 0, PageState.REQUESTED), PageState.PRESENT, 'a present page is not');
-  t.equal(r.state[0], PageState.PRESENT);
-  t.same(settledRanges(map), [{ offset: 0, length: 4 * 4096 }]);
-});
-
-t.test('a map opened from share() is the same memory', async (t) => {
-  const a = new PageMap([region(4), region(4, 0x7100_0000_0000, 4 * 4096)]);
-  const b = new PageMap(a.share().regions, a.share());
-  b.markPlaced(b.regions[1]!, 0, 2);
-  t.equal(a.settledPages, 2);
-  t.equal(a.regions[1]!.state[1], PageState.PRESENT);
-  t.equal(b.regions[1]!.name, a.regions[1]!.name);
-});
-
-t.test('two threads marking the same pages keep the settled count exact', async (t) => {
-  const pages = 1 << 16;
-  const map = new PageMap([region(pages)]);
-  const r = map.regions[0]!;
-  // The worker places every page (as the bulk thread does) while this thread requests, places
-  // and discards pages (as faults and REMOVE events do), all at once.
-  const code = `
-    const { workerData, parentPort } = require('node:worker_threads');
-    import(workerData.url).then(({ PageMap }) => {
-      const map = new PageMap(workerData.shared.regions, workerData.shared);
-      const r = map.regions[0];
-      parentPort.postMessage('ready');
-      Atomics.wait(workerData.start, 0, 0); // both threads start together
-      let moved = 0;
-      for (let round = 0; round < 4; round++)
-        for (let p = 0; p < r.pages; p += 16) moved += map.markPlaced(r, p, 16);
-      parentPort.postMessage(moved);
-    });`;
-  const start = new Int32Array(new SharedArrayBuffer(4));
-  const worker = new Worker(code, {
-    eval: true,
-    workerData: {
-      url: new URL('../../daemon/dest/page-map.js', import.meta.url).href,
-      shared: map.share(),
-      start,
-    },
-  });
-  const moved = new Promise<number>((resolve, reject) => {
-    worker.on('message', (m: unknown) => {
-      if (typeof m === 'number') resolve(m);
-    });
-    worker.on('error', reject);
-  });
-  await new Promise<void>((resolve) => worker.once('message', () => resolve()));
-  Atomics.store(start, 0, 1);
-  Atomics.notify(start, 0);
-  let discarded = 0;
-  let placedHere = 0;
-  for (let round = 0; round < 4; round++) {
-    for (let p = pages - 1; p >= 0; p--) {
-      if (p % 7 === 0) {
-        map.claim(r, p, PageState.REQUESTED);
-      } else if (p % 11 === 0 && r.state[p] !== PageState.DISCARDED) {
-        map.mark(r, p, 1, PageState.DISCARDED);
-      } else {
-        placedHere += map.markPlaced(r, p, 1);
-      }
-    }
-  }
-  const movedThere = await moved;
-  await worker.terminate();
-  let settled = 0;
-  for (let p = 0; p < pages; p++) {
-    if (r.state[p]! >= PageState.PRESENT) settled++;
-    if (r.state[p] === PageState.DISCARDED) discarded++;
-  }
-  t.equal(settled, pages, 'every page ends settled');
-  t.equal(map.settledPages, settled, 'the shared count equals the settled bytes');
-  t.ok(discarded > 0, `${discarded} pages stayed discarded`);
-  t.ok(placedHere + movedThere <= pages, 'no page was placed twice');
-  t.ok(movedThere > 0 && placedHere > 0, `both threads placed (${movedThere} + ${placedHere})`);
+  pageSizeBytes: ps,
 });
 
 t.test(
-  'the placement gate: a bulk placement waits while the main thread handles events',
+  'pieces: a run split over two regions at unrelated addresses, listed out of order',
   async (t) => {
-    const map = new PageMap([region(4)]);
-    const r = map.regions[0]!;
-    // The worker plays the bulk thread: gate, then place page 0, as bulk-worker.ts does.
-    const code = `
-    const { workerData, parentPort } = require('node:worker_threads');
-    import(workerData.url).then(({ PageMap, Gate }) => {
-      const map = new PageMap(workerData.shared.regions, workerData.shared);
-      parentPort.postMessage('trying');
-      map.enterGate(Gate.BULK);
-      const moved = map.markPlaced(map.regions[0], 0, 2);
-      map.leaveGate();
-      parentPort.postMessage(moved);
-    });`;
-    // As the main thread does from reading a REMOVE event until its range is marked.
-    map.enterGate(Gate.EVENTS);
-    t.throws(() => map.enterGate(Gate.EVENTS), /already held/, 'not re-entrant by mistake');
-    const worker = new Worker(code, {
-      eval: true,
-      workerData: {
-        url: new URL('../../daemon/dest/page-map.js', import.meta.url).href,
-        shared: map.share(),
-      },
-    });
-    const messages: unknown[] = [];
-    const moved = new Promise<number>((resolve, reject) => {
-      worker.on('message', (m: unknown) => {
-        messages.push(m);
-        if (typeof m === 'number') resolve(m);
-      });
-      worker.on('error', reject);
-    });
-    const deadline = Date.now() + 5000;
-    while (!messages.includes('trying') && Date.now() < deadline) {
-      await new Promise((res) => setTimeout(res, 5));
-    }
-    await new Promise((res) => setTimeout(res, 100));
-    t.same(messages, ['trying'], 'the worker waits at the gate');
-    t.equal(r.state[0], PageState.MISSING, 'nothing placed while the gate is held');
-    map.mark(r, 0, 1, PageState.DISCARDED); // the event's range, marked before the gate opens
-    map.leaveGate();
-    t.equal(await moved, 1, 'after the gate: only the page that was not discarded');
-    t.equal(r.state[0], PageState.DISCARDED, 'the discard stands');
-    t.equal(r.state[1], PageState.PRESENT);
-    await worker.terminate();
+    // Image [0, 32 pages): region "hi" holds pages 0..28 at a high address, "lo" the last 3 pages
+    // at a lower one, listed first (the layout that broke the dest with OUT_OF_RANGE).
+    const table = new RegionTable([
+      region('lo', 3, 0x7000_0000_0000, 29 * P),
+      region('hi', 29, 0x7f00_0000_0000, 0),
+    ]);
+    const seen: Array<[string, number, number, number]> = [];
+    table.pieces(24 * P, 8 * P, (r, first, count, at) => seen.push([r.name, first, count, at]));
+    t.same(seen, [
+      ['hi', 24, 5, 0],
+      ['lo', 0, 3, 5 * P],
+    ]);
+    t.equal(table.at(0x7000_0000_0000 + 2 * P + 17)?.name, 'lo');
+    t.equal(table.at(0x7000_0000_0000 + 3 * P), undefined, 'one past the end of lo');
+    t.equal(table.atOffset(28 * P)?.name, 'hi');
+    t.equal(table.totalPages, 32);
+    t.throws(
+      () => table.pieces(30 * P, 4 * P, () => {}),
+      { code: 'OUT_OF_RANGE' },
+      'bytes beyond every region are OUT_OF_RANGE',
+    );
   },
 );
 
+t.test('pieces: huge-page regions take whole pages only', async (t) => {
+  const H = 2 << 20;
+  const table = new RegionTable([region('huge', 4, 0x7e00_0000_0000, 0, H)]);
+  const seen: number[][] = [];
+  table.pieces(H, 2 * H, (_r, first, count) => seen.push([first, count]));
+  t.same(seen, [[1, 2]]);
+  t.throws(() => table.pieces(H + P, H, () => {}), /not a page|OUT_OF_RANGE/);
+});
+
+t.test('segments: placement never crosses a VMA boundary it knows of', async (t) => {
+  const table = new RegionTable([region('ram', 100, 0x7000_0000_0000, 0)]);
+  const r = table.regions[0]!;
+  t.equal(r.segmentEnd(0), 100);
+  r.addSegmentStart(40);
+  r.addSegmentStart(10);
+  r.addSegmentStart(40);
+  r.addSegmentStart(0); // not a boundary
+  t.same(r.segmentStarts, [0, 10, 40]);
+  t.equal(r.segmentEnd(0), 10);
+  t.equal(r.segmentEnd(10), 40);
+  t.equal(r.segmentEnd(39), 40);
+  t.equal(r.segmentEnd(99), 100);
+});
+
 t.test('sourceMismatch names what does not fit', async (t) => {
-  const map = new PageMap([region(4)]);
+  const table = new RegionTable([region('a', 4, 0x7000_0000_0000, 0)]);
+  const src = (pages: number, ps = P) => [
+    { name: 'ram', offset: 0, sizeBytes: pages * P, pageSizeBytes: ps },
+  ];
+  t.equal(table.sourceMismatch(src(4)), null);
+  t.match(table.sourceMismatch(src(8)), /covers 4 pages but the source image has 8/);
+  t.match(table.sourceMismatch(src(4, 2 << 20)), /page size/);
+  t.match(
+    table.sourceMismatch([{ name: 'x', offset: 4 * P, sizeBytes: 4 * P, pageSizeBytes: P }]),
+    /not inside the source image/,
+  );
+});
+
+t.test('the counts of every settled page add up to the number of pages', async (t) => {
+  const table = new RegionTable([
+    region('a', 8, 0x7000_0000_0000, 0),
+    region('b', 8, 0x7100_0000_0000, 8 * P),
+  ]);
+  const [a, b] = table.regions as [(typeof table.regions)[0], (typeof table.regions)[0]];
+  const map = new PageMap(table);
+  const sum = (): number => {
+    const c = map.counts();
+    return c.demand + c.background + c.zero + c.existed + c.discarded;
+  };
+  t.equal(map.request(a, 0), PageState.MISSING, 'a missing page is requested');
+  t.equal(map.request(a, 0), PageState.REQUESTED, 'and only once');
+  t.equal(map.settledPages, 0, 'a requested page is not settled');
+  map.settle(a, 0, 1, PageState.DEMAND);
+  map.settle(a, 1, 3, PageState.BACKGROUND);
+  map.settle(a, 4, 2, PageState.ZERO);
+  map.settle(b, 0, 1, PageState.EXISTED);
+  t.same(map.unsettledRun(a, 0, 8), [6, 8]);
+  t.equal(map.unsettledRun(a, 0, 6), null);
+  t.equal(map.settledPages, 7);
+  t.equal(sum(), 7);
+  // A balloon discards a placed page and a missing one, then the same range again.
+  map.discard(a, 3, 4);
+  map.discard(a, 3, 4);
+  t.equal(map.state(a, 3), PageState.DISCARDED);
+  t.equal(map.settledPages, 8, 'a discarded page is settled');
+  t.same(map.counts(), { demand: 1, background: 2, zero: 0, existed: 1, discarded: 4 });
+  t.equal(sum(), map.settledPages, 'each settled page is in exactly one bucket');
   t.equal(
-    sourceMismatch(map, [{ name: 'ram', offset: 0, sizeBytes: 4 * 4096, pageSizeBytes: 4096 }]),
-    null,
+    map.request(a, 4),
+    PageState.DISCARDED,
+    'a fault on a discarded page leaves it discarded',
   );
-  t.match(
-    sourceMismatch(map, [{ name: 'ram', offset: 0, sizeBytes: 8 * 4096, pageSizeBytes: 4096 }]),
-    /covers 4 pages but the source image has 8/,
-  );
-  t.match(
-    sourceMismatch(map, [{ name: 'ram', offset: 0, sizeBytes: 4 * 4096, pageSizeBytes: 2 << 20 }]),
-    /page size/,
-  );
+  map.settle(a, 7, 1, PageState.BACKGROUND);
+  map.settle(b, 1, 7, PageState.ZERO);
+  t.ok(map.complete);
+  t.equal(sum(), map.totalPages, 'the complete reply adds up');
+  t.same(map.settledRanges(), [
+    { offset: 0, length: 8 * P },
+    { offset: 8 * P, length: 8 * P },
+  ]);
+});
+
+t.test('settledRanges leaves out unsettled pages, region by region', async (t) => {
+  const table = new RegionTable([region('a', 8, 0x7000_0000_0000, 16 * P)]);
+  const map = new PageMap(table);
+  const a = table.regions[0]!;
+  map.settle(a, 1, 2, PageState.ZERO);
+  map.request(a, 3);
+  map.discard(a, 5, 1);
+  t.same(map.settledRanges(), [
+    { offset: 17 * P, length: 2 * P },
+    { offset: 21 * P, length: P },
+  ]);
 });

@@ -1,0 +1,311 @@
+/**
+ * Where a session's pages come from when they come from a `yabusame source` on another host:
+ * the demand channel (a Link on the main thread: REQUESTs out, their DATA/ZERO answers in, and
+ * COMPLETE) and the background channel (a lane on the bulk thread, bulk.ts). Both are checked
+ * against the session's regions on every connection: a restarted source that serves another
+ * image fails the session with SOURCE_MISMATCH instead of placing wrong pages.
+ *
+ * Ordering written down here:
+ *  - both channels are connected (HELLO answered) before the VMM is acked;
+ *  - every new demand connection re-requests every awaited page (hooks.demandOpened);
+ *  - every new background connection starts with a HAVE sync of what the session holds, and a
+ *    PROGRESS DONE while pages are still missing (frames lost in a cut) triggers another;
+ *  - COMPLETE goes on the demand channel, after the background channel was closed (so the
+ *    source's close after its acknowledgement is never mistaken for a lost connection), and
+ *    again on every restored demand connection until acknowledged.
+ */
+import { encodeComplete, encodeRequest } from '../../protocol/page-codec.js';
+import {
+  codeOf,
+  HANDOFF_ERROR_CODES,
+  ProtocolError,
+  type HandoffErrorCode,
+} from '../../protocol/errors.js';
+import { checkRun } from '../../protocol/ranges.js';
+import {
+  Channel,
+  DataFlag,
+  FrameType,
+  ProgressFlag,
+  type Frame,
+  type PageRange,
+  type RegionInfo,
+} from '../../protocol/wire.js';
+import type { ConnectOptions, PageChannel } from '../transport/client.js';
+import type { Logger } from '../ops/log.js';
+import type { DestMetrics } from '../ops/metric-ports.js';
+import { Link } from './link.js';
+import type { BackgroundRun, BulkLane, BulkLaneFactory } from './bulk.js';
+import type { Run } from './placement.js';
+import { SessionError } from './session-error.js';
+
+export interface RemoteSourceOptions {
+  url: string;
+  migrationId: string;
+  connectTimeoutMs: number;
+  heartbeatMs: number;
+  reconnectTimeoutMs: number;
+  /** Background bytes in flight (the credit window). */
+  windowBytes: number;
+  /** A resumed handoff: retry the first connections too (see LinkOptions.retryFirst). */
+  retryFirst: boolean;
+}
+
+/** What the source needs from its session. */
+export interface SourceHooks {
+  /** A verified run to place (demand answers at once, background runs from the bulk queue). */
+  run(run: Run): void;
+  /** A (new) demand connection is up: request every awaited page again. */
+  demandOpened(reconnect: boolean): void;
+  /** Why these source regions cannot serve the session, or null. */
+  mismatch(regions: readonly RegionInfo[]): string | null;
+  /** The settled pages as image ranges (a HAVE sync). */
+  settledRanges(): PageRange[];
+  /** Every page settled? (a PROGRESS DONE before that means a resync). */
+  complete(): boolean;
+  /** The source cannot serve the session any more. */
+  fail(code: HandoffErrorCode, message: string): void;
+}
+
+export interface RemoteSourceDeps {
+  connect(opts: ConnectOptions): Promise<PageChannel>;
+  bulk: BulkLaneFactory;
+  log: Logger;
+  metrics: DestMetrics;
+}
+
+export class RemoteSource {
+  private readonly demand: Link;
+  private readonly background: BulkLane;
+  private backgroundSerial = 0;
+  private backgroundReconnects = 0;
+  private completeAck: (() => void) | null = null;
+  private completing = false;
+  /** The source sent PROGRESS DONE at least once. */
+  sourceDone = false;
+
+  constructor(
+    private readonly opts: RemoteSourceOptions,
+    private readonly hooks: SourceHooks,
+    private readonly deps: RemoteSourceDeps,
+  ) {
+    const { log } = deps;
+    this.demand = new Link(
+      {
+        connect: deps.connect,
+        url: opts.url,
+        migrationId: opts.migrationId,
+        kind: Channel.DEMAND,
+        connectTimeoutMs: opts.connectTimeoutMs,
+        heartbeatMs: opts.heartbeatMs,
+        reconnectTimeoutMs: opts.reconnectTimeoutMs,
+        retryFirst: opts.retryFirst,
+        log,
+      },
+      {
+        opened: (ch, reconnect) => this.onDemandOpened(ch, reconnect),
+        frame: (ch, frame, message) => this.onDemandFrame(ch, frame, message),
+        lost: (info) => {
+          deps.metrics.reconnect('demand');
+          deps.metrics.error(info.code);
+        },
+        gaveUp: (info) =>
+          hooks.fail(
+            codeOf(info.code, HANDOFF_ERROR_CODES, 'SOURCE_UNREACHABLE'),
+            `no working demand connection to the source for ${opts.reconnectTimeoutMs} ms; last: ${info.message}`,
+          ),
+      },
+    );
+    this.background = deps.bulk.lane(
+      {
+        migrationId: opts.migrationId,
+        source: opts.url,
+        windowBytes: opts.windowBytes,
+        connectTimeoutMs: opts.connectTimeoutMs,
+        heartbeatMs: opts.heartbeatMs,
+        reconnectTimeoutMs: opts.reconnectTimeoutMs,
+        retryFirst: opts.retryFirst,
+      },
+      {
+        connected: (serial, regions, reconnect) =>
+          this.onBackgroundConnected(serial, regions, reconnect),
+        run: (r) => this.onBackgroundRun(r),
+        lost: (code) => {
+          this.backgroundReconnects++;
+          deps.metrics.reconnect('background');
+          deps.metrics.error(code);
+        },
+        error: (code) => deps.metrics.error(code),
+        sourceDone: () => this.onSourceDone(),
+        fail: (code, message) => hooks.fail(code, message),
+      },
+    );
+  }
+
+  /** Connections lost and restored, both channels. */
+  get reconnects(): number {
+    return this.demand.reconnects + this.backgroundReconnects;
+  }
+
+  /**
+   * Opens both channels and checks the source's regions. Rejects with a SessionError
+   * (SOURCE_UNREACHABLE, SOURCE_MISMATCH, the source's refusal...).
+   */
+  async open(): Promise<void> {
+    const [demand, regions] = await Promise.all([this.demand.open(), this.background.open()]).catch(
+      (err: unknown) => {
+        throw new SessionError(
+          codeOf(err, HANDOFF_ERROR_CODES, 'SOURCE_UNREACHABLE'),
+          (err as Error).message,
+          { cause: err },
+        );
+      },
+    );
+    for (const r of [demand.welcome.regions, regions]) {
+      const why = this.hooks.mismatch(r);
+      if (why) throw new SessionError('SOURCE_MISMATCH', why);
+    }
+  }
+
+  /** The session runs: frames flow. */
+  start(): void {
+    this.demand.start();
+    this.background.start();
+  }
+
+  /** Grants the first background CREDIT. */
+  openWindow(): void {
+    this.background.openWindow();
+  }
+
+  /** Sends REQUEST frames; false when the demand channel is down (the caller keeps them). */
+  request(batches: readonly PageRange[][]): boolean {
+    if (!this.demand.isOpen) return false;
+    for (const ranges of batches) this.demand.send(encodeRequest(ranges));
+    return true;
+  }
+
+  /**
+   * Every page is settled: closes the background channel, sends COMPLETE on the demand channel
+   * (again on every restored connection) and resolves true on the source's acknowledgement, or
+   * false after `timeoutMs` (the source then keeps its image until told).
+   */
+  async complete(totalPages: number, timeoutMs: number): Promise<boolean> {
+    this.completing = true;
+    await this.background.close();
+    return new Promise<boolean>((resolve) => {
+      const timer = setTimeout(() => resolve(false), timeoutMs);
+      this.completeAck = () => {
+        clearTimeout(timer);
+        resolve(true);
+      };
+      this.sendComplete(totalPages);
+    });
+  }
+
+  /**
+   * Closes both channels; a `code` goes to the source as an ERROR frame (VMM_GONE,
+   * DAEMON_STOPPING...). Resolves once no background run can reach the session any more.
+   */
+  close(code?: string, message?: string): Promise<void> {
+    this.demand.close(code, message);
+    return this.background.close(code, message);
+  }
+
+  private totalPages = 0;
+  private sendComplete(totalPages: number): void {
+    this.totalPages = totalPages;
+    this.demand.send(encodeComplete(totalPages));
+  }
+
+  private onDemandOpened(_ch: PageChannel, reconnect: boolean): void {
+    if (reconnect) {
+      const why = this.hooks.mismatch(_ch.welcome.regions);
+      if (why) {
+        this.hooks.fail('SOURCE_MISMATCH', why);
+        return;
+      }
+    }
+    this.hooks.demandOpened(reconnect);
+    if (this.completing && this.completeAck) this.sendComplete(this.totalPages);
+  }
+
+  /** A frame on the demand channel (the background channel's come through the bulk thread). */
+  private onDemandFrame(ch: PageChannel, frame: Frame, message: Buffer): void {
+    this.deps.metrics.bytesReceived('demand', message.byteLength);
+    try {
+      switch (frame.type) {
+        case FrameType.DATA:
+        case FrameType.ZERO: {
+          const data =
+            frame.type === FrameType.DATA
+              ? Buffer.from(
+                  frame.payload.buffer,
+                  frame.payload.byteOffset,
+                  frame.payload.byteLength,
+                )
+              : null;
+          const length = data ? data.byteLength : (frame as { length: number }).length;
+          checkRun(ch.welcome.regions, frame.offset, length);
+          this.hooks.run({
+            offset: frame.offset,
+            length,
+            data,
+            path: frame.flags & DataFlag.DEMAND ? 'demand' : 'background',
+          });
+          this.demand.healthy(ch);
+          break;
+        }
+        case FrameType.PROGRESS:
+          if (frame.flags & ProgressFlag.DONE) this.sourceDone = true;
+          break;
+        case FrameType.COMPLETE:
+          if (!this.completing) throw new ProtocolError('BAD_STATE', 'COMPLETE before ours');
+          this.completeAck?.();
+          this.completeAck = null;
+          break;
+        default:
+          throw new ProtocolError(
+            'BAD_STATE',
+            `frame type ${frame.type} is not legal on the demand channel`,
+          );
+      }
+    } catch (err) {
+      // Well-formed but wrong (outside the image, misaligned, illegal here): drop this
+      // connection and reconnect; a source that keeps doing it fails the session when the
+      // link gives up, with this code.
+      const code = codeOf(err, HANDOFF_ERROR_CODES, 'INTERNAL_ERROR');
+      this.deps.metrics.error(code);
+      this.demand.reset({ code, message: (err as Error).message });
+    }
+  }
+
+  private onBackgroundConnected(
+    serial: number,
+    regions: readonly RegionInfo[],
+    reconnect: boolean,
+  ): void {
+    this.backgroundSerial = serial;
+    if (reconnect) {
+      const why = this.hooks.mismatch(regions);
+      if (why) {
+        this.hooks.fail('SOURCE_MISMATCH', why);
+        return;
+      }
+    }
+    this.background.have(serial, this.hooks.settledRanges());
+  }
+
+  private onBackgroundRun(r: BackgroundRun): void {
+    this.deps.metrics.bytesReceived('background', r.bytes);
+    this.hooks.run({ offset: r.offset, length: r.length, data: r.data, path: 'background' });
+  }
+
+  private onSourceDone(): void {
+    this.sourceDone = true;
+    // The source sent everything, yet pages are missing: frames were lost in a cut. Resync.
+    if (!this.hooks.complete()) {
+      this.background.have(this.backgroundSerial, this.hooks.settledRanges());
+    }
+  }
+}
