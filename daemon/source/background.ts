@@ -27,7 +27,7 @@ export interface BackgroundOptions {
 
 export interface BackgroundHooks {
   sent(stats: SpanStats): void;
-  /** Where the demand answers ended since the last call (continueFrom from another thread), or -1. */
+  /** Where the demand answers ended since the last call (SourceBulkLane.continueFrom), or -1. */
   cursorHint?: () => number;
   /** Frame bytes that are not pages (PROGRESS). */
   overhead(bytes: number): void;
@@ -60,10 +60,6 @@ export class BackgroundStreamer {
     private readonly opts: BackgroundOptions,
     private readonly hooks: BackgroundHooks,
   ) {}
-
-  get credit(): number {
-    return this.creditBytes;
-  }
 
   /** A (new) background connection: credit starts at zero; nothing goes out before its HAVE sync. */
   attach(channel: SourceChannel): void {
@@ -98,12 +94,6 @@ export class BackgroundStreamer {
 
   stop(): void {
     this.running = false;
-  }
-
-  /** Continue at global page `page` (after a demand request). */
-  continueFrom(page: number): void {
-    this.cursor = page >= this.image.totalPages ? 0 : page;
-    this.kick();
   }
 
   private kick(): void {

@@ -5,7 +5,7 @@
  * thread's fd and never closes it; after a release it does not read it again.
  */
 import { parentPort, workerData } from 'node:worker_threads';
-import { ProtocolError } from '../../protocol/errors.js';
+import { codeOf, PAGE_ERROR_CODES, ProtocolError } from '../../protocol/errors.js';
 import {
   channelName,
   Channel,
@@ -18,7 +18,7 @@ import type { PageRange } from '../../protocol/wire.js';
 import * as sys from '../linux/sys.js';
 import { forwardingLogger, type Logger } from '../ops/log.js';
 import { PageConnections, type HelloAcceptance, type HelloFrame } from '../transport/server.js';
-import { endChannel, type SourceChannel } from '../transport/source-channel.js';
+import { endChannel, supersede, type SourceChannel } from '../transport/source-channel.js';
 import { BackgroundStreamer } from './background.js';
 import {
   LaneCount,
@@ -107,16 +107,8 @@ class Lane {
 
   /** A background connection passed its HELLO; a previous one is closed. */
   private attach(channel: SourceChannel): void {
-    const old = this.channel;
+    supersede(this.channel, channel, this.log);
     this.channel = channel;
-    if (old) {
-      this.log.info('connection replaced', {
-        channel: 'background',
-        old: old.serial,
-        new: channel.serial,
-      });
-      old.close('REPLACED', 'replaced by a newer connection');
-    }
     Atomics.store(this.words, LaneWord.CONNECTED, 1);
     post({ t: 'connected' });
     channel.onFrame = (frame) => this.onFrame(channel, frame);
@@ -167,21 +159,16 @@ class Lane {
       this.sent.reset();
       this.haveSyncOpen = true;
     }
-    for (const range of ranges) {
-      let pos = range.offset;
-      const end = range.offset + range.length;
-      while (pos < end) {
-        const idx = this.image.regionIndexAt(pos);
-        const r = idx < 0 ? undefined : this.image.regions[idx];
-        if (!r || (pos - r.offset) % r.pageSizeBytes !== 0) {
-          channel.fail('OUT_OF_RANGE', `HAVE range at ${pos} is not page-aligned inside the image`);
-          return;
-        }
-        const stop = Math.min(end, r.offset + r.sizeBytes);
-        const first = r.firstPage + (pos - r.offset) / r.pageSizeBytes;
-        this.sent.mark(first, Math.ceil((stop - pos) / r.pageSizeBytes), r.pageSizeBytes);
-        pos = stop;
-      }
+    try {
+      this.image.resolve(ranges, (p) => {
+        const r = this.image.regions[p.region]!;
+        this.sent.mark(p.page, p.count, r.pageSizeBytes);
+      });
+    } catch (err) {
+      const code = codeOf(err, PAGE_ERROR_CODES, 'OUT_OF_RANGE');
+      post({ t: 'error', code });
+      channel.fail(code, (err as Error).message);
+      return;
     }
     if (flags & HaveFlag.LAST) {
       this.haveSyncOpen = false;

@@ -7,20 +7,13 @@
 import { ProtocolError } from '../../protocol/errors.js';
 import { DataFlag, type PageRange } from '../../protocol/wire.js';
 import type { SourceChannel } from '../transport/source-channel.js';
-import type { MemoryImage } from './image.js';
+import type { MemoryImage, PagePiece } from './image.js';
 import { newSpanStats, type PageWriter, type SpanStats } from './page-writer.js';
 import type { SentMap } from './sent-map.js';
 
-/** A requested range resolved to pages of one region. */
-interface Piece {
-  region: number;
-  page: number;
-  count: number;
-}
-
 interface Pending {
   channel: SourceChannel;
-  pieces: Piece[];
+  pieces: PagePiece[];
   arrivedNs: bigint;
 }
 
@@ -58,7 +51,7 @@ export class DemandServer {
   /** A REQUEST arrived; `frozen` says whether the image may be read yet. */
   request(channel: SourceChannel, ranges: readonly PageRange[], frozen: boolean): void {
     const arrivedNs = process.hrtime.bigint();
-    let pieces: Piece[];
+    let pieces: PagePiece[];
     try {
       pieces = this.resolve(ranges);
     } catch (err) {
@@ -98,45 +91,15 @@ export class DemandServer {
     this.pending = [];
   }
 
-  /** Splits ranges at region boundaries; every byte must lie in a region, page-aligned. */
-  private resolve(ranges: readonly PageRange[]): Piece[] {
-    const image = this.image;
-    const pieces: Piece[] = [];
+  /** The pages of a REQUEST (the image's one range rule), within maxRequestBytes. */
+  private resolve(ranges: readonly PageRange[]): PagePiece[] {
     let total = 0;
-    for (const range of ranges) {
-      total += range.length;
-      if (total > this.opts.maxRequestBytes) {
-        throw new ProtocolError(
-          'OUT_OF_RANGE',
-          `request exceeds ${this.opts.maxRequestBytes} bytes`,
-        );
-      }
-      const end = range.offset + range.length;
-      let pos = range.offset;
-      while (pos < end) {
-        const idx = image.regionIndexAt(pos);
-        if (idx < 0) {
-          throw new ProtocolError(
-            'OUT_OF_RANGE',
-            `byte ${pos} of [${range.offset}, ${end}) is outside the image`,
-          );
-        }
-        const r = image.regions[idx]!;
-        const pieceEnd = Math.min(end, r.offset + r.sizeBytes);
-        if (pos % r.pageSizeBytes !== 0 || pieceEnd % r.pageSizeBytes !== 0) {
-          throw new ProtocolError(
-            'OUT_OF_RANGE',
-            `[${range.offset}, ${end}) is not aligned to region ${r.name}'s ${r.pageSizeBytes}-byte pages`,
-          );
-        }
-        pieces.push({
-          region: idx,
-          page: r.firstPage + (pos - r.offset) / r.pageSizeBytes,
-          count: (pieceEnd - pos) / r.pageSizeBytes,
-        });
-        pos = pieceEnd;
-      }
+    for (const range of ranges) total += range.length;
+    if (total > this.opts.maxRequestBytes) {
+      throw new ProtocolError('OUT_OF_RANGE', `request exceeds ${this.opts.maxRequestBytes} bytes`);
     }
+    const pieces: PagePiece[] = [];
+    this.image.resolve(ranges, (p) => pieces.push(p));
     return pieces;
   }
 

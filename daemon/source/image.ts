@@ -7,7 +7,8 @@
 import { fstatSync } from 'node:fs';
 import { O_RDONLY } from '../linux/abi.js';
 import { close, open, pread } from '../linux/sys.js';
-import { Limits, type RegionInfo } from '../../protocol/wire.js';
+import { Limits, type PageRange, type RegionInfo } from '../../protocol/wire.js';
+import { regionIndexAt, splitRange } from '../../protocol/ranges.js';
 import { SourceError } from './errors.js';
 import { makeExtents, scanExtents, type DataExtents } from './extents.js';
 
@@ -26,6 +27,13 @@ export interface ImageRegion extends ImageRegionSpec {
   /** Global index of the region's first page. */
   firstPage: number;
   pageCount: number;
+}
+
+/** Global pages [page, page + count) of region `region` (see MemoryImage.resolve). */
+export interface PagePiece {
+  region: number;
+  page: number;
+  count: number;
 }
 
 /** Per-page content class, learned once: holes at open, data/zero when a page is first read. */
@@ -227,16 +235,24 @@ export class MemoryImage {
 
   /** Index of the region containing image offset `offset`, or -1. */
   regionIndexAt(offset: number): number {
-    let lo = 0;
-    let hi = this.regions.length - 1;
-    while (lo <= hi) {
-      const mid = (lo + hi) >>> 1;
-      const r = this.regions[mid]!;
-      if (offset < r.offset) hi = mid - 1;
-      else if (offset >= r.offset + r.sizeBytes) lo = mid + 1;
-      else return mid;
+    return regionIndexAt(this.regions, offset);
+  }
+
+  /**
+   * The pages of REQUEST or HAVE ranges, by region: the protocol's one rule for both
+   * (protocol/ranges.ts, splitRange). Throws ProtocolError OUT_OF_RANGE.
+   */
+  resolve(ranges: readonly PageRange[], piece: (p: PagePiece) => void): void {
+    for (const range of ranges) {
+      splitRange(this.regions, range.offset, range.length, (p) => {
+        const r = this.regions[p.region]!;
+        piece({
+          region: p.region,
+          page: r.firstPage + (p.offset - r.offset) / r.pageSizeBytes,
+          count: p.length / r.pageSizeBytes,
+        });
+      });
     }
-    return -1;
   }
 
   /** Index of the region owning global page `page` (0 <= page < totalPages). */

@@ -24,6 +24,7 @@ import type { Logger } from '../ops/log.js';
 import type { SourceMetrics } from '../ops/metric-ports.js';
 import {
   endChannel,
+  supersede,
   type ChannelCloseInfo,
   type SourceChannel,
 } from '../transport/source-channel.js';
@@ -156,16 +157,8 @@ export class Migration {
   /** A connection passed its HELLO; a previous one of the same kind is closed. */
   attach(channel: SourceChannel): void {
     const kind = channel.kind;
-    const old = this.channels[kind];
+    supersede(this.channels[kind], channel, this.log);
     this.channels[kind] = channel;
-    if (old) {
-      this.log.info('connection replaced', {
-        channel: channelName(kind),
-        old: old.serial,
-        new: channel.serial,
-      });
-      old.close('REPLACED', 'replaced by a newer connection');
-    }
     this.metrics.connectionOpened(channelName(kind));
     channel.onFrame = (frame) => this.onFrame(channel, frame);
     channel.onClose = (info) => this.onClosed(channel, info);

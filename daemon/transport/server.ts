@@ -23,6 +23,7 @@ import {
 } from '../../protocol/wire.js';
 import * as sys from '../linux/sys.js';
 import type { Logger } from '../ops/log.js';
+import { socketFd } from './internals.js';
 import { WsSourceChannel, type SourceChannel } from './source-channel.js';
 
 export const PAGES_PATH = '/v1/pages';
@@ -100,10 +101,8 @@ const remoteOf = (socket: { remoteAddress?: string; remotePort?: number }): stri
  * request but `head`: a ws client sends no frame before the handshake's answer.
  */
 export function handOver(req: http.IncomingMessage, socket: Duplex, head: Buffer): HandedSocket {
-  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) throw new Error('the connection has no file descriptor');
   const handed: HandedSocket = {
-    fd: sys.dup(fd),
+    fd: sys.dup(socketFd(socket)),
     url: req.url ?? '',
     headers: req.headers,
     head: new Uint8Array(head),

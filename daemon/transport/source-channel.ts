@@ -5,6 +5,7 @@
  * header followed by our buffer).
  */
 import WebSocket from 'ws';
+import { wsSocket } from './internals.js';
 import { ProtocolError } from '../../protocol/errors.js';
 import { decodeFrame, encodeError } from '../../protocol/page-codec.js';
 import {
@@ -61,6 +62,24 @@ export function endChannel(
   if (!ch?.isOpen) return;
   if (code === 'COMPLETE' || code === 'SHUTDOWN') ch.close(code, message);
   else ch.fail(code, message);
+}
+
+/**
+ * A newer connection of the same migration and channel passed its HELLO: the older one, if still
+ * open, is closed with REPLACED (the dest reconnected, and its old connection may linger).
+ */
+export function supersede(
+  old: SourceChannel | null | undefined,
+  next: SourceChannel,
+  log: { info(msg: string, fields?: Record<string, unknown>): void },
+): void {
+  if (!old || old === next) return;
+  log.info('connection replaced', {
+    channel: channelName(next.kind),
+    old: old.serial,
+    new: next.serial,
+  });
+  old.close('REPLACED', 'replaced by a newer connection');
 }
 
 /** Frames a destination may send after HELLO, by channel kind (protocol/README.md). */
@@ -120,13 +139,13 @@ export class WsSourceChannel implements SourceChannel {
   }
 
   batch(fn: () => void): void {
-    // ws keeps its socket to itself; it corks and uncorks per message, which nests inside ours.
-    const socket = (this.ws as unknown as { _socket?: { cork(): void; uncork(): void } })._socket;
-    socket?.cork();
+    // ws corks and uncorks per message, which nests inside ours.
+    const socket = wsSocket(this.ws);
+    socket.cork();
     try {
       fn();
     } finally {
-      socket?.uncork();
+      socket.uncork();
     }
   }
 

@@ -28,7 +28,6 @@
  * exit 0: every page verified; 1: mismatch; 2: usage, handoff or migration error.
  */
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
@@ -38,12 +37,11 @@ import { mincore } from '../../daemon/linux/vmm-extra.js';
 import * as uffd from '../../daemon/uffd/uffd.js';
 import {
   HANDOFF_VERSION,
-  MAX_HANDOFF_BYTES,
-  decodeReply,
   encodeHandoff,
   type HandoffReply,
   type HandoffRequest,
 } from '../../protocol/handoff.js';
+import { connectHandoff, type HandoffClient } from '../lib/handoff-client.js';
 import { IMAGE_PAGE_SIZE_BYTES, parseSize } from '../image/gen-image.js';
 import { singleHandoffRegion } from '../image/regions.js';
 import {
@@ -241,62 +239,30 @@ function isRetryableHandoffError(err: unknown): boolean {
 
 /** The default handoff: `yabusame dest` on a UNIX socket. */
 export function socketHandoff(path: string): HandoffFn {
-  return (request, uffdFd, sink) =>
-    new Promise<HandoffSession>((resolve, reject) => {
-      const socket = net.createConnection(path);
-      let connected = false;
-      socket.once('error', (err) => {
-        if (!connected) {
-          reject(
-            new VmSimError('VMSIM_HANDOFF_FAILED', `connect ${path}: ${err.message}`, {
-              cause: err,
-            }),
-          );
-        } else sink.closed(err);
+  return (request, uffdFd, sink) => {
+    let client: HandoffClient;
+    try {
+      client = connectHandoff(path);
+    } catch (err) {
+      throw new VmSimError('VMSIM_HANDOFF_FAILED', `connect ${path}: ${(err as Error).message}`, {
+        cause: err,
       });
-      socket.once('connect', () => {
-        connected = true;
-        // The fd must travel with the first bytes, so the line goes out through sendmsg on the
-        // raw fd before node writes anything on this socket.
-        const fd = (socket as unknown as { _handle: { fd: number } })._handle.fd;
-        const line = encodeHandoff(request);
-        let sent: number;
-        try {
-          sent = sys.sendWithFds(fd, line, [uffdFd]);
-        } catch (err) {
-          socket.destroy();
-          reject(new VmSimError('VMSIM_HANDOFF_FAILED', `sendmsg to ${path}`, { cause: err }));
-          return;
-        }
-        if (sent < line.length) socket.write(line.subarray(sent)); // the fd went with byte 0
-        let pending = '';
-        socket.setEncoding('utf8');
-        socket.on('data', (chunk: string) => {
-          pending += chunk;
-          let nl: number;
-          while ((nl = pending.indexOf('\n')) >= 0) {
-            const text = pending.slice(0, nl);
-            pending = pending.slice(nl + 1);
-            if (!text.trim()) continue;
-            let reply: HandoffReply;
-            try {
-              reply = decodeReply(text);
-            } catch (err) {
-              sink.closed(err as Error);
-              socket.destroy();
-              return;
-            }
-            sink.reply(reply);
-          }
-          if (pending.length > MAX_HANDOFF_BYTES) {
-            sink.closed(new VmSimError('VMSIM_PROTOCOL', 'reply line too long'));
-            socket.destroy();
-          }
-        });
-        socket.once('close', () => sink.closed());
-        resolve({ close: () => socket.destroy() });
-      });
-    });
+    }
+    // The fd travels with the first bytes of the line (protocol/README.md).
+    const line = encodeHandoff(request);
+    try {
+      const sent = client.send(line, [uffdFd]);
+      if (sent < line.length) client.send(line.subarray(sent));
+    } catch (err) {
+      client.close();
+      throw new VmSimError('VMSIM_HANDOFF_FAILED', `sendmsg to ${path}`, { cause: err });
+    }
+    client.onReply(
+      (reply) => sink.reply(reply),
+      (err) => sink.closed(err),
+    );
+    return { close: () => client.close() };
+  };
 }
 
 function summarize(samples: Float64Array[], count: number, max: number): LatencySummary {

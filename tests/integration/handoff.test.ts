@@ -154,7 +154,7 @@ t.test('an oversized handoff', async (t) => {
   sendRaw(c, Buffer.alloc(1000, 0x20), [fd]);
   // Keep writing spaces without a newline until the daemon refuses.
   const filler = Buffer.alloc(64 * 1024, 0x20);
-  c.socket.write(filler);
+  for (let sent = 0; sent < filler.length;) sent += c.send(filler.subarray(sent));
   const reply = await c.next();
   t.equal(reply.type === 'error' && reply.code, 'HANDOFF_TOO_LARGE');
   sys.close(fd);

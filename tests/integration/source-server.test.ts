@@ -12,6 +12,7 @@ import { noopSourceMetrics } from '../../daemon/ops/metric-ports.js';
 import {
   encodeComplete,
   encodeCredit,
+  encodeHave,
   encodeHello,
   encodeRequest,
 } from '../../protocol/page-codec.js';
@@ -19,6 +20,7 @@ import {
   Channel,
   DataFlag,
   FrameType,
+  HaveFlag,
   HeaderSize,
   ProgressFlag,
   type Frame,
@@ -219,6 +221,12 @@ t.test('garbage, text and frames illegal for the channel close that connection o
   misaligned.dest.send(encodeRequest([{ offset: RAM1 + PAGE, length: PAGE }]));
   expectError(t, await misaligned.dest.frameAt(1), 'OUT_OF_RANGE');
   await misaligned.dest.closed;
+
+  // HAVE follows the same rule as REQUEST: an end inside a 16 KiB page is refused, not rounded.
+  const have = await RawDest.open(server.port, Channel.BACKGROUND, 'm1');
+  have.dest.send(encodeHave(HaveFlag.LAST, [{ offset: RAM1, length: 16384 + PAGE }]));
+  expectError(t, await have.dest.frameAt(1), 'OUT_OF_RANGE');
+  await have.dest.closed;
 
   // The other migration's connection still works.
   keeper.dest.send(encodeRequest([{ offset: 0, length: PAGE }]));

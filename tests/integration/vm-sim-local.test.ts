@@ -14,7 +14,9 @@ import {
 } from '../../scripts/local-floor/local-handler.js';
 import { runVmSim, type HandoffFn, VmSimError } from '../../scripts/vm-sim/vm-sim.js';
 import * as sys from '../../daemon/linux/sys.js';
-import { decodeHandoff, encodeReply, type HandoffRequest } from '../../protocol/handoff.js';
+import type { HandoffRequest } from '../../protocol/handoff.js';
+import { startHandoffListener } from '../../daemon/handoff/listener.js';
+import { silentLogger } from '../../daemon/ops/log.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
@@ -174,40 +176,37 @@ t.test('default socket handoff: sends one handoff line, reads replies', async (t
   });
 });
 
-t.test('SCM_RIGHTS end to end: a fake daemon receives the uffd and serves it', async (t) => {
-  const path = join(dir, 'dest-fd.sock');
-  let handler: LocalHandler | undefined;
-  let receivedFd = -1;
-  // pauseOnConnect: node never reads the connection, so recvmsg gets the line and the fd.
-  const server = net.createServer({ pauseOnConnect: true }, (conn) => {
-    const fd = (conn as unknown as { _handle: { fd: number } })._handle.fd;
-    const watch = sys.watchReadable(fd, () => {
-      const buf = Buffer.alloc(64 * 1024);
-      const got = sys.tryRecvWithFds(fd, buf, 4);
-      if (typeof got === 'number') return; // EAGAIN: wait for the next readiness
-      watch.stop();
-      receivedFd = got.fds[0] ?? -1;
-      const request = decodeHandoff(buf.subarray(0, buf.indexOf(0x0a)));
-      handler = startLocalHandler({
-        uffdFd: receivedFd,
-        request,
-        imagePath: image.path,
-        onReply: (r) => {
-          if (!conn.destroyed) conn.write(encodeReply(r));
-        },
-      });
-      conn.once('close', () => handler!.close());
+t.test(
+  "SCM_RIGHTS end to end: the daemon's listener receives the uffd, a local handler serves it",
+  async (t) => {
+    const path = join(dir, 'dest-fd.sock');
+    let handler: LocalHandler | undefined;
+    let receivedFd = -1;
+    // The dest's own handoff listener (SCM_RIGHTS, checks), with the local handler behind it.
+    const listener = startHandoffListener({
+      path,
+      timeoutMs: 5000,
+      log: silentLogger,
+      onHandoff: (h) => {
+        receivedFd = h.uffd;
+        handler = startLocalHandler({
+          uffdFd: h.uffd,
+          request: h.request,
+          imagePath: image.path,
+          onReply: (r) => h.conn.reply(r),
+        });
+        h.conn.onClose(() => handler!.close());
+      },
     });
-  });
-  await new Promise<void>((r) => server.listen(path, r));
-  t.teardown(() => {
-    handler?.close();
-    if (receivedFd >= 0) sys.close(receivedFd);
-    server.close();
-  });
-  const r = await runVmSim({ ...common, sizeBytes: 16 * MiB, destSocket: path });
-  t.ok(receivedFd >= 0, 'one fd received');
-  t.equal(r.pagesVerified, r.totalPages, 'every page verified');
-  t.equal(r.mismatchCount, 0);
-  t.equal(r.daemonReport.totalPages, 4096);
-});
+    t.teardown(() => {
+      handler?.close();
+      if (receivedFd >= 0) sys.close(receivedFd);
+      listener.close();
+    });
+    const r = await runVmSim({ ...common, sizeBytes: 16 * MiB, destSocket: path });
+    t.ok(receivedFd >= 0, 'one fd received');
+    t.equal(r.pagesVerified, r.totalPages, 'every page verified');
+    t.equal(r.mismatchCount, 0);
+    t.equal(r.daemonReport.totalPages, 4096);
+  },
+);

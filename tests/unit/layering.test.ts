@@ -122,3 +122,13 @@ t.test('protocol/ is pure', async (t) => {
   );
   t.same(up, [], 'nothing outside protocol/ (in particular nothing from daemon/)');
 });
+
+t.test(
+  'private internals of node and ws are read in daemon/transport/internals.ts only',
+  async (t) => {
+    const reads = SCANNED.flatMap((d) => tsFiles(join(ROOT, d)))
+      .filter((abs) => /\._handle\b|\._socket\b/.test(readFileSync(abs, 'utf8')))
+      .map((abs) => relative(ROOT, abs).split(sep).join('/'));
+    t.same(reads, ['daemon/transport/internals.ts']);
+  },
+);

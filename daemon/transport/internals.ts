@@ -1,0 +1,30 @@
+/**
+ * The two private internals of node and ws that yabusame relies on, each in one function so an
+ * upgrade that changes them breaks here, loudly (tests/unit/transport-internals.test.ts), and
+ * nowhere else:
+ *  - the fd of an accepted net.Socket (node keeps it in `socket._handle.fd`): the source hands a
+ *    background connection to its bulk thread by fd, before the ws handshake;
+ *  - the net.Socket under a ws WebSocket (ws keeps it in `ws._socket`): the source corks it
+ *    around a burst of frames, so they leave in one write (ws has no public cork).
+ */
+import type { Duplex } from 'node:stream';
+import type { Socket } from 'node:net';
+import type WebSocket from 'ws';
+
+/** The file descriptor under a connected socket; throws if node no longer exposes it. */
+export function socketFd(socket: Duplex): number {
+  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) {
+    throw new Error('node no longer exposes a socket fd as socket._handle.fd');
+  }
+  return fd;
+}
+
+/** The socket under a ws WebSocket; throws if ws no longer keeps it as ws._socket. */
+export function wsSocket(ws: WebSocket): Socket {
+  const socket = (ws as unknown as { _socket?: Socket })._socket;
+  if (!socket || typeof socket.cork !== 'function' || typeof socket.uncork !== 'function') {
+    throw new Error('ws no longer exposes its socket as ws._socket');
+  }
+  return socket;
+}
