@@ -170,9 +170,17 @@ export class Placement {
     });
   }
 
-  /** Unregisters every range (the migration is complete: the guest owns its memory again). */
+  /**
+   * Unregisters every range (the migration is complete: the guest owns its memory again), then
+   * reads the events still queued: a thread of the VMM that discarded memory (MADV_DONTNEED with
+   * UFFD_FEATURE_EVENT_REMOVE) waits in the kernel until its REMOVE event is read, unregistered
+   * or not, and no event can be queued once the ranges are unregistered.
+   */
   unregisterAll(): void {
     for (const r of this.table.regions) uffd.unregister(this.fd, r.base, r.sizeBytes);
+    const events: uffd.UffdEvent[] = [];
+    uffd.drainEvents(this.fd, this.eventBuf, events);
+    for (const e of events) if (e.kind === 'fork') sys.close(e.ufd);
   }
 
   // --- events ---

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import * as sys from '../../daemon/linux/sys.js';
 import * as abi from '../../daemon/linux/abi.js';
 import * as uffd from '../../daemon/uffd/uffd.js';
-import { encodeHandoff } from '../../protocol/handoff.js';
+import { encodeHandoff, type HandoffReply } from '../../protocol/handoff.js';
 import { generateImage } from '../../scripts/image/gen-image.js';
 import {
   registerMigration,
@@ -104,3 +104,109 @@ t.test('discarded pages read as zeros; the rest equals the image', async (t) => 
   sys.close(fd);
   sys.munmap(base, SIZE);
 });
+
+t.test(
+  'discards racing the background stream: no source data lands in a discarded range',
+  async (t) => {
+    // The background is not held back: REMOVE events arrive while runs are being placed, so a
+    // placement can meet EAGAIN, and the dest must skip what the events discarded. Pages are
+    // discarded only once the dest placed them or while they are still missing, at random.
+    const size = 64 << 20;
+    const img = join(dir, 'race.ram');
+    await generateImage({ path: img, sizeBytes: size, seed: 12, zeroFraction: 0 });
+    const source = await startSource(dir, [], 'source-race');
+    daemons.push(source);
+    await registerMigration(source, { id: 'vm-race', image: img, frozen: true });
+    const config = join(dir, 'dest-race.json');
+    // A small window keeps the stream going for a while on a fast machine.
+    writeFileSync(config, JSON.stringify({ backgroundWindowBytes: 256 * 1024 }));
+    const dest = await startDest(dir, ['--config', config], 'dest-race');
+    daemons.push(dest);
+
+    const base = sys.mmap(
+      size,
+      abi.PROT_READ | abi.PROT_WRITE,
+      abi.MAP_PRIVATE | abi.MAP_ANONYMOUS,
+    );
+    const { fd } = uffd.create(abi.UFFD_FEATURE_EVENT_REMOVE);
+    uffd.registerMissing(fd, base, size);
+    const c = await connectHandoff(dest.socket);
+    sendRaw(
+      c,
+      encodeHandoff({
+        type: 'handoff',
+        version: 1,
+        migrationId: 'vm-race',
+        source: source.ws,
+        regions: [{ name: 'ram0', base, sizeBytes: size, offset: 0, pageSizeBytes: PAGE }],
+      }),
+      [fd],
+    );
+    t.equal((await c.next()).type, 'ack');
+
+    // Discard 64 KiB runs at pseudo-random places until the migration completes. Each madvise
+    // blocks until the dest has read its REMOVE event, so every one races the stream.
+    const discarded = new Uint8Array(size / PAGE);
+    let replies: HandoffReply[] = [];
+    let done = false;
+    const collecting = (async () => {
+      for (;;) {
+        const r = await c.next();
+        replies.push(r);
+        if (r.type !== 'progress') {
+          done = true;
+          return;
+        }
+      }
+    })();
+    let seed = 99;
+    let discards = 0;
+    while (!done && discards < 256) {
+      seed = (seed * 1103515245 + 12345) >>> 0;
+      const first = (seed % (size / PAGE - 16)) & ~15;
+      sys.madvise(base + first * PAGE, 16 * PAGE, abi.MADV_DONTNEED);
+      discarded.fill(1, first, first + 16);
+      discards++;
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    await collecting;
+    const reply = replies.find((r) => r.type !== 'progress')!;
+    replies = [];
+    t.equal(
+      reply.type,
+      'complete',
+      `complete after ${discards} discards: ${JSON.stringify(reply)}`,
+    );
+    if (reply.type === 'complete') {
+      const sum =
+        reply.demandPages +
+        reply.backgroundPages +
+        reply.zeroPages +
+        reply.existedPages +
+        reply.discardedPages;
+      t.equal(sum, reply.totalPages, 'the counts add up');
+      t.ok(reply.discardedPages > 0 && reply.backgroundPages > 0, 'both discards and a stream');
+    }
+    // Discarded pages read zero (never touched again here); every other page equals the image.
+    const all = Buffer.alloc(size);
+    sys.readMemory(base, all);
+    const want = Buffer.alloc(size);
+    const imgFd = openSync(img, 'r');
+    readSync(imgFd, want, 0, size, 0);
+    const zero = Buffer.alloc(PAGE);
+    let bad = 0;
+    for (let p = 0; p < size / PAGE; p++) {
+      const got = all.subarray(p * PAGE, (p + 1) * PAGE);
+      const expect = discarded[p] ? zero : want.subarray(p * PAGE, (p + 1) * PAGE);
+      if (!got.equals(expect)) bad++;
+    }
+    t.equal(
+      bad,
+      0,
+      `all ${size / PAGE} pages as expected (${discarded.reduce((n, x) => n + x, 0)} discarded)`,
+    );
+    c.close();
+    sys.close(fd);
+    sys.munmap(base, size);
+  },
+);
