@@ -148,7 +148,8 @@ static int uffd = -1;
 
 /* Set once the session is over (complete, error, timeout): guest threads stop touching. */
 static atomic_bool done;
-/* Set once every range is unregistered: a touch after this may read kernel zero-fill pages. */
+/* Set just before every range is unregistered: a fault released from then on is filled by the
+ * kernel, not by the daemon, so a touch that ends after this proves nothing. */
 static atomic_bool unregistered;
 /* Guest threads still running (the drain loop reads uffd events until this is 0). */
 static atomic_int running_threads;
@@ -1296,12 +1297,12 @@ static void stop_guest(void) {
   pthread_cond_broadcast(&touched_cond);
   pthread_mutex_unlock(&touched_lock);
   if (wp_started) pthread_join(wp_thread, NULL);
+  atomic_store(&unregistered, true);
   for (int i = 0; i < nregions; i++) {
     struct region *r = &regions[i];
     int err = uffd_unregister((uintptr_t)r->base, r->mapped_bytes);
     if (err) logmsg("unregister %s: %s", r->name, strerror(-err));
   }
-  atomic_store(&unregistered, true);
   while (atomic_load(&running_threads) > 0) {
     struct pollfd p = {.fd = uffd, .events = POLLIN};
     if (poll(&p, 1, 20) > 0) {
