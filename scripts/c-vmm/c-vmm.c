@@ -281,17 +281,14 @@ static int cmp_u32(const void *a, const void *b) {
   return x < y ? -1 : x > y;
 }
 
-static uint64_t count_written(void) {
+/* Pages ever discarded (or, when !discarded, ever stamped). */
+static uint64_t count_flagged(bool discarded) {
   uint64_t n = 0;
-  for (int i = 0; i < nregions; i++)
-    for (uint64_t p = 0; p < regions[i].pages; p++) n += regions[i].written[p];
-  return n;
-}
-
-static uint64_t count_discarded(void) {
-  uint64_t n = 0;
-  for (int i = 0; i < nregions; i++)
-    for (uint64_t p = 0; p < regions[i].pages; p++) n += regions[i].discarded[p];
+  for (int i = 0; i < nregions; i++) {
+    const uint8_t *flags = discarded ? regions[i].discarded : regions[i].written;
+    if (!flags) continue; /* a setup error came first */
+    for (uint64_t p = 0; p < regions[i].pages; p++) n += flags[p];
+  }
   return n;
 }
 
@@ -324,7 +321,7 @@ static void print_result(bool ok) {
     fputc('}', f);
   }
   fprintf(f, "],\"writtenPages\":%" PRIu64 ",\"discardedPages\":%" PRIu64 ",\"balloonRuns\":%d",
-          nregions ? count_written() : 0, nregions ? count_discarded() : 0,
+          count_flagged(false), count_flagged(true),
           atomic_load(&balloon_runs_done));
   uint32_t p50 = 0, p99 = 0, max = 0;
   size_t n = result.nlatencies;
@@ -487,6 +484,13 @@ static bool resident(const struct region *r, uint64_t page) {
   return vec[0] & 1;
 }
 
+static uint64_t max_page_bytes(void) {
+  uint64_t max = 0;
+  for (int i = 0; i < nregions; i++)
+    if (regions[i].page_bytes > max) max = regions[i].page_bytes;
+  return max;
+}
+
 static void global_page(uint64_t g, struct region **r, uint64_t *page) {
   int lo = 0, hi = nregions - 1;
   while (lo < hi) {
@@ -502,7 +506,6 @@ static void global_page(uint64_t g, struct region **r, uint64_t *page) {
 
 struct vcpu {
   pthread_t thread;
-  int id;
   uint64_t rng;
   uint64_t *touches; /* global page indexes to first-touch, in this order */
   size_t ntouches;
@@ -1046,46 +1049,31 @@ static void choose_order(void) {
   }
 }
 
-static size_t append(char *buf, size_t len, size_t cap, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static size_t append(char *buf, size_t len, size_t cap, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  int n = vsnprintf(buf + len, len < cap ? cap - len : 0, fmt, ap);
-  va_end(ap);
-  if (n < 0 || len + (size_t)n >= cap)
-    setup_error("CVMM_USAGE", "the handoff line exceeds %d bytes", MAX_LINE_BYTES);
-  return len + (size_t)n;
-}
-
-static size_t append_json_string(char *buf, size_t len, size_t cap, const char *s) {
-  len = append(buf, len, cap, "\"");
-  for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-    if (*p == '"' || *p == '\\') len = append(buf, len, cap, "\\%c", *p);
-    else if (*p < 0x20) len = append(buf, len, cap, "\\u%04x", *p);
-    else len = append(buf, len, cap, "%c", *p);
-  }
-  return append(buf, len, cap, "\"");
-}
-
-static size_t build_handoff(char *buf, size_t cap, bool resume) {
-  size_t len = append(buf, 0, cap, "{\"type\":\"handoff\",\"version\":1,\"migrationId\":");
-  len = append_json_string(buf, len, cap, opt.id);
-  len = append(buf, len, cap, ",\"source\":");
-  len = append_json_string(buf, len, cap, opt.source);
-  len = append(buf, len, cap, ",\"regions\":[");
+/* The handoff line, newline included, in a malloc'd buffer of *len bytes. */
+static char *build_handoff(bool resume, size_t *len) {
+  char *line = NULL;
+  FILE *f = open_memstream(&line, len);
+  if (!f) setup_error("CVMM_SETUP", "open_memstream: %s", strerror(errno));
+  fputs("{\"type\":\"handoff\",\"version\":1,\"migrationId\":", f);
+  json_string(f, opt.id);
+  fputs(",\"source\":", f);
+  json_string(f, opt.source);
+  fputs(",\"regions\":[", f);
   for (int k = 0; k < nregions; k++) {
     const struct region *r = &regions[handoff_order[k]];
-    len = append(buf, len, cap,
-                 "%s{\"name\":\"%s\",\"base\":%" PRIuPTR ",\"sizeBytes\":%" PRIu64
-                 ",\"offset\":%" PRIu64 ",\"pageSizeBytes\":%" PRIu64 "}",
-                 k ? "," : "", r->name, (uintptr_t)r->base, r->size_bytes, r->offset,
-                 r->page_bytes);
+    fprintf(f,
+            "%s{\"name\":\"%s\",\"base\":%" PRIuPTR ",\"sizeBytes\":%" PRIu64
+            ",\"offset\":%" PRIu64 ",\"pageSizeBytes\":%" PRIu64 "}",
+            k ? "," : "", r->name, (uintptr_t)r->base, r->size_bytes, r->offset, r->page_bytes);
   }
-  len = append(buf, len, cap, "]");
-  if (resume) len = append(buf, len, cap, ",\"resume\":true");
-  if (opt.secret) len = append(buf, len, cap, ",\"secret\":\"%s\"", opt.secret);
-  return append(buf, len, cap, "}\n");
+  fputc(']', f);
+  if (resume) fputs(",\"resume\":true", f);
+  if (opt.secret) fprintf(f, ",\"secret\":\"%s\"", opt.secret);
+  fputs("}\n", f);
+  if (fclose(f) != 0) setup_error("CVMM_SETUP", "build the handoff line: %s", strerror(errno));
+  if (*len > MAX_LINE_BYTES)
+    setup_error("CVMM_USAGE", "the handoff line is %zu bytes, over %d", *len, MAX_LINE_BYTES);
+  return line;
 }
 
 static int connect_socket(void) {
@@ -1251,14 +1239,11 @@ static void start_guest(void) {
       perm[j] = t;
     }
   }
-  uint64_t max_page = 0;
-  for (int i = 0; i < nregions; i++)
-    if (regions[i].page_bytes > max_page) max_page = regions[i].page_bytes;
+  uint64_t max_page = max_page_bytes();
   vcpus = calloc((size_t)(opt.vcpus ? opt.vcpus : 1), sizeof *vcpus);
   if (!vcpus) abort();
   for (int i = 0; i < opt.vcpus; i++) {
     struct vcpu *v = &vcpus[i];
-    v->id = i;
     v->rng = opt.seed * 1000003ULL + (uint64_t)i;
     v->buf = malloc(max_page);
     v->touches = malloc((want / (uint64_t)opt.vcpus + 1) * sizeof *v->touches);
@@ -1352,9 +1337,7 @@ static bool page_resident(unsigned char *const *vecs, const struct region *r, ui
  */
 static void verify_all(unsigned char *const *at_complete) {
   unsigned char **now = snapshot_residency();
-  uint64_t max_page = 0;
-  for (int i = 0; i < nregions; i++)
-    if (regions[i].page_bytes > max_page) max_page = regions[i].page_bytes;
+  uint64_t max_page = max_page_bytes();
   uint8_t *buf = malloc(max_page);
   if (!buf) abort();
   for (int i = 0; i < nregions; i++) {
@@ -1393,34 +1376,38 @@ static int remaining_ms(uint64_t deadline_ns) {
 }
 
 /* Reconnects with backoff and hands the same uffd over again; -1 when the deadline passes. */
-static int resume_handoff(char *line, uint64_t deadline_ns) {
+static int resume_handoff(uint64_t deadline_ns) {
+  size_t len;
+  char *line = build_handoff(true, &len);
+  int s = -1;
   for (long delay_ms = 10;; delay_ms = delay_ms * 2 > 500 ? 500 : delay_ms * 2) {
-    int s = connect_socket();
-    if (s >= 0) {
-      size_t len = build_handoff(line, MAX_LINE_BYTES + 1, true);
-      if (send_handoff(s, line, len) == 0) {
-        result.resumes++;
-        logmsg("resumed: handed the uffd over again (resume %d)", result.resumes);
-        return s;
-      }
-      close(s);
+    s = connect_socket();
+    if (s >= 0 && send_handoff(s, line, len) == 0) {
+      result.resumes++;
+      logmsg("resumed: handed the uffd over again (resume %d)", result.resumes);
+      break;
     }
-    if (remaining_ms(deadline_ns) <= delay_ms) return -1;
+    if (s >= 0) close(s);
+    s = -1;
+    if (remaining_ms(deadline_ns) <= delay_ms) break;
     pause_us(delay_ms * 1000);
   }
+  free(line);
+  return s;
 }
 
 static void run_session(void) {
-  static char line[MAX_LINE_BYTES + 1];
   static char rx[2 * MAX_LINE_BYTES];
   size_t rxlen = 0;
-  size_t len = build_handoff(line, sizeof line, false);
+  size_t len;
+  char *line = build_handoff(false, &len);
   result.started_ns = now_ns();
   uint64_t deadline = result.started_ns + (uint64_t)opt.timeout_ms * 1000000ULL;
   int s = connect_socket();
   if (s < 0) setup_error("CVMM_CONNECT", "connect %s: %s", opt.socket_path, strerror(errno));
   if (send_handoff(s, line, len) != 0)
     setup_error("CVMM_CONNECT", "send the handoff to %s: %s", opt.socket_path, strerror(errno));
+  free(line);
   for (;;) {
     char *nl;
     while ((nl = memchr(rx, '\n', rxlen)) != NULL) {
@@ -1486,7 +1473,7 @@ static void run_session(void) {
       uint64_t resume_deadline = now_ns() + (uint64_t)opt.resume_timeout_ms * 1000000ULL;
       if (resume_deadline > deadline) resume_deadline = deadline;
       logmsg("the daemon closed the connection before complete; resuming");
-      s = resume_handoff(line, resume_deadline);
+      s = resume_handoff(resume_deadline);
       rxlen = 0;
       if (s >= 0) continue;
       set_failure(OUTCOME_FAILED, "CVMM_RESUME_FAILED",

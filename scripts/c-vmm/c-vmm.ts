@@ -23,7 +23,7 @@ function repoRoot(): string {
   return root;
 }
 
-export const C_FLAGS = ['-O2', '-g', '-pthread', '-Wall', '-Wextra', '-Werror', '-std=gnu11'];
+const C_FLAGS = ['-O2', '-g', '-pthread', '-Wall', '-Wextra', '-Werror', '-std=gnu11'];
 
 let building: Promise<string> | undefined;
 
