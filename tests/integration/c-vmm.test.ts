@@ -4,7 +4,6 @@
 // protocol promises, and every migration that completes is verified byte for byte by c-vmm.
 // After the scenarios that make a session fail, the same dests must still migrate a VM.
 import t, { type Test } from 'tap';
-import { execFileSync } from 'node:child_process';
 import {
   closeSync,
   ftruncateSync,
@@ -16,7 +15,9 @@ import {
   writeFileSync,
   writeSync,
 } from 'node:fs';
+import { createServer } from 'node:net';
 import { join } from 'node:path';
+import { cpuSeconds } from '../../scripts/bench/proc.js';
 import { generateImage } from '../../scripts/image/gen-image.js';
 import {
   buildCVmm,
@@ -228,6 +229,36 @@ t.test('c-vmm reports exactly the pages that differ from its image', async (t) =
   t.match(r.mismatches[0]?.reason, /^byte \d+: 0x[0-9a-f]{2}, expected 0x[0-9a-f]{2} \(image\)$/);
 });
 
+t.test('c-vmm reports every page missing when complete comes without them', async (t) => {
+  // A stand-in daemon that acknowledges the handoff and claims completion at once, having placed
+  // nothing (it never even takes the uffd). An idle guest, so no fault waits on it.
+  const socket = join(dir, 'liar.sock');
+  const totalPages = (4 * MiB) / 4096;
+  const server = createServer((conn) => {
+    conn.once('data', () => {
+      const counts = { demandPages: 0, backgroundPages: 0, zeroPages: 0, existedPages: 0 };
+      conn.write(`${JSON.stringify({ type: 'ack', migrationId: 'cvmm-liar', totalPages })}\n`);
+      conn.write(
+        `${JSON.stringify({ type: 'complete', totalPages, ...counts, discardedPages: 0 })}\n`,
+      );
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(socket, resolve));
+  t.teardown(() => server.close());
+  const r = await runCVmm({
+    socket,
+    id: 'cvmm-liar',
+    source: source.ws,
+    image: images['oracle']!,
+    vcpus: 0,
+  });
+  t.equal(r.outcome, 'complete', 'c-vmm took the complete reply');
+  t.equal(r.missingPages, totalPages, 'every page is reported missing');
+  t.equal(r.pagesVerified, 0, 'none is counted verified');
+  t.equal(r.exitCode, 1, 'c-vmm exits 1');
+  t.match(r.mismatches[0]?.reason, /^missing: not present when complete arrived$/);
+});
+
 t.test('frames that span two handoff regions, idle guest', async (t) => {
   // One source region of 128 MiB, handed over as two regions split 12 KiB before its end. The
   // background stream's frames cross the split. Region 1 lies below region 0 in memory and is
@@ -286,14 +317,6 @@ t.test('write-protect registered before the handoff is refused', async (t) => {
   const r = await migrate(dest, { id: 'cvmm-wp-before', image: images['small']!, wp: 'before' });
   assertEnded(t, r, dest, 'refused', 'HANDOFF_WP_UNSUPPORTED');
 });
-
-/** CPU seconds (user + system, all threads) a process has used: proc(5), fields 14 and 15. */
-const CLK_TCK = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim());
-function cpuSeconds(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
-}
 
 t.test('a write-protect fault after ack ends the session; the dest does not spin', async (t) => {
   // c-vmm re-registers a region MISSING|WP, write-protects a page a vCPU has touched, writes to
