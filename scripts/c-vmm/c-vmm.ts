@@ -1,0 +1,197 @@
+/**
+ * Builds and runs c-vmm (`scripts/c-vmm/c-vmm.c`), a VMM written in C from protocol/README.md
+ * alone, so that the daemon is also driven by a program that shares none of vm-sim's code or
+ * assumptions. `buildCVmm` compiles it with `cc` into `dist/c-vmm/c-vmm` when that is missing or
+ * older than the source; `runCVmm` runs one migration and returns its JSON result, validated.
+ */
+import { execFile, spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdir, rename, stat } from 'node:fs/promises';
+import { constants } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { z } from 'zod';
+
+/** The repository root: found from dist/scripts/c-vmm/ (compiled) or scripts/c-vmm/ (tsx). */
+function repoRoot(): string {
+  const candidates = [new URL('../../../', import.meta.url), new URL('../../', import.meta.url)];
+  const root = candidates
+    .map((u) => fileURLToPath(u))
+    .find((dir) => existsSync(join(dir, 'scripts/c-vmm/c-vmm.c')));
+  if (!root) throw new Error('scripts/c-vmm/c-vmm.c not found above ' + import.meta.url);
+  return root;
+}
+
+const C_FLAGS = ['-O2', '-g', '-pthread', '-Wall', '-Wextra', '-Werror', '-std=gnu11'];
+
+let building: Promise<string> | undefined;
+
+/** Compiles c-vmm when needed; resolves with the binary's path. */
+export function buildCVmm(): Promise<string> {
+  building ??= (async () => {
+    const root = repoRoot();
+    const source = join(root, 'scripts/c-vmm/c-vmm.c');
+    const binary = join(root, 'dist/c-vmm/c-vmm');
+    const [src, bin] = await Promise.all([stat(source), stat(binary).catch(() => undefined)]);
+    if (bin && bin.mtimeMs >= src.mtimeMs) return binary;
+    await mkdir(dirname(binary), { recursive: true });
+    // Compile beside the binary, then rename: a concurrent test process never runs half a file.
+    const tmp = `${binary}.${process.pid}.tmp`;
+    await promisify(execFile)(process.env['CC'] ?? 'cc', [...C_FLAGS, '-o', tmp, source]);
+    await rename(tmp, binary);
+    return binary;
+  })();
+  return building;
+}
+
+export interface CVmmRegion {
+  /** Image offset, bytes (the same offset in the image file). */
+  offset: number;
+  sizeBytes: number;
+  page?: '4k' | '2m';
+  /** anon (default for 4k), hugetlb (default for 2m), shm (a shared memfd). */
+  backing?: 'anon' | 'hugetlb' | 'shm';
+}
+
+export interface CVmmOptions {
+  socket: string;
+  id: string;
+  /** ws:// URL of `yabusame source`. */
+  source: string;
+  /** The memory image the source serves: c-vmm's oracle. */
+  image: string;
+  /** Regions in CLI order; c-vmm maps region 0 highest in memory, each next one lower. */
+  regions?: CVmmRegion[];
+  order?: 'image' | 'reverse' | 'shuffle';
+  vcpus?: number;
+  touchFraction?: number;
+  writeFraction?: number;
+  balloon?: number;
+  wp?: 'before' | 'after';
+  wpWaitMs?: number;
+  unmapTailBytes?: number;
+  secret?: string;
+  resumeTimeoutMs?: number;
+  timeoutMs?: number;
+  seed?: number;
+  /** Each stderr line as it arrives (c-vmm announces `c-vmm: event NAME ...` there). */
+  onStderrLine?: (line: string) => void;
+}
+
+const count = z.number().int().nonnegative();
+
+const CVmmReportSchema = z.strictObject({
+  ok: z.boolean(),
+  outcome: z.enum(['complete', 'refused', 'failed', 'timeout']),
+  /** The daemon's error code, or c-vmm's own (CVMM_TIMEOUT, CVMM_CONNECTION_CLOSED, ...). */
+  code: z.string().optional(),
+  message: z.string().optional(),
+  ack: z.strictObject({ totalPages: count }).optional(),
+  /** The daemon's `complete` reply. */
+  complete: z
+    .strictObject({
+      totalPages: count,
+      demandPages: count,
+      backgroundPages: count,
+      zeroPages: count,
+      existedPages: count,
+      discardedPages: count,
+    })
+    .optional(),
+  totalPages: count,
+  pagesVerified: count,
+  missingPages: count,
+  mismatchCount: count,
+  /** The first 20 bad pages, missing ones included (their reason starts with "missing"). */
+  mismatches: z.array(z.strictObject({ region: z.string(), page: count, reason: z.string() })),
+  writtenPages: count,
+  /** Distinct pages the balloon discarded. */
+  discardedPages: count,
+  balloonRuns: count,
+  /** First-touch latency of pages that were not present yet, as the vCPUs felt it. */
+  faults: z.strictObject({ count, p50Us: count, p99Us: count, maxUs: count }),
+  elapsedMs: count,
+  resumes: count,
+  wp: z.strictObject({ writeCompleted: z.boolean() }).optional(),
+  /** Region names in the order the handoff listed them. */
+  handoffOrder: z.array(z.string()),
+  regions: z.array(
+    z.strictObject({
+      name: z.string(),
+      base: count,
+      sizeBytes: count,
+      mappedBytes: count,
+      offset: count,
+      pageSizeBytes: count,
+      backing: z.enum(['anon', 'hugetlb', 'shm']),
+    }),
+  ),
+});
+export type CVmmReport = z.infer<typeof CVmmReportSchema>;
+
+export interface CVmmResult extends CVmmReport {
+  /** 0 verified, 1 mismatch or missing page, 2 usage or setup error, 3 refused/failed/timeout. */
+  exitCode: number;
+  stderr: string;
+}
+
+function args(o: CVmmOptions): string[] {
+  const a = ['--socket', o.socket, '--id', o.id, '--source', o.source, '--image', o.image];
+  for (const r of o.regions ?? []) {
+    let spec = `${r.offset}:${r.sizeBytes}`;
+    if (r.page || r.backing) spec += `:${r.page ?? '4k'}`;
+    if (r.backing) spec += `:${r.backing}`;
+    a.push('--region', spec);
+  }
+  const flags: Array<[string, string | number | undefined]> = [
+    ['--order', o.order],
+    ['--vcpus', o.vcpus],
+    ['--touch-fraction', o.touchFraction],
+    ['--write-fraction', o.writeFraction],
+    ['--balloon', o.balloon],
+    ['--wp', o.wp],
+    ['--wp-wait-ms', o.wpWaitMs],
+    ['--unmap-tail', o.unmapTailBytes],
+    ['--secret', o.secret],
+    ['--resume-timeout', o.resumeTimeoutMs],
+    ['--timeout', o.timeoutMs],
+    ['--seed', o.seed],
+  ];
+  for (const [flag, value] of flags) if (value !== undefined) a.push(flag, String(value));
+  return [...a, '--json'];
+}
+
+/** Runs c-vmm once; rejects only when it printed no valid result (its stderr says why). */
+export async function runCVmm(o: CVmmOptions): Promise<CVmmResult> {
+  const binary = await buildCVmm();
+  const child = spawn(binary, args(o), { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  let partial = '';
+  child.stdout.setEncoding('utf8').on('data', (s: string) => (stdout += s));
+  child.stderr.setEncoding('utf8').on('data', (s: string) => {
+    stderr += s;
+    partial += s;
+    for (let nl = partial.indexOf('\n'); nl >= 0; nl = partial.indexOf('\n')) {
+      o.onStderrLine?.(partial.slice(0, nl));
+      partial = partial.slice(nl + 1);
+    }
+  });
+  const exitCode = await new Promise<number>((resolve, reject) => {
+    child.on('error', reject);
+    child.on('close', (code, signal) =>
+      resolve(code ?? 128 + (signal ? constants.signals[signal] : 0)),
+    );
+  });
+  const line = stdout.trim().split('\n').pop() ?? '';
+  let report: CVmmReport;
+  try {
+    report = CVmmReportSchema.parse(JSON.parse(line));
+  } catch (err) {
+    throw new Error(`c-vmm exited with ${exitCode} without a valid result; stderr:\n${stderr}`, {
+      cause: err,
+    });
+  }
+  return { ...report, exitCode, stderr };
+}
