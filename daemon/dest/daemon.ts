@@ -32,6 +32,8 @@ export interface DestDaemonOptions {
   logLevel?: LogLevel;
   /** Nice value of the bulk thread, which places background pages (default 0). */
   bulkNice?: number;
+  /** The bulk thread's entry (tests give a stand-in); default bulk-worker.js. */
+  bulkWorkerUrl?: URL;
   metrics: DestMetrics;
   /** Returns the Prometheus exposition for /metrics. */
   metricsText?: () => Promise<{ contentType: string; body: string }>;
@@ -68,6 +70,7 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
     nice: opts.bulkNice ?? 0,
     logLevel: opts.logLevel ?? 'info',
     log,
+    ...(opts.bulkWorkerUrl ? { workerUrl: opts.bulkWorkerUrl } : {}),
   });
 
   const accept = (h: ReceivedHandoff): void => {

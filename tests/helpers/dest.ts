@@ -17,6 +17,8 @@ export interface TestDestOptions {
   metrics?: DestMetrics;
   /** Nice value of the bulk thread (the daemon's default when absent). */
   bulkNice?: number;
+  /** A stand-in for the bulk thread. */
+  bulkWorkerUrl?: URL;
 }
 
 export function startTestDest(socketPath: string, o: TestDestOptions = {}): Promise<DestDaemon> {
@@ -37,6 +39,7 @@ export function startTestDest(socketPath: string, o: TestDestOptions = {}): Prom
     log: silentLogger,
     metrics: o.metrics ?? noopDestMetrics,
     ...(o.bulkNice !== undefined ? { bulkNice: o.bulkNice } : {}),
+    ...(o.bulkWorkerUrl ? { bulkWorkerUrl: o.bulkWorkerUrl } : {}),
   });
 }
 

@@ -4,13 +4,16 @@
  * kernel's view, not the daemon's.
  */
 import t from 'tap';
-import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { BulkThread } from '../../daemon/dest/bulk.js';
 import { silentLogger } from '../../daemon/ops/log.js';
 import { startTestDest } from '../helpers/dest.js';
+import { generateImage } from '../../scripts/image/gen-image.js';
+import { registerMigration, startSource } from '../../scripts/lib/daemons.js';
+import { runVmSimTouches } from '../../scripts/vm-sim/vm-sim.js';
 
 /** Nice value of every thread of this process, by thread id. */
 function threadNices(): Map<number, number> {
@@ -102,3 +105,49 @@ t.test(
     }
   },
 );
+
+t.test('faults never wait on the bulk thread: served while it is wedged at nice 19', async (t) => {
+  // The worst case of a priority inversion: the bulk thread, niced, spins forever once its
+  // session starts and never answers again. Faults and demand answers, on the main thread,
+  // must not depend on it in any way.
+  const dir = mkdtempSync('/dev/shm/yabusame-bulk-wedged-');
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const image = join(dir, 'vm.ram');
+  const size = 16 << 20;
+  await generateImage({ path: image, sizeBytes: size, seed: 5 });
+  const source = await startSource(dir);
+  t.teardown(() => source.stop());
+  await registerMigration(source, { id: 'vm-wedged', image, frozen: true });
+  const regions = [{ offset: 0, sizeBytes: size, pageSizeBytes: 4096, name: 'ram0' }];
+  const sysUrl = new URL('../../daemon/linux/sys.js', import.meta.url).href;
+  const script = join(dir, 'wedged.mjs');
+  writeFileSync(
+    script,
+    `import { parentPort } from 'node:worker_threads';
+import { setThreadNice } from ${JSON.stringify(sysUrl)};
+setThreadNice(19);
+parentPort.on('message', (m) => {
+  if (m.t === 'open') parentPort.postMessage({ t: 'opened', key: m.key, regions: ${JSON.stringify(regions)} });
+  if (m.t === 'start') for (;;);
+});
+`,
+  );
+  const dest = await startTestDest(join(dir, 'dest.sock'), {
+    bulkWorkerUrl: pathToFileURL(script),
+    timeoutMs: 5000,
+  });
+  t.teardown(() => dest.close());
+  const r = await runVmSimTouches({
+    image,
+    migrationId: 'vm-wedged',
+    source: source.ws,
+    destSocket: join(dir, 'dest.sock'),
+    workers: 2,
+    touches: 512,
+    timeoutMs: 60_000,
+  });
+  t.ok(r.partial, 'the migration cannot complete: the background never arrives');
+  t.equal(r.workload.firstTouches, 512, 'every touch got its page');
+  t.equal(r.mismatchCount, 0, 'every placed page equals the image');
+  t.ok(r.presentPages >= 512, `${r.presentPages} pages present, all by demand`);
+});
