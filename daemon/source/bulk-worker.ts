@@ -18,7 +18,12 @@ import type { PageRange } from '../../protocol/wire.js';
 import * as sys from '../linux/sys.js';
 import { forwardingLogger, type Logger } from '../ops/log.js';
 import { PageConnections, type HelloAcceptance, type HelloFrame } from '../transport/server.js';
-import { endChannel, supersede, type SourceChannel } from '../transport/source-channel.js';
+import {
+  endChannel,
+  supersede,
+  type EndCode,
+  type SourceChannel,
+} from '../transport/source-channel.js';
 import { BackgroundStreamer } from './background.js';
 import {
   LaneCount,
@@ -177,7 +182,7 @@ class Lane {
   }
 
   /** Stops streaming, closes the connection with `code`, and never reads the image again. */
-  release(code: string, message: string): void {
+  release(code: EndCode, message: string): void {
     this.ended = code === 'COMPLETE' ? 'complete' : code === 'SHUTDOWN' ? 'shut down' : 'aborted';
     this.streamer.stop();
     const ch = this.channel;

@@ -14,6 +14,7 @@
 import { closeSync, fstatSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
 import type { HandedSocket } from '../transport/server.js';
+import type { EndCode } from '../transport/source-channel.js';
 import type { LogFields, Logger, LogLevel } from '../ops/log.js';
 import type { SourceMetrics } from '../ops/metric-ports.js';
 import type { BackgroundOptions } from './background.js';
@@ -51,7 +52,7 @@ export type ToSourceBulk =
   | { t: 'open'; init: LaneInit }
   | { t: 'freeze'; key: number }
   | { t: 'socket'; socket: HandedSocket }
-  | { t: 'release'; key: number; code: string; message: string };
+  | { t: 'release'; key: number; code: EndCode; message: string };
 
 export type FromSourceBulk =
   | { t: 'released'; key: number }
@@ -139,7 +140,7 @@ export class SourceBulkLane {
    * Closes the background connection with `code` and forgets the lane; resolves once the bulk
    * thread no longer reads the image (then its fd may be closed).
    */
-  release(code: string, message: string): Promise<void> {
+  release(code: EndCode, message: string): Promise<void> {
     this.released ??= new Promise<void>((resolve) => {
       this.resolveReleased = () => {
         this.syncMetrics();

@@ -4,7 +4,7 @@
  * them yet). Requests that arrive before the migration is frozen wait in arrival order: the
  * guest may still be writing those pages, so serving them early could install stale data.
  */
-import { ProtocolError } from '../../protocol/errors.js';
+import { codeOf, PAGE_ERROR_CODES, ProtocolError } from '../../protocol/errors.js';
 import { DataFlag, type PageRange } from '../../protocol/wire.js';
 import type { SourceChannel } from '../transport/source-channel.js';
 import type { MemoryImage, PagePiece } from './image.js';
@@ -56,8 +56,9 @@ export class DemandServer {
       pieces = this.resolve(ranges);
     } catch (err) {
       if (!(err instanceof ProtocolError)) throw err;
-      this.hooks.failed(err.code);
-      channel.fail(err.code, err.message);
+      const code = codeOf(err, PAGE_ERROR_CODES, 'OUT_OF_RANGE');
+      this.hooks.failed(code);
+      channel.fail(code, err.message);
       return;
     }
     if (frozen) {

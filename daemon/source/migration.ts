@@ -25,6 +25,7 @@ import type { SourceMetrics } from '../ops/metric-ports.js';
 import {
   endChannel,
   supersede,
+  type EndCode,
   type ChannelCloseInfo,
   type SourceChannel,
 } from '../transport/source-channel.js';
@@ -258,7 +259,7 @@ export class Migration {
    * Ends both connections with `code` (COMPLETE and SHUTDOWN close normally, anything else is
    * sent as an ERROR) and closes the image once the bulk thread has let go of it.
    */
-  private shutdown(code: string, message: string): void {
+  private shutdown(code: EndCode, message: string): void {
     if (this.closedImage) return;
     this.demand.clear();
     endChannel(this.channels[Channel.DEMAND], code, message);

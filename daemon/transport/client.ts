@@ -276,9 +276,11 @@ class ChannelImpl implements PageChannel {
   close(code = 'CLOSED', message = 'closed by the destination'): void {
     if (!this.open) return;
     this.closeWith({ code, message });
-    // Tell the source why, unless this is an ordinary close.
+    // Tell the source why, unless this is an ordinary close; a session code the page protocol
+    // does not carry (SOURCE_MISMATCH...) travels as SESSION_FAILED, named in the message.
     if (code !== 'CLOSED' && this.ws.readyState === WebSocket.OPEN) {
-      this.ws.send(encodeError(code, message));
+      const wire = codeOf(code, PAGE_ERROR_CODES, 'SESSION_FAILED');
+      this.ws.send(encodeError(wire, wire === code ? message : `${code}: ${message}`));
     }
     this.ws.close(1000);
     // A peer that never answers the close handshake must not keep the socket alive.

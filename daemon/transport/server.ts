@@ -11,7 +11,12 @@ import http from 'node:http';
 import net, { type AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
 import WebSocket, { WebSocketServer } from 'ws';
-import { ProtocolError } from '../../protocol/errors.js';
+import {
+  codeOf,
+  PAGE_ERROR_CODES,
+  ProtocolError,
+  type PageErrorCode,
+} from '../../protocol/errors.js';
 import { decodeFrame, encodeError, encodeWelcome } from '../../protocol/page-codec.js';
 import {
   channelName,
@@ -198,7 +203,7 @@ export class PageConnections {
     const conn: Conn = { ws, alive: true, channel: null };
     this.conns.add(conn);
     ws.binaryType = 'nodebuffer';
-    const refuse = (code: string, message: string): void => {
+    const refuse = (code: PageErrorCode, message: string): void => {
       onError(code);
       log.warn('page connection refused', { conn: connName, remote, code, reason: message });
       ws.send(encodeError(code, message));
@@ -253,8 +258,7 @@ export class PageConnections {
           );
         }
       } catch (err) {
-        const code = err instanceof ProtocolError ? err.code : 'FRAME_BAD_VALUE';
-        refuse(code, (err as Error).message);
+        refuse(codeOf(err, PAGE_ERROR_CODES, 'FRAME_BAD_VALUE'), (err as Error).message);
         return;
       }
       const nonce = randomBytes(16);
@@ -263,7 +267,7 @@ export class PageConnections {
         acceptance = this.opts.onHello(hello, nonce);
       } catch (err) {
         if (!(err instanceof ProtocolError)) throw err;
-        refuse(err.code, err.message);
+        refuse(codeOf(err, PAGE_ERROR_CODES, 'BAD_STATE'), err.message);
         return;
       }
       ws.send(encodeWelcome(hello.channel, PROTOCOL_VERSION, nonce, acceptance.regions));

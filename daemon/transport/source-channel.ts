@@ -6,7 +6,12 @@
  */
 import WebSocket from 'ws';
 import { wsSocket } from './internals.js';
-import { ProtocolError } from '../../protocol/errors.js';
+import {
+  codeOf,
+  PAGE_ERROR_CODES,
+  ProtocolError,
+  type PageErrorCode,
+} from '../../protocol/errors.js';
 import { decodeFrame, encodeError } from '../../protocol/page-codec.js';
 import {
   channelName,
@@ -45,10 +50,13 @@ export interface SourceChannel {
   /** Called once when the channel closes for any reason. Set by the owner. */
   onClose: (info: ChannelCloseInfo) => void;
   /** Sends an ERROR frame with `code` and closes. */
-  fail(code: string, message: string): void;
+  fail(code: PageErrorCode, message: string): void;
   /** Closes normally (ws 1000), after the frames already sent. */
   close(code?: string, message?: string): void;
 }
+
+/** Why a connection ends: a close (COMPLETE, SHUTDOWN) or an error sent to the peer. */
+export type EndCode = PageErrorCode | 'COMPLETE' | 'SHUTDOWN';
 
 /**
  * Ends `ch`, if it is open, for `code`: COMPLETE and SHUTDOWN close it normally, any other code
@@ -56,7 +64,7 @@ export interface SourceChannel {
  */
 export function endChannel(
   ch: SourceChannel | null | undefined,
-  code: string,
+  code: EndCode,
   message: string,
 ): void {
   if (!ch?.isOpen) return;
@@ -163,8 +171,7 @@ export class WsSourceChannel implements SourceChannel {
         throw new ProtocolError('FRAME_TEXT', 'text messages are not part of the protocol');
       frame = decodeFrame(data);
     } catch (err) {
-      const code = err instanceof ProtocolError ? err.code : 'FRAME_BAD_VALUE';
-      this.fail(code, (err as Error).message);
+      this.fail(codeOf(err, PAGE_ERROR_CODES, 'FRAME_BAD_VALUE'), (err as Error).message);
       return;
     }
     if (!LEGAL[this.kind].has(frame.type)) {
@@ -181,7 +188,7 @@ export class WsSourceChannel implements SourceChannel {
     this.onFrame(frame, data.length);
   }
 
-  fail(code: string, message: string): void {
+  fail(code: PageErrorCode, message: string): void {
     if (!this.open) return;
     if (this.ws.readyState === WebSocket.OPEN) this.ws.send(encodeError(code, message));
     this.end({ code, message }, 1008);
