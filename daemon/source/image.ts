@@ -10,7 +10,7 @@ import { close, open, pread } from '../linux/sys.js';
 import { Limits, type PageRange, type RegionInfo } from '../../protocol/wire.js';
 import { regionIndexAt, splitRange } from '../../protocol/ranges.js';
 import { SourceError } from './errors.js';
-import { makeExtents, scanExtents, type DataExtents } from './extents.js';
+import { scanExtents } from './extents.js';
 
 export interface ImageRegionSpec {
   name: string;
@@ -144,7 +144,7 @@ export function validateRegions(
 
 /**
  * What another thread needs to serve the same image (structured-cloneable): the fd is shared by
- * the threads of the process, the page classes are shared memory, the extents are copied.
+ * the threads of the process, the page classes are shared memory.
  */
 export interface SharedImage {
   path: string;
@@ -152,7 +152,6 @@ export interface SharedImage {
   regions: ImageRegion[];
   fileSizeBytes: number;
   pageClass: SharedArrayBuffer;
-  extents: Float64Array[];
 }
 
 export class MemoryImage {
@@ -161,7 +160,6 @@ export class MemoryImage {
   readonly totalBytes: number;
   /** One PageClass per global page index (shared memory: both source threads classify). */
   readonly pageClass: Uint8Array;
-  private readonly extents: readonly DataExtents[];
   private fd: number;
 
   constructor(
@@ -169,32 +167,35 @@ export class MemoryImage {
     fd: number,
     regions: ImageRegion[],
     readonly fileSizeBytes: number,
-    shared?: Pick<SharedImage, 'pageClass' | 'extents'>,
+    shared?: Pick<SharedImage, 'pageClass'>,
   ) {
     this.fd = fd;
     this.regions = regions;
     const last = regions[regions.length - 1]!;
     this.totalPages = last.firstPage + last.pageCount;
     this.totalBytes = regions.reduce((n, r) => n + r.sizeBytes, 0);
-    if (shared) {
-      this.pageClass = new Uint8Array(shared.pageClass);
-      this.extents = shared.extents.map(makeExtents);
-      return;
-    }
-    this.pageClass = new Uint8Array(new SharedArrayBuffer(this.totalPages));
-    this.extents = regions.map((r) => {
-      const ext = scanExtents(fd, r.fileOffset, r.fileOffset + r.sizeBytes);
+    this.pageClass = new Uint8Array(shared?.pageClass ?? new SharedArrayBuffer(this.totalPages));
+  }
+
+  /**
+   * Marks the pages that lie wholly in file holes (lseek SEEK_DATA/SEEK_HOLE, once per region):
+   * they are sent as zero runs and never read. Only once the image can no longer change: a VM
+   * that still runs writes pages that were holes (found with a stock QEMU, whose guest wrote
+   * into its RAM file between the registration and the freeze), so this runs at the freeze.
+   */
+  scanHoles(): void {
+    if (this.fd < 0) throw new SourceError('IMAGE_CLOSED', `image ${this.path} was released`);
+    for (const r of this.regions) {
+      const b = scanExtents(this.fd, r.fileOffset, r.fileOffset + r.sizeBytes).bounds;
       // Pages are holes unless some data extent touches them.
       const cls = this.pageClass.subarray(r.firstPage, r.firstPage + r.pageCount);
       cls.fill(PageClass.HOLE);
-      const b = ext.bounds;
       for (let i = 0; i < b.length; i += 2) {
         const first = Math.floor((b[i]! - r.fileOffset) / r.pageSizeBytes);
         const end = Math.ceil((b[i + 1]! - r.fileOffset) / r.pageSizeBytes);
         cls.fill(PageClass.UNKNOWN, first, end);
       }
-      return ext;
-    });
+    }
   }
 
   /** The same image for another thread; only this one closes the fd (after that one let go). */
@@ -205,7 +206,6 @@ export class MemoryImage {
       regions: [...this.regions],
       fileSizeBytes: this.fileSizeBytes,
       pageClass: this.pageClass.buffer as SharedArrayBuffer,
-      extents: this.extents.map((e) => e.bounds),
     };
   }
 
@@ -299,15 +299,6 @@ export class MemoryImage {
       }
       done += n;
     }
-  }
-
-  /** True when image bytes [offset, offset + length) (inside one region) are all file hole. */
-  isHole(offset: number, length: number): boolean {
-    const idx = this.regionIndexAt(offset);
-    if (idx < 0) throw new RangeError(`offset ${offset} is outside the image`);
-    const r = this.regions[idx]!;
-    const start = r.fileOffset + (offset - r.offset);
-    return this.extents[idx]!.isHole(start, start + length);
   }
 
   /**

@@ -167,6 +167,13 @@ export class Migration {
 
   freeze(): void {
     this.transition('frozen');
+    // The VM stopped: the image cannot change any more, so its holes are final now. Without
+    // the scan every page is read (holes read as zeros): slower, never wrong.
+    try {
+      this.image.scanHoles();
+    } catch (err) {
+      this.log.warn('cannot scan the image for holes; every page will be read', { err });
+    }
     this.demand.release();
     this.background.start();
   }

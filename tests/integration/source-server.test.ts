@@ -1,6 +1,14 @@
 import t from 'tap';
 import http from 'node:http';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  mkdtempSync,
+  openSync,
+  rmSync,
+  truncateSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -260,6 +268,35 @@ t.test('requests before the freeze wait, and are served in order after it', asyn
   const again = await api(server.port, 'POST', '/v1/migrations/m1/freeze');
   t.equal(again.status, 409, 'freezing twice is illegal');
   t.equal(again.json.error.code, 'BAD_STATE');
+});
+
+t.test('a hole the VM writes before the freeze is served as data', async (t) => {
+  // A stock QEMU's guest writes into its RAM file after the migration is registered (the
+  // destination needs it registered to be handed over) and before it stops: holes are only
+  // final at the freeze.
+  const dir = mkdtempSync(join(tmpdir(), 'yabusame-holes-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const path = join(dir, 'ram');
+  writeFileSync(path, Buffer.alloc(0));
+  truncateSync(path, 64 * PAGE);
+  const server = await start(t);
+  const res = await api(server.port, 'POST', '/v1/migrations', { id: 'late', image: path });
+  t.equal(res.status, 201);
+  const fd = openSync(path, 'r+');
+  writeSync(fd, Buffer.alloc(PAGE, 0xc3), 0, PAGE, 9 * PAGE);
+  closeSync(fd);
+  t.equal((await api(server.port, 'POST', '/v1/migrations/late/freeze')).status, 200);
+  const { dest } = await RawDest.open(server.port, Channel.DEMAND, 'late');
+  dest.send(encodeRequest([{ offset: 8 * PAGE, length: 2 * PAGE }]));
+  await dest.frameAt(2);
+  const [zero, data] = dest.frames.slice(1);
+  t.ok(zero?.type === FrameType.ZERO && zero.offset === 8 * PAGE, 'the hole next to it is zeros');
+  t.ok(
+    data?.type === FrameType.DATA &&
+      data.offset === 9 * PAGE &&
+      Buffer.from(data.payload).equals(Buffer.alloc(PAGE, 0xc3)),
+    'the page written before the freeze arrives with what was written',
+  );
 });
 
 t.test(

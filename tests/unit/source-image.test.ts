@@ -1,6 +1,17 @@
 import { SlabPool } from '../../daemon/source/slab-pool.js';
 import t from 'tap';
-import { statSync } from 'node:fs';
+import {
+  closeSync,
+  mkdtempSync,
+  openSync,
+  rmSync,
+  statSync,
+  truncateSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { makeExtents } from '../../daemon/source/extents.js';
 import {
   openImage,
@@ -37,23 +48,46 @@ t.test('the test file is sparse (holes exist on this filesystem)', async (t) => 
 });
 
 t.test(
-  'page classes: holes from SEEK_DATA/SEEK_HOLE, nothing else known before a read',
+  'page classes: holes from SEEK_DATA/SEEK_HOLE at the scan, nothing else known before a read',
   async (t) => {
     const image = openImage(img.path, img.regions);
     t.teardown(() => image.close());
     t.equal(image.totalPages, img.totalPages);
     t.equal(image.totalBytes, 48 * 4096 + 8 * 16384);
+    t.ok(
+      image.pageClass.every((c) => c === PageClass.UNKNOWN),
+      'nothing is known before the scan',
+    );
+    image.scanHoles();
     const expected = img.layouts
       .map((l) => l.pages.replace(/[DZ]/g, '0').replace(/H/g, '3'))
       .join('');
     t.equal(Array.from(image.pageClass).join(''), expected, 'holes and only holes are marked');
-    t.equal(image.isHole(8 * 4096, 8 * 4096), true, 'ram0 pages 8..15 are a hole');
-    t.equal(image.isHole(7 * 4096, 2 * 4096), false, 'page 7 is written zeros, not a hole');
-    t.equal(image.isHole(4 * 4096, 4096), false, 'written zero pages are data extents');
-    t.equal(image.isHole(1024 * 1024 + 3 * 16384, 3 * 16384), true, 'ram1 pages 3..5 are a hole');
-    t.equal(image.isHole(1024 * 1024 + 5 * 16384, 2 * 16384), false);
+    t.equal(image.pageClass[8], PageClass.HOLE, 'ram0 pages 8..15 are a hole');
+    t.equal(image.pageClass[7], PageClass.UNKNOWN, 'page 7 is written zeros, not a hole');
+    t.equal(image.pageClass[48 + 3], PageClass.HOLE, 'ram1 pages 3..5 are a hole');
   },
 );
+
+t.test('a hole written before the scan is data: holes are learned at the freeze', async (t) => {
+  // A running VM writes into its RAM file between registration and freeze.
+  const path = join(mkdtempSync(join(tmpdir(), 'yabusame-holes-')), 'ram');
+  writeFileSync(path, Buffer.alloc(0));
+  truncateSync(path, 16 * 4096);
+  const image = openImage(path, [
+    { name: 'ram0', offset: 0, sizeBytes: 16 * 4096, fileOffset: 0, pageSizeBytes: 4096 },
+  ]);
+  t.teardown(() => {
+    image.close();
+    rmSync(path, { force: true });
+  });
+  const fd = openSync(path, 'r+');
+  writeSync(fd, Buffer.alloc(4096, 0xab), 0, 4096, 5 * 4096);
+  closeSync(fd);
+  image.scanHoles();
+  t.equal(image.pageClass[5], PageClass.UNKNOWN, 'the page written after open will be read');
+  t.equal(image.pageClass[4], PageClass.HOLE, 'its neighbour is still a hole');
+});
 
 t.test('read() preads image offsets into the buffer at an offset', async (t) => {
   const image = openImage(img.path, img.regions);
@@ -158,6 +192,7 @@ t.test(
   async (t) => {
     const image = openImage(img.path, img.regions);
     t.teardown(() => image.close());
+    image.scanHoles(); // as at the freeze: holes are never read
     const writer = new PageWriter(image, new SlabPool(24 + 256 * 1024, 4));
     const frames: Frame[] = [];
     const stats = newSpanStats();
@@ -217,6 +252,7 @@ t.test(
 t.test('page writer: a carried zero run spans write() calls as one ZERO frame', async (t) => {
   const image = openImage(img.path, img.regions);
   t.teardown(() => image.close());
+  image.scanHoles();
   const writer = new PageWriter(image, new SlabPool(24 + 256 * 1024, 4));
   const summarize = (carry: boolean): { frames: string[]; stats: SpanStats } => {
     const frames: string[] = [];
