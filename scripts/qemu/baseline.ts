@@ -28,8 +28,10 @@ import {
   guestView,
   parseTrace,
   qemuFaultLatencies,
+  qemuRequestLatencies,
   threadNames,
   type FaultLatencies,
+  type RequestLatencies,
   type GuestView,
 } from './measure.js';
 import {
@@ -71,6 +73,8 @@ export interface BaselineRun {
   blocktimeMs: number | null;
   vcpuBlocktimeMs: number[] | null;
   faults: FaultLatencies;
+  /** The page requests sent to the source, request → placement. */
+  requests: RequestLatencies;
   guest: GuestView;
   /** Threads of the destination QEMU by tid: name (to read `faults.byThread`). */
   destThreads: Record<string, string>;
@@ -81,6 +85,8 @@ const DEST_TRACE = [
   'postcopy_ram_fault_thread_request',
   'postcopy_place_page',
   'postcopy_place_page_zero',
+  'postcopy_page_req_add',
+  'postcopy_page_req_del',
 ];
 
 export async function runBaseline(o: BaselineOptions): Promise<BaselineRun> {
@@ -164,7 +170,9 @@ export async function runBaseline(o: BaselineOptions): Promise<BaselineRun> {
     const nAfter = dst.batches().length + (o.batchesAfter ?? 3);
     await dst.waitLine(() => dst!.batches().length >= nAfter, 60_000);
     const guest = guestView(src, dst);
-    const faults = qemuFaultLatencies(parseTrace(dst.tracePath), 4096, (tid) =>
+    const trace = parseTrace(dst.tracePath);
+    const requests = qemuRequestLatencies(trace);
+    const faults = qemuFaultLatencies(trace, 4096, (tid) =>
       names.has(tid) ? `${names.get(tid)}` : `tid ${tid}`,
     );
     void srcEvents;
@@ -178,6 +186,7 @@ export async function runBaseline(o: BaselineOptions): Promise<BaselineRun> {
       blocktimeMs: info['postcopy-blocktime'] ?? null,
       vcpuBlocktimeMs: info['postcopy-vcpu-blocktime'] ?? null,
       faults,
+      requests,
       guest,
       destThreads: Object.fromEntries([...names].map(([k, v]) => [String(k), v])),
       capabilities,
@@ -198,6 +207,9 @@ export interface BaselineSummary {
   faultP50Ms: Stat;
   faultP99Ms: Stat;
   faults: Stat;
+  requestP50Ms: Stat;
+  requestP99Ms: Stat;
+  requests: Stat;
   blocktimeMs: Stat;
   guestMaxBatchMs: Stat;
   guestErrors: number;
@@ -215,6 +227,9 @@ export function summarize(mode: BaselineMode, runs: BaselineRun[]): BaselineSumm
     faultP50Ms: s((r) => r.faults.p50Ms),
     faultP99Ms: s((r) => r.faults.p99Ms),
     faults: s((r) => r.faults.faults),
+    requestP50Ms: s((r) => r.requests.p50Ms),
+    requestP99Ms: s((r) => r.requests.p99Ms),
+    requests: s((r) => r.requests.requests),
     blocktimeMs: s((r) => r.blocktimeMs ?? NaN),
     guestMaxBatchMs: s((r) => r.guest.maxBatchMs),
     guestErrors: runs.reduce(
@@ -236,9 +251,12 @@ export function table(summaries: BaselineSummary[]): string {
     ['STOP → RESUME, ms', (s) => fmt(s.stopToResumeMs, 1)],
     ['STOP → all RAM present (dest completed), ms', (s) => fmt(s.stopToDestCompleteMs)],
     ['STOP → source completed, ms', (s) => fmt(s.stopToSourceCompleteMs)],
-    ['fault latency p50, ms', (s) => fmt(s.faultP50Ms, 2)],
-    ['fault latency p99, ms', (s) => fmt(s.faultP99Ms, 2)],
-    ['faults (requests) per run', (s) => fmt(s.faults)],
+    ['fault → placed p50, ms', (s) => fmt(s.faultP50Ms, 2)],
+    ['fault → placed p99, ms', (s) => fmt(s.faultP99Ms, 2)],
+    ['faults per run', (s) => fmt(s.faults)],
+    ['page request latency p50, ms', (s) => fmt(s.requestP50Ms, 2)],
+    ['page request latency p99, ms', (s) => fmt(s.requestP99Ms, 2)],
+    ['page requests sent per run', (s) => fmt(s.requests)],
     ['postcopy-blocktime, ms', (s) => fmt(s.blocktimeMs)],
     ['guest: slowest batch after resume, ms', (s) => fmt(s.guestMaxBatchMs)],
     ['guest: errors / MISMATCH lines', (s) => `${s.guestErrors} / ${s.mismatchLines}`],
@@ -298,7 +316,9 @@ export async function main(argv: string[]): Promise<number> {
       log(
         `  STOP→RESUME ${run.stopToResumeMs.toFixed(1)} ms, STOP→dest completed ` +
           `${run.stopToDestCompleteMs.toFixed(0)} ms, faults ${run.faults.faults} p50 ` +
-          `${run.faults.p50Ms.toFixed(2)} p99 ${run.faults.p99Ms.toFixed(2)} ms, guest max batch ` +
+          `${run.faults.p50Ms.toFixed(2)} p99 ${run.faults.p99Ms.toFixed(2)} ms, requests ` +
+          `${run.requests.requests} p50 ${run.requests.p50Ms.toFixed(2)} p99 ` +
+          `${run.requests.p99Ms.toFixed(2)} ms, guest max batch ` +
           `${run.guest.maxBatchMs} ms, errors ${run.guest.errors}`,
       );
       (all[mode] ??= []).push(run);

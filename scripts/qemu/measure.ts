@@ -124,6 +124,50 @@ export function qemuFaultLatencies(
   };
 }
 
+export interface RequestLatencies {
+  /** Page requests QEMU sent to its source (`postcopy_page_req_add`). */
+  requests: number;
+  matched: number;
+  p50Ms: number;
+  p99Ms: number;
+  maxMs: number;
+}
+
+/**
+ * Latency of the page requests QEMU's destination actually sent to its source: from
+ * `postcopy_page_req_add` (the page was not received yet and is now asked for) to
+ * `postcopy_page_req_del` (its placement). Faults on a page already on its way are not requests.
+ */
+export function qemuRequestLatencies(trace: TraceEvent[]): RequestLatencies {
+  const added = new Map<string, number>();
+  const latencies: number[] = [];
+  let requests = 0;
+  // Both print the page's host address first: "new page req 0x7f73466a3000 total 1",
+  // "resolved page req 0x7f73466a3000 total 1".
+  const addr = (ev: TraceEvent): string | undefined => /0x[0-9a-fA-F]+/.exec(ev.args)?.[0];
+  for (const ev of trace) {
+    if (ev.name === 'postcopy_page_req_add') {
+      const a = addr(ev);
+      if (a === undefined) continue;
+      requests++;
+      if (!added.has(a)) added.set(a, ev.atMs);
+    } else if (ev.name === 'postcopy_page_req_del') {
+      const a = addr(ev);
+      const t = a === undefined ? undefined : added.get(a);
+      if (t === undefined) continue;
+      added.delete(a!);
+      latencies.push(ev.atMs - t);
+    }
+  }
+  return {
+    requests,
+    matched: latencies.length,
+    p50Ms: percentile(latencies, 50),
+    p99Ms: percentile(latencies, 99),
+    maxMs: latencies.length ? Math.max(...latencies) : NaN,
+  };
+}
+
 /** Linux thread names of a process (`/proc/PID/task/TID/comm`), by tid. */
 export function threadNames(pid: number): Map<number, string> {
   const names = new Map<number, string>();

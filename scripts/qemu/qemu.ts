@@ -129,6 +129,21 @@ export function qemuArgs(o: QemuOptions, qmpPath: string, tracePath: string): st
   return args;
 }
 
+/** Every QEMU this process started and that still runs: killed if this process ends first. */
+const live = new Set<ChildProcess>();
+let exitHookInstalled = false;
+
+function installExitHook(): void {
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.on('exit', () => {
+    for (const p of live) p.kill('SIGKILL');
+  });
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(sig, () => process.exit(128 + (sig === 'SIGINT' ? 2 : 15)));
+  }
+}
+
 /** A running QEMU: its process, QMP connection and serial console. */
 export class Qemu extends EventEmitter<{ line: [SerialLine]; exit: [number | null] }> {
   readonly lines: SerialLine[] = [];
@@ -158,6 +173,8 @@ export class Qemu extends EventEmitter<{ line: [SerialLine]; exit: [number | nul
       stdio: ['pipe', 'pipe', 'pipe'],
       env: { ...process.env, ...o.env },
     });
+    installExitHook();
+    live.add(proc);
     const early: SerialLine[] = [];
     const stderr: string[] = [];
     let vm: Qemu | null = null;
@@ -172,6 +189,7 @@ export class Qemu extends EventEmitter<{ line: [SerialLine]; exit: [number | nul
     });
     let exited: number | null | undefined = undefined;
     proc.on('exit', (code) => {
+      live.delete(proc);
       exited = code;
       if (vm) {
         vm.exitCode = code;
