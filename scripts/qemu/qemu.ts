@@ -54,6 +54,8 @@ export interface QemuOptions {
   traceEvents?: string[];
   /** `pc` (default) or `q35`. */
   machine?: 'pc' | 'q35';
+  /** Limit for QMP's greeting, ms (a preload holding QEMU's start-up delays it). */
+  qmpTimeoutMs?: number;
   /** Extra environment (LD_PRELOAD and its settings on a yabusame destination). */
   env?: Record<string, string>;
 }
@@ -145,7 +147,11 @@ function installExitHook(): void {
 }
 
 /** A running QEMU: its process, QMP connection and serial console. */
-export class Qemu extends EventEmitter<{ line: [SerialLine]; exit: [number | null] }> {
+export class Qemu extends EventEmitter<{
+  line: [SerialLine];
+  stderr: [SerialLine];
+  exit: [number | null];
+}> {
   readonly lines: SerialLine[] = [];
   exitCode: number | null | undefined = undefined;
   private constructor(
@@ -154,8 +160,8 @@ export class Qemu extends EventEmitter<{ line: [SerialLine]; exit: [number | nul
     readonly qmp: QmpClient,
     readonly startedAtMs: number,
     readonly tracePath: string,
-    /** QEMU's stderr, the last 2000 lines. */
-    readonly stderr: string[],
+    /** QEMU's stderr (the preload library's messages among them), the last 2000 lines. */
+    readonly stderr: SerialLine[],
   ) {
     super();
   }
@@ -176,7 +182,7 @@ export class Qemu extends EventEmitter<{ line: [SerialLine]; exit: [number | nul
     installExitHook();
     live.add(proc);
     const early: SerialLine[] = [];
-    const stderr: string[] = [];
+    const stderr: SerialLine[] = [];
     let vm: Qemu | null = null;
     createInterface({ input: proc.stdout! }).on('line', (text) => {
       const line = { atMs: nowMs(), text };
@@ -184,8 +190,10 @@ export class Qemu extends EventEmitter<{ line: [SerialLine]; exit: [number | nul
       else early.push(line);
     });
     createInterface({ input: proc.stderr! }).on('line', (text) => {
-      stderr.push(text);
+      const line = { atMs: nowMs(), text };
+      stderr.push(line);
       if (stderr.length > 2000) stderr.shift();
+      vm?.emit('stderr', line);
     });
     let exited: number | null | undefined = undefined;
     proc.on('exit', (code) => {
@@ -199,7 +207,9 @@ export class Qemu extends EventEmitter<{ line: [SerialLine]; exit: [number | nul
     const deadline = Date.now() + 30_000;
     for (;;) {
       if (exited !== undefined) {
-        throw new Error(`${o.name}: QEMU exited (${exited}) at start-up: ${stderr.join(' | ')}`);
+        throw new Error(
+          `${o.name}: QEMU exited (${exited}) at start-up: ${stderr.map((l) => l.text).join(' | ')}`,
+        );
       }
       if (fs.existsSync(qmpPath)) break;
       if (Date.now() > deadline) {
@@ -208,7 +218,16 @@ export class Qemu extends EventEmitter<{ line: [SerialLine]; exit: [number | nul
       }
       await new Promise((r) => setTimeout(r, 20));
     }
-    const qmp = await connectQmp(qmpPath);
+    let qmp: QmpClient;
+    try {
+      qmp = await connectQmp(qmpPath, { timeoutMs: o.qmpTimeoutMs ?? 10_000 });
+    } catch (err) {
+      proc.kill('SIGKILL');
+      const said = stderr.map((l) => l.text).join(' | ');
+      throw new Error(`${o.name}: QMP: ${(err as Error).message}; QEMU's stderr: ${said}`, {
+        cause: err,
+      });
+    }
     vm = new Qemu(o, proc, qmp, startedAtMs, tracePath, stderr);
     for (const l of early) vm.push(l);
     if (exited !== undefined) vm.exitCode = exited;
