@@ -17,8 +17,19 @@
  *     and how long each step took. With `--metrics`, the dest serves metrics and the fault
  *     service time comes from its histogram.
  *
+ * With `--kernel-trace`, the destination's page faults on guest RAM are recorded from the kernel
+ * (kfaults.ts: which threads, when, before or after RESUME). With `--restart-dest-after-ms MS`
+ * the dest daemon is killed (SIGKILL) that long after RESUME and a new one started on the same
+ * socket: the preload hands the uffd over again with "resume":true.
+ *
  * CLI: node dist/scripts/qemu/try-yabusame.js [--mem 1024] [--workload-mib 512] [--metrics]
- *      [--runs 1] [--json] [--keep]
+ *      [--kernel-trace] [--stop-first] [--restart-dest-after-ms MS] [--runs 1] [--json] [--keep]
+ *
+ * `--stop-first` stops the source VM before registering its image and starting the destination:
+ * today's page server scans the image's holes once, at registration (before STOP in the flow
+ * above, since the destination's handoff needs the migration), and serves pages that were holes
+ * then as zeros even if the guest wrote them before it stopped. (fallocate would not help:
+ * SEEK_DATA still reports tmpfs pages that were allocated but never written as holes.)
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -27,6 +38,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { buildGuest, type GuestFiles } from './guest/build.js';
+import { summarizeFaults, UserFaultTrace, type FaultSummary } from './kfaults.js';
 import { guestView, type GuestView } from './measure.js';
 import { buildPreload } from './preload-build.js';
 import { freePort, nowMs, Qemu, setCapabilities, shmRamPath, type SerialLine } from './qemu.js';
@@ -122,6 +134,10 @@ export interface YabusameRun {
   /** The dest's fault service time from its metrics (with --metrics). */
   faultServiceMs: { count: number; p50: number; p99: number } | null;
   guest: GuestView;
+  /** The destination QEMU's user page faults on guest RAM (with --kernel-trace). */
+  kernelFaults: FaultSummary | null;
+  /** The dest daemon was killed and restarted this long after RESUME (--restart-dest-after-ms). */
+  destRestartedAfterMs: number | null;
   /** What the preload printed on the destination QEMU's stderr. */
   preloadLines: string[];
   /** Log lines of the daemons at warn or error level. */
@@ -135,6 +151,19 @@ export interface TryOptions {
   memMiB: number;
   workloadMiB: number;
   metrics: boolean;
+  /** Trace the destination's page faults in the kernel (root, tracefs). */
+  kernelTrace: boolean;
+  /**
+   * Stop the source VM (QMP `stop`) before registering its image, frozen, with the page server
+   * and before starting the destination; `cont` it there after the migration. Not post-copy's
+   * flow (the destination's start-up is downtime), but the page server then scans the image's
+   * holes after the guest's last write: today's page server scans them once, at registration,
+   * and serves pages that were holes then as zeros, though a running guest may write them
+   * before it stops.
+   */
+  stopFirst?: boolean;
+  /** Kill the dest daemon this long after RESUME and start a new one on the same socket. */
+  restartDestAfterMs?: number;
   log: (msg: string) => void;
 }
 
@@ -206,6 +235,9 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
   let completeAtMs = NaN;
   let complete: Record<string, unknown> | null = null;
   let faultServiceMs: YabusameRun['faultServiceMs'] = null;
+  let kernelFaults: FaultSummary | null = null;
+  let ktrace: { trace: UserFaultTrace; base: number } | null = null;
+  let destRestartedAfterMs: number | null = null;
   try {
     const source = startDaemon(
       'source',
@@ -213,17 +245,14 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
       o.workDir,
     );
     daemons.push(source);
-    const dest = startDaemon(
+    const destArgs = [
       'dest',
-      [
-        'dest',
-        '--socket',
-        sockPath,
-        '--metrics-listen',
-        o.metrics ? `127.0.0.1:${metricsPort}` : 'off',
-      ],
-      o.workDir,
-    );
+      '--socket',
+      sockPath,
+      '--metrics-listen',
+      o.metrics ? `127.0.0.1:${metricsPort}` : 'off',
+    ];
+    let dest = startDaemon('dest', destArgs, o.workDir);
     daemons.push(dest);
     await until('page server', 15_000, async () =>
       (await http('GET', `${sourceUrl}/v1/migrations`)).status === 200 ? true : undefined,
@@ -236,10 +265,16 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     src = await Qemu.start({ ...common, name: 'src', ramPath: srcRam });
     await src.waitWorkload();
     step('source guest booted to its workload');
+    if (o.stopFirst) {
+      const stopEvent = src.qmp.waitEvent('STOP', { timeoutMs: 10_000 });
+      await src.qmp.execute('stop');
+      stopAtMs = (await stopEvent).timestampMs;
+      step('source VM stopped first (QMP stop)');
+    }
     const reg = await http('POST', `${sourceUrl}/v1/migrations`, {
       id,
       image: srcRam,
-      frozen: false,
+      frozen: o.stopFirst === true,
     });
     if (reg.status >= 300)
       throw new Error(`register: HTTP ${reg.status} ${JSON.stringify(reg.json)}`);
@@ -261,6 +296,13 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     });
     const dstQemu = dst;
     step('destination QEMU up (RAM handed to the dest daemon, ack received)');
+    if (o.kernelTrace) {
+      const ack = dst.stderr.find((l) => l.text.includes('yabusame-preload: ack'));
+      const m = / serves (\d+) bytes at (0x[0-9a-f]+)/.exec(ack?.text ?? '');
+      if (!m) throw new Error('kernel trace: no ack line from the preload to read the range from');
+      const base = Number(m[2]);
+      ktrace = { trace: UserFaultTrace.start(base, Number(m[1])), base };
+    }
     const completeLine = new Promise<SerialLine>((resolve) => {
       const seen = dstQemu.stderr.find((l) => l.text.includes('yabusame-preload: complete'));
       if (seen) resolve(seen);
@@ -274,30 +316,55 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 8 * 1024 ** 3 });
     const port = await freePort();
     await dst.qmp.execute('migrate-incoming', { uri: `tcp:127.0.0.1:${port}` });
-    const stopped = src.qmp.waitEvent('STOP', { timeoutMs: 60_000 });
+    const stopped = o.stopFirst ? null : src.qmp.waitEvent('STOP', { timeoutMs: 60_000 });
     const resumed = dst.qmp.waitEvent('RESUME', { timeoutMs: 120_000 });
     const srcDone = src.qmp.waitEvent('MIGRATION', {
       match: (e) => e.data['status'] === 'completed' || e.data['status'] === 'failed',
       timeoutMs: 120_000,
     });
+    const dstDone = dst.qmp.waitEvent('MIGRATION', {
+      match: (e) => e.data['status'] === 'completed' || e.data['status'] === 'failed',
+      timeoutMs: 120_000,
+    });
     step('capabilities set, destination listening');
     await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-    const stop = await stopped;
-    stopAtMs = stop.timestampMs;
-    const fr = await http('POST', `${sourceUrl}/v1/migrations/${id}/freeze`);
-    frozenAtMs = nowMs();
-    if (fr.status >= 300) throw new Error(`freeze: HTTP ${fr.status} ${JSON.stringify(fr.json)}`);
-    const srcEnd = await srcDone;
+    if (stopped) {
+      const stop = await stopped;
+      stopAtMs = stop.timestampMs;
+      const fr = await http('POST', `${sourceUrl}/v1/migrations/${id}/freeze`);
+      frozenAtMs = nowMs();
+      if (fr.status >= 300) throw new Error(`freeze: HTTP ${fr.status} ${JSON.stringify(fr.json)}`);
+    }
+    const [srcEnd] = await Promise.all([srcDone, dstDone]);
     if (srcEnd.data['status'] !== 'completed') {
       throw new Error(`QEMU's migration (device state) ${String(srcEnd.data['status'])}`);
     }
+    if (o.stopFirst) {
+      // A VM stopped before migrating stays stopped on the destination until told.
+      await dstDone;
+      await dst.qmp.execute('cont');
+    }
     resumeAtMs = (await resumed).timestampMs;
     step('migrate → destination RESUME');
+    if (o.restartDestAfterMs !== undefined) {
+      const waitMs = resumeAtMs + o.restartDestAfterMs - nowMs();
+      if (waitMs > 0) await new Promise((r) => setTimeout(r, waitMs));
+      const killedAtMs = nowMs();
+      const exited = new Promise<void>((r) => dest.child.once('exit', () => r()));
+      dest.child.kill('SIGKILL');
+      await exited;
+      dest = startDaemon('dest-restarted', destArgs, o.workDir);
+      daemons.push(dest);
+      destRestartedAfterMs = Math.round(killedAtMs - resumeAtMs);
+      step(`dest daemon killed (SIGKILL) ${destRestartedAfterMs} ms after RESUME and restarted`);
+    }
 
+    let giveUp: NodeJS.Timeout | undefined;
     const doneLine = await Promise.race([
       completeLine,
-      new Promise<null>((r) => setTimeout(() => r(null), 180_000)),
+      new Promise<null>((r) => (giveUp = setTimeout(() => r(null), 180_000))),
     ]);
+    clearTimeout(giveUp);
     if (doneLine === null) throw new Error('no complete from the dest within 180 s after RESUME');
     completeAtMs = doneLine.atMs;
     const json = doneLine.text.slice(doneLine.text.indexOf('{'));
@@ -313,10 +380,15 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     const dstVm = dst;
     await dst.waitLine(() => dstVm.batches().length >= n, 60_000);
     step('three more workload batches on the destination');
+    if (ktrace) {
+      kernelFaults = summarizeFaults(ktrace.trace.stop(), ktrace.base, stopAtMs, resumeAtMs);
+      ktrace = null;
+    }
   } catch (err) {
     failure = err instanceof Error ? err.message : String(err);
     o.log(`FAILED: ${failure}`);
   }
+  if (ktrace) ktrace.trace.stop();
   const guest = src && dst ? guestView(src, dst) : guestView(src ?? dst!, dst ?? src!);
   const preloadLines = (dst?.stderr ?? [])
     .map((l) => l.text)
@@ -341,6 +413,8 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     stopToCompleteMs: completeAtMs - stopAtMs,
     complete,
     faultServiceMs,
+    kernelFaults,
+    destRestartedAfterMs,
     guest,
     preloadLines,
     daemonProblems,
@@ -355,6 +429,9 @@ export async function main(argv: string[]): Promise<number> {
       'workload-mib': { type: 'string', default: '512' },
       runs: { type: 'string', default: '1' },
       metrics: { type: 'boolean', default: false },
+      'kernel-trace': { type: 'boolean', default: false },
+      'stop-first': { type: 'boolean', default: false },
+      'restart-dest-after-ms': { type: 'string' },
       json: { type: 'boolean', default: false },
       keep: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
@@ -362,7 +439,9 @@ export async function main(argv: string[]): Promise<number> {
   });
   if (values.help) {
     process.stdout.write(
-      'usage: try-yabusame.js [--mem MiB] [--workload-mib N] [--runs N] [--metrics] [--json] [--keep]\n',
+      'usage: try-yabusame.js [--mem MiB] [--workload-mib N] [--runs N] [--metrics] [--kernel-trace]\n' +
+        '                       [--stop-first]\n' +
+        '                       [--restart-dest-after-ms MS] [--json] [--keep]\n',
     );
     return 0;
   }
@@ -380,6 +459,12 @@ export async function main(argv: string[]): Promise<number> {
       memMiB: Number(values.mem),
       workloadMiB: Number(values['workload-mib']),
       metrics: values.metrics,
+      kernelTrace: values['kernel-trace'],
+      stopFirst: values['stop-first'],
+      restartDestAfterMs:
+        values['restart-dest-after-ms'] === undefined
+          ? undefined
+          : Number(values['restart-dest-after-ms']),
       log,
     });
     runs.push(run);
@@ -397,6 +482,11 @@ export async function main(argv: string[]): Promise<number> {
             ? `  dest fault service: ${run.faultServiceMs.count} faults, p50 ${f(run.faultServiceMs.p50)} ms, p99 ${f(run.faultServiceMs.p99)} ms`
             : '',
           `  complete: ${JSON.stringify(run.complete)}`,
+          run.kernelFaults
+            ? `  kernel: ${run.kernelFaults.faults} user faults on ${run.kernelFaults.distinctPages} pages; ` +
+              `by thread ${JSON.stringify(run.kernelFaults.byThread)}; before RESUME ` +
+              JSON.stringify(run.kernelFaults.beforeResume)
+            : '',
           ...run.steps.map((s) => `  step ${s.step}: ${s.ms} ms`),
           ...run.preloadLines.map((l) => `  ${l}`),
           ...run.daemonProblems.slice(0, 20).map((l) => `  ${l}`),
