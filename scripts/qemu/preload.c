@@ -11,6 +11,8 @@
  * Fail closed: every failure before `ack` prints `yabusame-preload: ...` on stderr and ends QEMU.
  * After `ack` a thread reads the daemon's reply lines; if the connection closes before
  * `complete`, it reconnects with backoff and hands the same uffd over again with "resume":true.
+ * That includes a session the daemon ended with an `error` (it closes after one): the guest has
+ * no other page handler, and a new session takes over the pages already present.
  * The library keeps its own copy of the uffd for the life of the process, so a dead daemon only
  * pauses the guest's faulting threads.
  *

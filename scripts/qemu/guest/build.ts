@@ -125,7 +125,7 @@ function isStaticBusybox(): boolean {
 // newc cpio: "070701", then 13 fields of 8 hex digits, then the name (NUL-terminated) padded to
 // a multiple of 4 bytes, then the data padded to 4. See the kernel's
 // Documentation/driver-api/early-userspace/buffer-format.rst.
-interface CpioEntry {
+export interface CpioEntry {
   name: string;
   /** st_mode: file type and permissions. */
   mode: number;
