@@ -25,18 +25,26 @@ import * as sys from '../linux/sys.js';
 import { connectPageChannel, type PageChannel } from '../transport/client.js';
 import { createLogger, type Logger, type LogLevel } from '../ops/log.js';
 import { Link } from './link.js';
+import { PayloadRing, type SharedRing } from './payload-ring.js';
 import type { BulkSessionInit, FromBulk, ToBulk } from './bulk.js';
 
 /** Longest a background connection stops reading while faults await their pages, ms. */
 const FAULT_PRIORITY_MS = 2;
 
 const port = parentPort!;
-const { nice, logLevel, faults } = workerData as {
+const {
+  nice,
+  logLevel,
+  faults,
+  ring: sharedRing,
+} = workerData as {
   nice: number;
   logLevel: LogLevel;
   /** [0]: faults awaited daemon-wide (bulk.ts). */
   faults: Int32Array;
+  ring: SharedRing;
 };
+const ring = new PayloadRing(sharedRing);
 const log = createLogger(logLevel, { service: 'yabusame-dest', thread: 'bulk' });
 try {
   if (nice !== 0) sys.setThreadNice(nice);
@@ -76,9 +84,10 @@ function yieldToFaults(ch: PageChannel): void {
 }
 
 /**
- * The ArrayBuffer to hand to the main thread with a frame's payload, and where the payload
- * starts in it. A ws message that is a whole ArrayBuffer of its own (every frame larger than
- * a socket read) moves without a copy; one that shares its buffer with other messages is copied.
+ * The ArrayBuffer to hand to the main thread with a payload that did not fit in the ring, and
+ * where the payload starts in it. A ws message that is a whole ArrayBuffer of its own (every
+ * frame larger than a socket read) moves without a copy; one that shares its buffer with other
+ * messages is copied.
  */
 function transferable(payload: Uint8Array, message: Buffer): { buf: ArrayBuffer; at: number } {
   const ab = message.buffer;
@@ -232,7 +241,7 @@ class BulkSession {
           const length = frame.type === FrameType.DATA ? frame.payload.byteLength : frame.length;
           // Frames that came right behind WELCOME arrive before opened(): check and count them
           // by their own connection.
-          checkRun(ch.welcome.regions, frame.offset, length);
+          const region = ch.welcome.regions[checkRun(ch.welcome.regions, frame.offset, length)]!;
           const base = {
             t: 'run' as const,
             key: this.key,
@@ -240,13 +249,18 @@ class BulkSession {
             offset: frame.offset,
             length,
             bytes: message.byteLength,
+            pageSizeBytes: region.pageSizeBytes,
           };
           if (frame.type === FrameType.ZERO) {
             // A ZERO frame costs its header in credit (the source's accounting).
-            post({ ...base, credit: HeaderSize.ZERO, buf: null, at: 0 });
+            post({ ...base, credit: HeaderSize.ZERO, ring: -1, buf: null, at: 0 });
           } else {
-            const { buf, at } = transferable(frame.payload, message);
-            post({ ...base, credit: length, buf, at }, [buf]);
+            const at = ring.put(frame.payload);
+            if (at >= 0) post({ ...base, credit: length, ring: at, buf: null, at: 0 });
+            else {
+              const t = transferable(frame.payload, message);
+              post({ ...base, credit: length, ring: -1, buf: t.buf, at: t.at }, [t.buf]);
+            }
           }
           this.link.healthy(ch);
           yieldToFaults(ch);

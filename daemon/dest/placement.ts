@@ -157,7 +157,8 @@ export class Placement {
 
   /**
    * Places a run of the image. The run was checked against the source's region table (inside
-   * one region, whole pages); here it is split over the handed-over regions.
+   * one region, whole pages); here it is split over the handed-over regions. `run.data` is only
+   * read during the call (it may be reused after it returns: see placeRegion's retry).
    */
   place(run: Run): void {
     if (this.stopped) return;
@@ -385,8 +386,10 @@ export class Placement {
             return;
           }
           if (++attempt > MAX_IMMEDIATE_RETRIES) {
-            // Still EAGAIN with every event read: an mm change is under way. Try again shortly.
-            const rest = data?.subarray((start - from) * ps) ?? null;
+            // Still EAGAIN with every event read: an mm change is under way. Try again shortly,
+            // with a copy of the bytes: a run's data may be a view on the bulk thread's payload
+            // ring, whose space is reused as soon as this call returns.
+            const rest = data ? Buffer.from(data.subarray((start - from) * ps)) : null;
             this.later(() => this.placeRegion(r, start, end, rest, path, attempt), attempt);
             this.hooks.settled();
             return;
