@@ -30,180 +30,28 @@
 import * as fs from 'node:fs';
 import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
-import { Worker } from 'node:worker_threads';
 import * as abi from '../../daemon/linux/abi.js';
 import * as sys from '../../daemon/linux/sys.js';
 import { mincore } from '../../daemon/linux/vmm-extra.js';
 import * as uffd from '../../daemon/uffd/uffd.js';
-import {
-  HANDOFF_VERSION,
-  encodeHandoff,
-  type HandoffReply,
-  type HandoffRequest,
-} from '../../protocol/handoff.js';
-import { connectHandoff, type HandoffClient } from '../lib/handoff-client.js';
+import { HANDOFF_VERSION, encodeHandoff, type HandoffRequest } from '../../protocol/handoff.js';
 import { IMAGE_PAGE_SIZE_BYTES, parseSize } from '../image/gen-image.js';
 import { singleHandoffRegion } from '../image/regions.js';
+import { connectHandoff, type HandoffClient } from '../lib/handoff-client.js';
+import { HandoffDriver, type CompleteReply } from './handoff-driver.js';
+import { PATTERNS, type Pattern } from './shared.js';
 import {
-  CONTROL_GO,
-  CONTROL_PHASE,
-  CONTROL_STOP,
-  CONTROL_WORDS,
-  PATTERNS,
-  PHASE_COMPLETE,
-  STAMP_BYTES,
-  type Pattern,
-  type WorkerConfig,
-  type WorkerMessage,
-  type WorkerStats,
-  writeStamp,
-} from './shared.js';
+  VmSimError,
+  type HandoffFn,
+  type VmSimOptions,
+  type VmSimPartialResult,
+  type VmSimResult,
+} from './types.js';
+import { summarize, verifyPages } from './verify.js';
+import { Workload } from './workload.js';
 
 export type { Pattern } from './shared.js';
-
-/** vm-sim's boundary error: `code` is the daemon's error code, or a VMSIM_* code. */
-export class VmSimError extends Error {
-  readonly code: string;
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = 'VmSimError';
-    this.code = code;
-  }
-}
-
-/** Where a handoff delivers the daemon's replies. */
-export interface HandoffSink {
-  reply(reply: HandoffReply): void;
-  /** The connection ended (with the reason when it failed). */
-  closed(err?: Error): void;
-}
-
-export interface HandoffSession {
-  /** Ends the connection; called once, after verification or on failure. */
-  close(): void;
-}
-
-/**
- * Delivers the handoff request and the uffd to whoever serves the faults. The default sends them
- * to `yabusame dest` over its UNIX socket; tests pass a function that serves the uffd in-process.
- * The fd stays owned by vm-sim: a handoff must not close it (vm-sim closes it after close()).
- */
-export type HandoffFn = (
-  request: HandoffRequest,
-  uffdFd: number,
-  sink: HandoffSink,
-) => HandoffSession | Promise<HandoffSession>;
-
-export interface VmSimOptions {
-  /** Guest RAM size, bytes; default the image size. */
-  sizeBytes?: number;
-  /** Path of the memory image the source serves: the oracle. */
-  image: string;
-  migrationId: string;
-  /** ws URL of `yabusame source`. */
-  source: string;
-  /** UNIX socket path of `yabusame dest` (used by the default handoff). */
-  destSocket?: string;
-  workers?: number;
-  pattern?: Pattern;
-  /** Share of workload operations that write a stamp, 0..1. */
-  writeFraction?: number;
-  /** Operations each worker performs after `complete`, before verification. */
-  opsAfterComplete?: number;
-  /** Workload PRNG seed. */
-  seed?: number;
-  /** Fail with VMSIM_TIMEOUT if the migration is not complete after this long; 0 = never. */
-  timeoutMs?: number;
-  /** Mismatches listed individually (all are counted). */
-  maxMismatches?: number;
-  onProgress?: (p: { presentPages: number; totalPages: number }) => void;
-  handoff?: HandoffFn;
-  /**
-   * Touch phase (benchmarks): the workers first-touch this many distinct pages in all (split
-   * evenly; random order, in order for `sequential`) as fast as they can, then wait for
-   * `complete`; no other operations before it. Default: the ordinary workload.
-   */
-  touches?: number;
-  /**
-   * Called synchronously when the measured phase ends, before verification: at `complete`, or
-   * (runVmSimTouches) when the touch phase ended first. Benchmarks read CPU counters here.
-   */
-  onPhaseEnd?: (why: 'complete' | 'touched') => void;
-  /** Aborting fails the run with VMSIM_ABORTED (the reason in the message), like a timeout. */
-  signal?: AbortSignal;
-  /**
-   * Survive the daemon's death: when the handoff connection closes or errors before `complete`,
-   * keep the uffd and the workers (blocked on their faults, never reading zeros), reconnect with
-   * exponential backoff and hand the same regions and fd over again with `"resume": true`.
-   * Fails with VMSIM_RESUME_TIMEOUT when no daemon acks a resumed handoff within `timeoutMs` of
-   * the loss. An `error` reply is never resumed. Without it, a lost connection fails the run
-   * (VMSIM_CLOSED).
-   */
-  resumeOnDaemonDeath?: { timeoutMs: number };
-}
-
-export interface Mismatch {
-  page: number;
-  reason: string;
-  /** Set when a worker saw it online (a read), absent for the final verification. */
-  worker?: number;
-}
-
-export interface LatencySummary {
-  count: number;
-  p50: number;
-  p99: number;
-  p999: number;
-  max: number;
-}
-
-export interface VmSimResult {
-  totalPages: number;
-  /** Pages whose final content matched the expectation. */
-  pagesVerified: number;
-  /** Bounded list: final-verification mismatches first, then online ones. */
-  mismatches: Mismatch[];
-  /** Every mismatch counted: final verification plus online reads. */
-  mismatchCount: number;
-  /** Pages the daemon never placed (not resident at `complete`). */
-  missingPages: number;
-  writtenPages: number;
-  /** First-touch access time of pages that were missing (faults felt by the guest), µs. */
-  faultLatencyUs: LatencySummary;
-  /** Handoff sent → `complete` received, ms. */
-  elapsedMs: number;
-  /** Final verification time, ms. */
-  verifyMs: number;
-  daemonReport: Extract<HandoffReply, { type: 'complete' }>;
-  /** Pages resident when the run ended (totalPages - missingPages). */
-  presentPages: number;
-  /** Wall clock (epoch ms) when the handoff was sent. */
-  startedAtMs: number;
-  /** With `touches`: workload start (ack) → the last worker ended its touch phase, ms. */
-  touchPhaseMs?: number;
-  /** Resumed handoffs a restarted daemon acked (resumeOnDaemonDeath); 0 without a daemon death. */
-  resumes: number;
-  workload: {
-    ops: number;
-    reads: number;
-    writes: number;
-    firstTouches: number;
-    faults: number;
-    prePlaced: number;
-    perWorker: WorkerStats[];
-  };
-}
-
-/**
- * A run that may end after its touch phase (runVmSimTouches). `partial` is true when it ended
- * before `complete`: the daemon was left with the migration unfinished, only the pages it had
- * placed were verified, and `missingPages` counts the others (expected, not an error).
- */
-export interface VmSimPartialResult extends Omit<VmSimResult, 'daemonReport'> {
-  partial: boolean;
-  /** Present when the migration completed (partial false). */
-  daemonReport?: VmSimResult['daemonReport'];
-}
+export * from './types.js';
 
 const DEFAULTS = {
   workers: 4,
@@ -214,28 +62,6 @@ const DEFAULTS = {
   maxMismatches: 100,
   latencyCapacity: 1 << 17,
 };
-
-/** Connect/send failures that mean "no daemon listening yet" while one restarts. */
-const RESUME_RETRY_CODES = new Set([
-  'ECONNREFUSED',
-  'ENOENT',
-  'ECONNRESET',
-  'EPIPE',
-  'EAGAIN',
-  'ENOTCONN',
-]);
-const RESUME_BACKOFF_FIRST_MS = 10;
-const RESUME_BACKOFF_MAX_MS = 500;
-
-/** Whether a handoff that failed to connect may be retried while waiting for a restarted daemon. */
-function isRetryableHandoffError(err: unknown): boolean {
-  for (let e: unknown = err, depth = 0; e && depth < 4; depth++) {
-    const code = (e as { code?: unknown }).code;
-    if (typeof code === 'string' && RESUME_RETRY_CODES.has(code)) return true;
-    e = (e as { cause?: unknown }).cause;
-  }
-  return false;
-}
 
 /** The default handoff: `yabusame dest` on a UNIX socket. */
 export function socketHandoff(path: string): HandoffFn {
@@ -265,28 +91,6 @@ export function socketHandoff(path: string): HandoffFn {
   };
 }
 
-function summarize(samples: Float64Array[], count: number, max: number): LatencySummary {
-  let n = 0;
-  for (const s of samples) n += s.length;
-  const all = new Float64Array(n);
-  let off = 0;
-  for (const s of samples) {
-    all.set(s, off);
-    off += s.length;
-  }
-  all.sort();
-  const q = (p: number): number =>
-    all.length ? all[Math.min(all.length - 1, Math.floor(p * all.length))]! : 0;
-  const round = (x: number): number => Math.round(x * 10) / 10;
-  return { count, p50: round(q(0.5)), p99: round(q(0.99)), p999: round(q(0.999)), max: round(max) };
-}
-
-interface WorkerHandle {
-  worker: Worker;
-  ready: Promise<void>;
-  done: Promise<Extract<WorkerMessage, { type: 'done' }>>;
-}
-
 export async function runVmSim(opts: VmSimOptions): Promise<VmSimResult> {
   const r = await runCore(opts, false);
   return r as VmSimResult; // never partial: it waited for complete
@@ -306,8 +110,10 @@ export async function runVmSimTouches(
   return runCore(opts, true);
 }
 
-async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<VmSimPartialResult> {
-  const o = { ...DEFAULTS, ...stripUndefined(opts) };
+type Options = typeof DEFAULTS & VmSimOptions;
+
+/** Checks the options; returns the guest RAM size and the handoff to use. */
+function checkOptions(o: Options): { sizeBytes: number; handoff: HandoffFn } {
   const imageSize = fs.statSync(o.image).size;
   const sizeBytes = o.sizeBytes ?? imageSize;
   const P = IMAGE_PAGE_SIZE_BYTES;
@@ -327,335 +133,186 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
   }
   const handoff = o.handoff ?? (o.destSocket ? socketHandoff(o.destSocket) : undefined);
   if (!handoff) throw new VmSimError('VMSIM_USAGE', 'destSocket or handoff is required');
-  const totalPages = sizeBytes / P;
+  return { sizeBytes, handoff };
+}
 
-  // --- guest RAM and its userfaultfd ---
-  const base = sys.mmap(
+/** Anonymous guest RAM registered (MISSING) with a new userfaultfd, as a VMM would have it. */
+class GuestRam {
+  readonly base: number;
+  readonly fd: number;
+  private registered = true;
+
+  constructor(readonly sizeBytes: number) {
+    this.base = sys.mmap(
+      sizeBytes,
+      abi.PROT_READ | abi.PROT_WRITE,
+      abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_NORESERVE,
+    );
+    try {
+      // No non-cooperative events (REMOVE/UNMAP): they would make our own munmap wait for a
+      // daemon that may already have stopped reading. THREAD_ID lets a handler see which
+      // thread faulted.
+      this.fd = uffd.create(abi.UFFD_FEATURE_THREAD_ID).fd;
+      uffd.registerMissing(this.fd, this.base, sizeBytes);
+    } catch (err) {
+      sys.munmap(this.base, sizeBytes);
+      throw err;
+    }
+  }
+
+  /**
+   * Unregisters the RAM: every thread blocked on a fault wakes and sees ordinary anonymous
+   * memory, so none can hang on a page the daemon will never place.
+   */
+  release(): void {
+    if (!this.registered) return;
+    this.registered = false;
+    uffd.unregister(this.fd, this.base, this.sizeBytes);
+  }
+
+  /** Pages not resident now (mincore never faults), with the residency map. */
+  residency(): { vec: Uint8Array; missing: number } {
+    const vec = new Uint8Array(this.sizeBytes / IMAGE_PAGE_SIZE_BYTES);
+    mincore(this.base, this.sizeBytes, vec);
+    let missing = 0;
+    for (const v of vec) if ((v & 1) === 0) missing++;
+    return { vec, missing };
+  }
+
+  close(): void {
+    this.release();
+    sys.close(this.fd);
+    sys.munmap(this.base, this.sizeBytes);
+  }
+}
+
+/** How the migration phase ended. */
+type Outcome = { kind: 'complete'; report: CompleteReply } | { kind: 'touched' };
+
+async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<VmSimPartialResult> {
+  const o: Options = { ...DEFAULTS, ...stripUndefined(opts) };
+  const { sizeBytes, handoff } = checkOptions(o);
+  const totalPages = sizeBytes / IMAGE_PAGE_SIZE_BYTES;
+  const ram = new GuestRam(sizeBytes);
+  const workload = new Workload({
+    workers: o.workers,
+    base: ram.base,
     sizeBytes,
-    abi.PROT_READ | abi.PROT_WRITE,
-    abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_NORESERVE,
-  );
-  let uffdFd = -1;
-  let registered = false;
-  const workers: WorkerHandle[] = [];
-  const stamps = new SharedArrayBuffer(4 * totalPages);
-  const control = new Int32Array(new SharedArrayBuffer(4 * CONTROL_WORDS));
-  let session: HandoffSession | undefined;
+    pageSizeBytes: IMAGE_PAGE_SIZE_BYTES,
+    imagePath: o.image,
+    pattern: o.pattern,
+    writeFraction: o.writeFraction,
+    seed: o.seed,
+    opsAfterComplete: o.opsAfterComplete,
+    touches: o.touches,
+    latencyCapacity: DEFAULTS.latencyCapacity,
+    maxMismatches: o.maxMismatches,
+  });
+  let driver: HandoffDriver | undefined;
   let timer: NodeJS.Timeout | undefined;
-  let abortCleanup = (): void => undefined;
-  let stopBackoff = (): void => undefined;
-  /** The running resume loop (it never rejects): the uffd stays open until it has stopped. */
-  let resuming: Promise<void> | undefined;
-
-  const release = (): void => {
-    // Unregistering wakes every thread blocked on a fault; they then see ordinary anonymous
-    // memory, so no worker can hang on a page the daemon will never place.
-    if (registered) {
-      uffd.unregister(uffdFd, base, sizeBytes);
-      registered = false;
-    }
-  };
-  const stopWorkers = async (): Promise<void> => {
-    Atomics.store(control, CONTROL_STOP, 1);
-    Atomics.store(control, CONTROL_GO, 1);
-    Atomics.notify(control, CONTROL_GO);
-    await Promise.allSettled(workers.map((w) => w.done));
-    await Promise.allSettled(workers.map((w) => w.worker.terminate()));
-  };
-
+  const onAbort = (): void =>
+    settle.reject(new VmSimError('VMSIM_ABORTED', `aborted: ${String(o.signal?.reason ?? '')}`));
+  let settle!: { resolve(outcome: Outcome): void; reject(err: Error): void };
+  const outcome = new Promise<Outcome>((resolve, reject) => (settle = { resolve, reject }));
+  outcome.catch(() => undefined); // awaited below; this only keeps an early failure handled
   try {
-    // No non-cooperative events (REMOVE/UNMAP): they would make our own munmap wait for a daemon
-    // that may already have stopped reading. THREAD_ID lets a handler see which thread faulted.
-    uffdFd = uffd.create(abi.UFFD_FEATURE_THREAD_ID).fd;
-    uffd.registerMissing(uffdFd, base, sizeBytes);
-    registered = true;
-
-    // --- workload threads, loaded before the handoff so they start the instant the ack lands ---
-    const online: Mismatch[] = [];
-    let onlineCount = 0;
-    let workerFailure: ((err: Error) => void) | undefined;
-    const workerFailed = new Promise<never>((_, reject) => {
-      workerFailure = reject;
-    });
-    workerFailed.catch(() => undefined);
-    let touchedWorkers = 0;
-    let goAt = 0;
-    let touchPhaseMs: number | undefined;
-    let onAllTouched = (): void => undefined;
-    const onTouched = (_n: number): void => {
-      if (++touchedWorkers < o.workers) return;
-      touchPhaseMs = Math.round((performance.now() - goAt) * 10) / 10;
-      onAllTouched();
-    };
-    for (let index = 0; index < o.workers; index++) {
-      const config: WorkerConfig = {
-        index,
-        workers: o.workers,
-        base,
-        sizeBytes,
-        pageSizeBytes: P,
-        imagePath: o.image,
-        pattern: o.pattern,
-        writeFraction: o.writeFraction,
-        seed: o.seed,
-        opsAfterComplete: o.opsAfterComplete,
-        touches:
-          o.touches === undefined
-            ? null
-            : Math.floor(o.touches / o.workers) + (index < o.touches % o.workers ? 1 : 0),
-        stamps,
-        control: control.buffer as SharedArrayBuffer,
-        latencyCapacity: Math.ceil(DEFAULTS.latencyCapacity / o.workers),
-        maxMismatches: o.maxMismatches,
-      };
-      const worker = new Worker(new URL('./worker.js', import.meta.url), {
-        workerData: config,
-        // Not the parent's --import/--loader hooks (a test runner's TypeScript and coverage
-        // loaders cost seconds per worker and serve no purpose for compiled JS).
-        execArgv: process.execArgv.filter((a) => a === '--enable-source-maps'),
-      });
-      let readyResolve!: () => void;
-      let doneResolve!: (m: Extract<WorkerMessage, { type: 'done' }>) => void;
-      const ready = new Promise<void>((r) => (readyResolve = r));
-      const done = new Promise<Extract<WorkerMessage, { type: 'done' }>>((r, reject) => {
-        doneResolve = r;
-        worker.once('exit', (code) =>
-          reject(new VmSimError('VMSIM_WORKER_FAILED', `worker ${index} exited (${code})`)),
-        );
-      });
-      done.catch(() => undefined);
-      worker.on('message', (m: WorkerMessage) => {
-        if (m.type === 'ready') readyResolve();
-        else if (m.type === 'touched') onTouched(m.touches);
-        else if (m.type === 'done') doneResolve(m);
-        else if (m.type === 'mismatch') {
-          onlineCount++;
-          if (online.length < o.maxMismatches)
-            online.push({ page: m.page, reason: m.reason, worker: m.worker });
-        }
-      });
-      worker.on('error', (err) =>
-        workerFailure!(
-          new VmSimError('VMSIM_WORKER_FAILED', `worker ${index}: ${err.message}`, { cause: err }),
-        ),
-      );
-      workers.push({ worker, ready, done });
-    }
-    await Promise.race([Promise.all(workers.map((w) => w.ready)), workerFailed]);
-
-    // --- handoff: replies drive a small state machine ---
-    type State = 'handoff' | 'running' | 'complete' | 'touched' | 'failed';
-    let state: State = 'handoff';
-    let report!: Extract<HandoffReply, { type: 'complete' }>;
-    let settle!: { resolve: () => void; reject: (err: Error) => void };
-    const finished = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
-    finished.catch(() => undefined); // awaited below; this only keeps an early failure handled
-    const ended = (): boolean => state === 'complete' || state === 'touched' || state === 'failed';
-    const failWith = (err: Error): void => {
-      if (ended()) return;
-      state = 'failed';
-      settle.reject(err);
-    };
+    // --- the workload threads, loaded before the handoff so they start the instant it acks ---
+    await workload.ready();
+    workload.failed.catch((err: Error) => settle.reject(err));
     if (endAfterTouches) {
-      onAllTouched = () => {
-        if (state !== 'running') return;
-        state = 'touched';
+      workload.onAllTouched = () => {
         o.onPhaseEnd?.('touched');
-        settle.resolve();
+        settle.resolve({ kind: 'touched' });
       };
     }
-    // Every handoff attempt gets its own sink; events from a superseded attempt (a dead
-    // daemon's connection) are ignored. `acked`: the current attempt's daemon acked.
-    let attempt = 0;
-    let acked = false;
-    let resumes = 0;
-    /** When the connection was lost with no ack since (the resume deadline runs from there). */
-    let lostAt: number | undefined;
-    let backoffTimer: NodeJS.Timeout | undefined;
-    let backoffWake = (): void => undefined;
-    const makeSink = (serial: number): HandoffSink => ({
-      reply(r) {
-        if (ended() || serial !== attempt) return;
-        switch (r.type) {
-          case 'ack':
-            if (acked) return failWith(new VmSimError('VMSIM_PROTOCOL', 'a second ack'));
-            if (r.totalPages !== totalPages) {
-              return failWith(
-                new VmSimError(
-                  'VMSIM_PROTOCOL',
-                  `ack for ${r.totalPages} pages, the guest has ${totalPages}`,
-                ),
-              );
-            }
-            acked = true;
-            lostAt = undefined;
-            if (serial > 1) resumes++; // a restarted daemon took the resumed handoff
-            if (state === 'running') return; // the workers never stopped
-            state = 'running';
-            goAt = performance.now();
-            Atomics.store(control, CONTROL_GO, 1);
-            Atomics.notify(control, CONTROL_GO);
-            return;
-          case 'progress':
-            if (!acked) return failWith(new VmSimError('VMSIM_PROTOCOL', 'progress before ack'));
-            o.onProgress?.({ presentPages: r.presentPages, totalPages: r.totalPages });
-            return;
-          case 'complete':
-            if (!acked) return failWith(new VmSimError('VMSIM_PROTOCOL', 'complete before ack'));
-            state = 'complete';
-            report = r;
-            o.onPhaseEnd?.('complete');
-            o.onProgress?.({ presentPages: r.totalPages, totalPages: r.totalPages });
-            settle.resolve();
-            return;
-          case 'error':
-            return failWith(new VmSimError(r.code, `daemon error ${r.code}: ${r.message}`));
-        }
-      },
-      closed(err) {
-        if (ended() || serial !== attempt) return;
-        const why = `the daemon closed the handoff connection before complete${err ? `: ${err.message}` : ''}`;
-        if (!o.resumeOnDaemonDeath) {
-          return failWith(new VmSimError('VMSIM_CLOSED', why, { cause: err }));
-        }
-        resuming = resume(why);
-      },
-    });
-
-    /**
-     * The daemon is gone: keep the uffd (faulting threads stay blocked in the kernel) and hand it
-     * over again, with `resume: true`, to whichever daemon listens next on the same path.
-     */
-    const resume = async (why: string): Promise<void> => {
-      const serial = ++attempt;
-      acked = false;
-      lostAt ??= performance.now();
-      const limitMs = o.resumeOnDaemonDeath!.timeoutMs;
-      const deadline = lostAt + limitMs;
-      const old = session;
-      session = undefined;
-      old?.close();
-      let last: string;
-      for (let delayMs = RESUME_BACKOFF_FIRST_MS; ;) {
-        if (ended() || serial !== attempt) return;
-        try {
-          const s = await handoff({ ...request, resume: true }, uffdFd, makeSink(serial));
-          if (ended() || serial !== attempt) s.close();
-          else session = s;
-          return;
-        } catch (err) {
-          if (!isRetryableHandoffError(err)) {
-            return failWith(
-              err instanceof Error ? err : new VmSimError('VMSIM_HANDOFF_FAILED', String(err)),
-            );
-          }
-          last = (err as Error).message;
-        }
-        const leftMs = deadline - performance.now();
-        if (leftMs <= 0) {
-          return failWith(
-            new VmSimError(
-              'VMSIM_RESUME_TIMEOUT',
-              `no daemon took the resumed handoff within ${limitMs} ms (${why}); last: ${last}`,
-            ),
-          );
-        }
-        await new Promise<void>((r) => {
-          backoffWake = r;
-          backoffTimer = setTimeout(r, Math.min(delayMs, leftMs));
-        });
-        backoffTimer = undefined;
-        delayMs = Math.min(delayMs * 2, RESUME_BACKOFF_MAX_MS);
-      }
-    };
-    stopBackoff = () => {
-      if (backoffTimer) clearTimeout(backoffTimer);
-      backoffTimer = undefined;
-      backoffWake();
-    };
-    workerFailed.catch(failWith);
     if (o.timeoutMs && o.timeoutMs > 0) {
       timer = setTimeout(
-        () => failWith(new VmSimError('VMSIM_TIMEOUT', `not complete after ${o.timeoutMs} ms`)),
+        () =>
+          settle.reject(new VmSimError('VMSIM_TIMEOUT', `not complete after ${o.timeoutMs} ms`)),
         o.timeoutMs,
       );
     }
-
-    const onAbort = (): void =>
-      failWith(new VmSimError('VMSIM_ABORTED', `aborted: ${String(o.signal?.reason ?? '')}`));
     if (o.signal?.aborted) onAbort();
     o.signal?.addEventListener('abort', onAbort, { once: true });
-    abortCleanup = () => o.signal?.removeEventListener('abort', onAbort);
 
+    // --- the handoff; its replies drive the run ---
     const request: HandoffRequest = {
       type: 'handoff',
       version: HANDOFF_VERSION,
       migrationId: o.migrationId,
       source: o.source,
-      regions: singleHandoffRegion(base, sizeBytes),
+      regions: singleHandoffRegion(ram.base, sizeBytes),
     };
+    driver = new HandoffDriver(
+      {
+        handoff,
+        request,
+        uffdFd: ram.fd,
+        totalPages,
+        resumeTimeoutMs: o.resumeOnDaemonDeath?.timeoutMs,
+      },
+      {
+        acked: () => workload.go(),
+        progress: (p) => o.onProgress?.(p),
+        complete: (report) => {
+          o.onPhaseEnd?.('complete');
+          o.onProgress?.({ presentPages: report.totalPages, totalPages: report.totalPages });
+          settle.resolve({ kind: 'complete', report });
+        },
+        failed: (err) => settle.reject(err),
+      },
+    );
     const started = performance.now();
     const startedAtMs = Date.now();
-    const first = await handoff(request, uffdFd, makeSink(++attempt));
-    // A connection lost before this line already started a resume, which owns the session.
-    if (attempt === 1) session = first;
-    else first.close();
-    await finished;
+    await driver.start();
+    const end = await outcome;
     const elapsedMs = performance.now() - started;
-    if (timer) clearTimeout(timer);
-    const partial = (state as State) === 'touched';
+    await driver.stop();
+    const partial = end.kind === 'touched';
 
-    // --- complete: residency first (never block on a page the daemon did not place) ---
+    // --- residency first (never block on a page the daemon did not place) ---
     // Ended after the touch phase: unregister first, so the daemon can place nothing more and
     // residency is final; the workers are all waiting, none is blocked on a fault.
-    if (partial) release();
-    const residency = new Uint8Array(totalPages);
-    mincore(base, sizeBytes, residency);
-    let missingPages = 0;
-    for (let i = 0; i < totalPages; i++) if ((residency[i]! & 1) === 0) missingPages++;
-    if (missingPages > 0) release();
-    if (partial) Atomics.store(control, CONTROL_STOP, 1);
-    else Atomics.store(control, CONTROL_PHASE, PHASE_COMPLETE);
-    const results = await Promise.race([Promise.all(workers.map((w) => w.done)), workerFailed]);
-    release();
+    if (partial) ram.release();
+    const { vec: residency, missing: missingPages } = ram.residency();
+    if (missingPages > 0) ram.release();
+    const results = await (partial ? workload.halt() : workload.complete());
+    ram.release();
 
     // --- final verification, 4 MiB at a time ---
     const verifyStart = performance.now();
     const verify = verifyPages(
-      base,
+      ram.base,
       sizeBytes,
       o.image,
-      new Uint32Array(stamps),
+      workload.stamps,
       residency,
       partial,
       o,
     );
     const verifyMs = performance.now() - verifyStart;
-
     const perWorker = results.map((r) => r.stats);
-    const sum = (k: keyof WorkerStats): number => perWorker.reduce((n, s) => n + s[k], 0);
-    const latency = summarize(
-      results.map((r) => r.latencies),
-      results.reduce((n, r) => n + r.latencyCount, 0),
-      results.reduce((n, r) => Math.max(n, r.latencyMaxUs), 0),
-    );
-    const mismatches = [...verify.mismatches, ...online].slice(0, o.maxMismatches);
+    const sum = (k: Parameters<typeof Workload.sum>[1]): number => Workload.sum(perWorker, k);
     return {
       totalPages,
       pagesVerified: verify.verified,
-      mismatches,
-      mismatchCount: verify.count + onlineCount,
+      mismatches: [...verify.mismatches, ...workload.online].slice(0, o.maxMismatches),
+      mismatchCount: verify.count + workload.onlineCount,
       missingPages,
       writtenPages: verify.writtenPages,
-      faultLatencyUs: latency,
+      faultLatencyUs: summarize(
+        results.map((r) => r.latencies),
+        results.reduce((n, r) => n + r.latencyCount, 0),
+        results.reduce((n, r) => Math.max(n, r.latencyMaxUs), 0),
+      ),
       elapsedMs: Math.round(elapsedMs),
       verifyMs: Math.round(verifyMs),
       partial,
-      ...(partial ? {} : { daemonReport: report }),
+      ...(end.kind === 'complete' ? { daemonReport: end.report } : {}),
       presentPages: totalPages - missingPages,
       startedAtMs,
-      ...(touchPhaseMs === undefined ? {} : { touchPhaseMs }),
-      resumes,
+      ...(workload.touchPhaseMs === undefined ? {} : { touchPhaseMs: workload.touchPhaseMs }),
+      resumes: driver.resumes,
       workload: {
         ops: sum('ops'),
         reads: sum('reads'),
@@ -668,95 +325,17 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
     };
   } finally {
     if (timer) clearTimeout(timer);
-    abortCleanup();
-    stopBackoff();
-    // A handoff still connecting would send the uffd's number after we close it.
-    await resuming;
-    if (uffdFd >= 0) release();
-    await stopWorkers();
-    session?.close();
-    if (uffdFd >= 0) sys.close(uffdFd);
-    sys.munmap(base, sizeBytes);
+    o.signal?.removeEventListener('abort', onAbort);
+    await driver?.stop();
+    ram.release();
+    await workload.stop();
+    driver?.close();
+    ram.close();
   }
 }
 
 function stripUndefined<T extends object>(o: T): T {
   return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as T;
-}
-
-/**
- * Compares every page of guest RAM with the image (and the stamps). RAM must be unregistered.
- * `partial` (a run ended before complete): pages never placed are skipped, not mismatches.
- */
-function verifyPages(
-  base: number,
-  sizeBytes: number,
-  imagePath: string,
-  stamps: Uint32Array,
-  residency: Uint8Array,
-  partial: boolean,
-  o: { maxMismatches: number },
-): { verified: number; count: number; writtenPages: number; mismatches: Mismatch[] } {
-  const P = IMAGE_PAGE_SIZE_BYTES;
-  const totalPages = sizeBytes / P;
-  const chunkPages = 1024;
-  const mem = Buffer.alloc(chunkPages * P);
-  const img = Buffer.alloc(chunkPages * P);
-  const stamp = Buffer.alloc(STAMP_BYTES);
-  const mismatches: Mismatch[] = [];
-  let verified = 0;
-  let count = 0;
-  let writtenPages = 0;
-  const note = (page: number, reason: string): void => {
-    count++;
-    if (mismatches.length < o.maxMismatches) mismatches.push({ page, reason });
-  };
-  const fd = fs.openSync(imagePath, 'r');
-  try {
-    for (let first = 0; first < totalPages; first += chunkPages) {
-      const pages = Math.min(chunkPages, totalPages - first);
-      const len = pages * P;
-      sys.readMemory(base + first * P, mem, len);
-      let got = 0;
-      while (got < len) {
-        const n = fs.readSync(fd, img, got, len - got, first * P + got);
-        if (n === 0) throw new VmSimError('VMSIM_IMAGE', `image shorter than ${sizeBytes} bytes`);
-        got += n;
-      }
-      for (let i = 0; i < pages; i++) {
-        const page = first + i;
-        const m = mem.subarray(i * P, (i + 1) * P);
-        const e = img.subarray(i * P, (i + 1) * P);
-        const version = stamps[page]!;
-        if (version) {
-          writtenPages++;
-          writeStamp(stamp, 0, page, version);
-        }
-        if ((residency[page]! & 1) === 0) {
-          if (!partial) note(page, 'missing: never placed by the daemon');
-          continue;
-        }
-        const headOk = version
-          ? m.subarray(0, STAMP_BYTES).equals(stamp)
-          : m.subarray(0, STAMP_BYTES).equals(e.subarray(0, STAMP_BYTES));
-        if (headOk && m.subarray(STAMP_BYTES).equals(e.subarray(STAMP_BYTES))) {
-          verified++;
-          continue;
-        }
-        const want = version ? Buffer.concat([stamp, e.subarray(STAMP_BYTES)]) : e;
-        let at = 0;
-        while (at < P && m[at] === want[at]) at++;
-        note(
-          page,
-          `differs at byte ${at}: 0x${m[at]!.toString(16)}, expected 0x${want[at]!.toString(16)}` +
-            (version ? ` (stamp v${version})` : ''),
-        );
-      }
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
-  return { verified, count, writtenPages, mismatches };
 }
 
 // --- CLI ---
