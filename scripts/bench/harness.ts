@@ -4,7 +4,14 @@
  * cleanup of everything it started.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { accessSync, constants as fsc, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  accessSync,
+  constants as fsc,
+  mkdtempSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { generateImage, type GeneratedImage } from '../image/gen-image.js';
@@ -114,23 +121,40 @@ export interface DaemonPair {
 let pairSeq = 0;
 
 /**
- * Runs `fn` with a fresh `yabusame source` (serving `migrations`, already frozen) and
- * `yabusame dest` (with `destConfig` as its config file, if given), then stops both.
+ * Runs `fn` with a fresh `yabusame source` (serving `migrations`, already frozen, each image as
+ * one region of `pageSizeBytes` pages, 4 KiB by default) and `yabusame dest` (with `destConfig`
+ * as its config file, if given), then stops both.
  */
 export async function withDaemons<T>(
   ctx: BenchContext,
-  migrations: Array<{ id: string; image: string }>,
+  migrations: Array<{ id: string; image: string; pageSizeBytes?: number }>,
   destConfig: string | undefined,
   fn: (pair: DaemonPair) => Promise<T>,
 ): Promise<T> {
   const n = ++pairSeq;
   const daemons: Daemon[] = [];
   try {
-    const source = await startSource(
-      ctx.dir,
-      migrations.flatMap((m) => ['--migration', `id=${m.id},image=${m.image},frozen`]),
-      `source-${n}`,
+    const sourceConfig = join(ctx.dir, `source-${n}.json`);
+    writeFileSync(
+      sourceConfig,
+      JSON.stringify({
+        migrations: migrations.map((m) => ({
+          id: m.id,
+          image: m.image,
+          frozen: true,
+          regions: [
+            {
+              name: 'ram0',
+              offset: 0,
+              sizeBytes: statSync(m.image).size,
+              fileOffset: 0,
+              pageSizeBytes: m.pageSizeBytes ?? PAGE,
+            },
+          ],
+        })),
+      }),
     );
+    const source = await startSource(ctx.dir, ['--config', sourceConfig], `source-${n}`);
     daemons.push(source);
     ctx.track(source.child);
     const dest = await startDest(ctx.dir, destConfig ? ['--config', destConfig] : [], `dest-${n}`);

@@ -3,6 +3,8 @@
  * drives vm-sim (in-process, or as child processes for many-vms) and returns its figures; the
  * runner (bench.ts) repeats runs and reports the median with the range.
  */
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startLocalHandler, type LocalHandler } from '../local-floor/local-handler.js';
 import {
@@ -15,6 +17,8 @@ import {
   type VmSimResult,
 } from '../vm-sim/vm-sim.js';
 import { runReference } from './c-ref.js';
+import { runCVmm } from '../c-vmm/c-vmm.js';
+import { reserveHugePages } from '../lib/hugepages.js';
 import {
   GiB,
   MiB,
@@ -65,6 +69,7 @@ export interface Scenario {
 
 export const GROUPS = [
   'demand-idle',
+  'demand-huge',
   'demand-under-load',
   'background',
   'many-vcpus',
@@ -85,6 +90,7 @@ export function sizes(quick: boolean) {
     vms: 16,
     vmImage: { sizeBytes: quick ? 32 * MiB : 256 * MiB, seed: 5 } satisfies ImageSpec,
     vmTouches: quick ? 200 : 1000,
+    hugeImage: { sizeBytes: quick ? 64 * MiB : 256 * MiB, seed: 3 } satisfies ImageSpec,
   };
 }
 
@@ -289,6 +295,73 @@ const manyVcpus = demandNoBackground({
   touches: (ctx) => sizes(ctx.quick).vcpuTouches,
   withRate: true,
 });
+
+// --- 1b. demand-huge: 2 MiB pages, through c-vmm's hugetlbfs guest ---
+
+const HUGE_PAGE = 2 * MiB;
+/** How long the dest holds the background back in demand-huge, ms. */
+const HUGE_HOLD_MS = 3000;
+
+const demandHuge: Scenario = {
+  name: 'demand-huge',
+  group: 'demand-huge',
+  describe: (ctx) =>
+    `${fmtBytes(sizes(ctx.quick).hugeImage.sizeBytes)} image served in 2 MiB pages to c-vmm ` +
+    `(hugetlbfs guest RAM, 1 vCPU first-touching half its pages) while the dest holds the ` +
+    `background back for ${HUGE_HOLD_MS / 1000} s; c-vmm times each fault`,
+  verification: 'every page byte-for-byte after complete (c-vmm)',
+  metrics: { ...LATENCY, ...DAEMONS },
+  async runOnce(ctx) {
+    const spec = sizes(ctx.quick).hugeImage;
+    const pages = spec.sizeBytes / HUGE_PAGE;
+    const pool = reserveHugePages(pages + 8, pages);
+    if ('skip' in pool) throw new Error(`no huge pages: ${pool.skip}`);
+    try {
+      const image = await ctx.image(spec);
+      const config = join(ctx.dir, 'dest-huge.json');
+      writeFileSync(config, JSON.stringify({ backgroundDelayMs: HUGE_HOLD_MS }) + '\n');
+      return await withDaemons(
+        ctx,
+        [{ id: 'bench-huge', image: image.path, pageSizeBytes: HUGE_PAGE }],
+        config,
+        async (pair) => {
+          const meter = pair.meter();
+          const r = await runCVmm({
+            socket: pair.dest.socket,
+            id: 'bench-huge',
+            source: pair.source.ws,
+            image: image.path,
+            regions: [{ offset: 0, sizeBytes: spec.sizeBytes, page: '2m' }],
+            vcpus: 1,
+            touchFraction: 0.5,
+            writeFraction: 0,
+            timeoutMs: RUN_TIMEOUT_MS,
+          });
+          meter.stop();
+          const verified = r.ok && r.pagesVerified === r.totalPages;
+          return {
+            values: {
+              faults: r.faults.count,
+              faultP50Us: r.faults.p50Us,
+              faultP99Us: r.faults.p99Us,
+              faultMaxUs: r.faults.maxUs,
+              ...daemonValues(pair, meter, spec.sizeBytes),
+            },
+            verified,
+            problems: verified
+              ? []
+              : [
+                  `c-vmm: ${r.outcome} ${r.code ?? ''}: ${r.pagesVerified}/${r.totalPages} ` +
+                    `verified, ${r.mismatchCount} mismatches`,
+                ],
+          };
+        },
+      );
+    } finally {
+      pool.release();
+    }
+  },
+};
 
 // --- 2. demand-under-load ---
 
@@ -634,6 +707,7 @@ const localFloor: Scenario = {
 
 export const SCENARIOS: Scenario[] = [
   demandIdle,
+  demandHuge,
   demandUnderLoad,
   cReference,
   ...BACKGROUND_IMAGES.map(backgroundScenario),

@@ -26,6 +26,7 @@ import {
   type CVmmResult,
 } from '../../scripts/c-vmm/c-vmm.js';
 import { startDest, startSource, type Daemon } from '../../scripts/lib/daemons.js';
+import { reserveHugePages } from '../../scripts/lib/hugepages.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -281,29 +282,10 @@ t.test('frames that span two handoff regions, idle guest', async (t) => {
   assertVerified(t, r, dest);
 });
 
-/**
- * Adds `pages` huge pages to the pool for this test (put back at its end); a reason to skip
- * when the kernel leaves fewer than `needed` free.
- */
-function reserveHugePages(t: Test, pages: number, needed: number): string | undefined {
-  const path = '/proc/sys/vm/nr_hugepages';
-  const free = (): number =>
-    Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
-  let before: number;
-  try {
-    before = Number(readFileSync(path, 'utf8'));
-    writeFileSync(path, String(before + pages));
-  } catch (err) {
-    return `cannot reserve huge pages through ${path}: ${(err as Error).message}`;
-  }
-  t.teardown(() => writeFileSync(path, String(before)));
-  const got = free();
-  return got >= needed ? undefined : `the kernel has only ${got} of ${needed} huge pages free`;
-}
-
 t.test('2 MiB hugetlbfs pages, with zero huge pages and holes', async (t) => {
-  const skip = reserveHugePages(t, HUGE_PAGES.length + 8, HUGE_PAGES.length);
-  if (skip) return t.plan(0, skip);
+  const pool = reserveHugePages(HUGE_PAGES.length + 8, HUGE_PAGES.length);
+  if ('skip' in pool) return t.plan(0, pool.skip);
+  t.teardown(pool.release);
   const r = await migrate(dest, {
     id: 'cvmm-huge',
     image: images['huge']!,
