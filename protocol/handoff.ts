@@ -8,6 +8,8 @@ import { z } from 'zod';
 import { ProtocolError } from './errors.js';
 import { Limits } from './wire.js';
 import { validMigrationId } from './page-codec.js';
+import { parseSecret, SECRET_MAX_BYTES } from './auth.js';
+import { parseSourceUrl } from './source-url.js';
 
 export const HANDOFF_VERSION = 1;
 /** Largest handoff line the daemon reads, in bytes (newline included). */
@@ -33,8 +35,16 @@ export const HandoffRequest = z.strictObject({
   type: z.literal('handoff'),
   version: z.literal(HANDOFF_VERSION),
   migrationId: z.string().refine(validMigrationId, 'migration id: 1-128 of [A-Za-z0-9._:-]'),
-  /** ws URL of `yabusame source`, e.g. ws://10.0.0.5:7070. */
-  source: z.url({ protocol: /^wss?$/ }),
+  /** ws:// or wss:// URL of `yabusame source`: host and port only (source-url.ts). */
+  source: z.string().max(2048),
+  /**
+   * The migration's secret (lowercase hex, 16..64 bytes): the dest proves it to the source on
+   * every connection (auth.ts). Never logged, never shown.
+   */
+  secret: z
+    .string()
+    .max(2 * SECRET_MAX_BYTES)
+    .optional(),
   regions: z.array(HandoffRegion).min(1).max(Limits.MAX_REGIONS),
   /**
    * This uffd was handed to a daemon before (which died): some pages may already be present and
@@ -135,6 +145,10 @@ export function decodeHandoff(line: Uint8Array): HandoffRequest {
     const issue = parsed.error.issues[0];
     const where = issue?.path.join('.') || '(root)';
     throw new ProtocolError('HANDOFF_INVALID', `handoff ${where}: ${issue?.message ?? 'invalid'}`);
+  }
+  parseSourceUrl(parsed.data.source);
+  if (parsed.data.secret !== undefined && !parseSecret(parsed.data.secret)) {
+    throw new ProtocolError('HANDOFF_INVALID', 'handoff secret: 16..64 bytes of lowercase hex');
   }
   checkRegions(parsed.data.regions);
   return parsed.data;

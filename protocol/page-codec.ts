@@ -102,14 +102,16 @@ export function encodeHello(
   return buf;
 }
 
-// --- WELCOME: u8 type, u8 channel, u16 version, u16 regionCount, u16 0, nonce[16], regions ---
-// region: u64 offset, u64 sizeBytes, u32 pageSizeBytes, u16 nameLen, u16 0, name
+// --- WELCOME: u8 type, u8 channel, u16 version, u16 regionCount, u16 backgroundPort, ---
+// --- nonce[16], regions; region: u64 offset, u64 sizeBytes, u32 pageSizeBytes, u16 nameLen, ---
+// --- u16 0, name ---
 const REGION_FIXED = 24;
 export function encodeWelcome(
   channel: ChannelKind,
   version: number,
   nonce: Uint8Array,
   regions: readonly RegionInfo[],
+  backgroundPort = 0,
 ): Buffer {
   if (nonce.length !== 16) throw new RangeError('nonce must be 16 bytes');
   const names = regions.map((r) => Buffer.from(r.name, 'utf8'));
@@ -120,6 +122,7 @@ export function encodeWelcome(
   buf[1] = channel;
   dv.setUint16(2, version, true);
   dv.setUint16(4, regions.length, true);
+  dv.setUint16(6, backgroundPort, true);
   buf.set(nonce, 8);
   let off = 24;
   regions.forEach((r, i) => {
@@ -341,6 +344,7 @@ function decodeWelcome(buf: Uint8Array, dv: DataView): Frame {
     type: FrameType.WELCOME,
     channel: checkChannel(buf[1]!),
     version: dv.getUint16(2, true),
+    backgroundPort: dv.getUint16(6, true),
     nonce: buf.subarray(8, 24),
     regions,
   };

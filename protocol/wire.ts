@@ -6,7 +6,8 @@
  * protocol/README.md is the normative description; keep both in step.
  */
 
-export const PROTOCOL_VERSION = 1;
+/** Version 2: HELLO's auth field carries the proof of the migration secret (auth.ts). */
+export const PROTOCOL_VERSION = 2;
 /** "YBSM" as little-endian u32: first field of HELLO. */
 export const HELLO_MAGIC = 0x4d534259;
 
@@ -68,7 +69,7 @@ export const ProgressFlag = {
 export const Limits = {
   /** Migration ids: 1..128 bytes of [A-Za-z0-9._:-]. */
   MAX_ID_BYTES: 128,
-  /** HELLO auth field (reserved for the migration secret's proof; empty in version 1). */
+  /** HELLO auth field: the proof of the migration secret (auth.ts), or empty. */
   MAX_AUTH_BYTES: 256,
   MAX_REGIONS: 64,
   MAX_REGION_NAME_BYTES: 64,
@@ -125,14 +126,19 @@ export type Frame =
       version: number;
       channel: ChannelKind;
       migrationId: string;
-      /** Reserved for the proof of the migration secret; empty in version 1. */
+      /** The proof of the migration secret (auth.ts), or empty when the source needs none. */
       auth: Uint8Array;
     }
   | {
       type: typeof FrameType.WELCOME;
       version: number;
       channel: ChannelKind;
-      /** 16 random bytes, for the auth proof to come. */
+      /**
+       * Where background connections go: a TCP port of the source's host, or 0 for the port of
+       * this connection.
+       */
+      backgroundPort: number;
+      /** The connection's 16-byte nonce, as the upgrade response's nonce header sent it. */
       nonce: Uint8Array;
       regions: RegionInfo[];
     }

@@ -98,6 +98,8 @@ export async function main(argv: string[] = process.argv.slice(2)): Promise<void
     result = await runVmSim({
       image,
       migrationId: 'demo-vm',
+      // The secret the source generated for the migration: the VMM hands it to the dest.
+      secret: source.secretOf('demo-vm'),
       source: source.ws,
       destSocket: dest.socket,
       workers: Number(values.workers),

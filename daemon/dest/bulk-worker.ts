@@ -25,6 +25,8 @@ import * as sys from '../linux/sys.js';
 import { connectPageChannel, type PageChannel } from '../transport/client.js';
 import { createLogger, type Logger, type LogLevel } from '../ops/log.js';
 import { Link } from './link.js';
+import { policyLookup } from './source-policy.js';
+import type { SourceAddress } from '../../protocol/source-url.js';
 import { PayloadRing, type SharedRing } from './payload-ring.js';
 import type { BulkSessionInit, FromBulk, ToBulk } from './bulk.js';
 
@@ -119,13 +121,20 @@ class BulkSession {
   constructor(
     private readonly key: number,
     private readonly init: BulkSessionInit,
+    private source: SourceAddress,
     sessionLog: Logger,
   ) {
+    const lookup = policyLookup(init.policy);
     this.link = new Link(
       {
         connect: connectPageChannel,
-        url: init.source,
-        migrationId: init.migrationId,
+        target: () => ({
+          source: this.source,
+          migrationId: init.migrationId,
+          secret: init.secret,
+          tls: init.tls,
+          lookup,
+        }),
         kind: Channel.BACKGROUND,
         connectTimeoutMs: init.connectTimeoutMs,
         heartbeatMs: init.heartbeatMs,
@@ -164,6 +173,10 @@ class BulkSession {
 
   start(): void {
     if (!this.closed) this.link.start();
+  }
+
+  retarget(source: SourceAddress): void {
+    this.source = source;
   }
 
   /** The window opens now (if the current connection is synced), or with its HAVE sync. */
@@ -292,13 +305,21 @@ port.on('message', (m: ToBulk) => {
   try {
     switch (m.t) {
       case 'open': {
-        const s = new BulkSession(m.key, m.init, log.child({ migrationId: m.init.migrationId }));
+        const s = new BulkSession(
+          m.key,
+          m.init,
+          m.source,
+          log.child({ migrationId: m.init.migrationId }),
+        );
         sessions.set(m.key, s);
         s.open();
         break;
       }
       case 'start':
         sessions.get(m.key)?.start();
+        break;
+      case 'retarget':
+        sessions.get(m.key)?.retarget(m.source);
         break;
       case 'window':
         sessions.get(m.key)?.openWindow();

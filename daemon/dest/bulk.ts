@@ -17,13 +17,20 @@
 import { Worker } from 'node:worker_threads';
 import type { HandoffErrorCode } from '../../protocol/errors.js';
 import type { PageRange, RegionInfo } from '../../protocol/wire.js';
+import type { SourceAddress } from '../../protocol/source-url.js';
+import type { ClientTls } from '../transport/client.js';
+import type { SourcePolicy } from './source-policy.js';
 import type { Logger, LogLevel } from '../ops/log.js';
 import { PayloadRing } from './payload-ring.js';
 
 /** Everything the bulk thread needs to run one session's background channel. */
 export interface BulkSessionInit {
   migrationId: string;
-  source: string;
+  /** The migration's secret (proven on every connection), or null. */
+  secret: Uint8Array | null;
+  tls: ClientTls | undefined;
+  /** Which addresses the source's name may resolve to (the thread builds its own lookup). */
+  policy: SourcePolicy;
   windowBytes: number;
   connectTimeoutMs: number;
   heartbeatMs: number;
@@ -33,7 +40,9 @@ export interface BulkSessionInit {
 }
 
 export type ToBulk =
-  | { t: 'open'; key: number; init: BulkSessionInit }
+  | { t: 'open'; key: number; init: BulkSessionInit; source: SourceAddress }
+  /** Background connections go to `source` from now on (a restarted source moved them). */
+  | { t: 'retarget'; key: number; source: SourceAddress }
   | { t: 'start'; key: number }
   | { t: 'window'; key: number }
   | { t: 'have'; key: number; serial: number; ranges: PageRange[] }
@@ -118,8 +127,10 @@ export interface BulkHooks {
 
 /** One session's background channel, seen from the main thread. */
 export interface BulkLane {
-  /** Connects; resolves with the source's regions, rejects with a coded error. */
-  open(): Promise<RegionInfo[]>;
+  /** Connects to `source`; resolves with the source's regions, rejects with a coded error. */
+  open(source: SourceAddress): Promise<RegionInfo[]>;
+  /** Background connections go to `source` from now on. */
+  retarget(source: SourceAddress): void;
   /** Starts taking frames (after the session is running). */
   start(): void;
   /** Grants the first CREDIT (the background stream may start). */
@@ -363,11 +374,12 @@ export class BulkThread implements BulkLaneFactory {
     };
     this.entries.set(key, entry);
     return {
-      open: () =>
+      open: (source) =>
         new Promise<RegionInfo[]>((resolve, reject) => {
           entry.opened = { resolve, reject };
-          this.post({ t: 'open', key, init });
+          this.post({ t: 'open', key, init, source });
         }),
+      retarget: (source) => this.post({ t: 'retarget', key, source }),
       start: () => this.post({ t: 'start', key }),
       openWindow: () => this.post({ t: 'window', key }),
       have: (serial, ranges) => this.post({ t: 'have', key, serial, ranges }),

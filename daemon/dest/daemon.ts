@@ -1,9 +1,9 @@
 /**
- * `yabusame dest`'s composition root: the handoff listener, one Session per VM, the metrics and
- * control HTTP endpoint, sd_notify. Sessions are independent: one failing never touches another.
+ * `yabusame dest`'s composition root: the handoff listener (who may hand over, how many at
+ * once), one Session per VM, the metrics endpoint (TCP) and the sessions endpoint (a UNIX
+ * socket: migration details only for its group). Sessions are independent: one failing never
+ * touches another.
  */
-import { createServer, type Server } from 'node:http';
-import { once } from 'node:events';
 import { readdirSync } from 'node:fs';
 import { ProtocolError } from '../../protocol/errors.js';
 import {
@@ -13,19 +13,36 @@ import {
 } from '../handoff/listener.js';
 import { connectPageChannel } from '../transport/client.js';
 import type { Logger, LogLevel } from '../ops/log.js';
+import { json, serveHttp, type HttpEndpoint, type HttpListen } from '../ops/http.js';
 import type { DestMetrics } from '../ops/metric-ports.js';
 import * as sys from '../linux/sys.js';
+import type { PeerCred } from '../linux/sys.js';
 import { Session, SessionError, type SessionConfig, type SessionStats } from './session.js';
 import { BulkThread } from './bulk.js';
+
+/** Who may hand over, and how much each may hold. */
+export interface PeerPolicy {
+  /** Peers (SO_PEERCRED) whose uid or primary gid is listed may hand over; nobody else. */
+  allowedUids: readonly number[];
+  allowedGids: readonly number[];
+  /** Sessions (being set up or running) one uid may have at once. */
+  maxSessionsPerUid: number;
+  /** Connections waiting for their handoff line: overall, and per uid. */
+  maxPending: number;
+  maxPendingPerUid: number;
+}
 
 export interface DestDaemonOptions {
   /** Handoff socket path to create, unless `listenFd` (socket activation) is given. */
   socketPath?: string;
   listenFd?: number;
-  /** host:port for /metrics, /healthz and /v1/sessions; null to disable. */
+  /** Where /metrics and /healthz are served; null to disable. */
   http?: { host: string; port: number } | null;
+  /** Where /v1/sessions (migration details) and /healthz are served; null to disable. */
+  control?: Extract<HttpListen, { path: string }> | null;
   maxSessions: number;
   handoffTimeoutMs: number;
+  peers: PeerPolicy;
   session: SessionConfig;
   log: Logger;
   /** The bulk thread logs at this level (default info). */
@@ -63,8 +80,12 @@ function processStats(): { fds: number; resources: Record<string, number>; rssBy
 }
 
 export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaemon> {
-  const { log, metrics } = opts;
-  const sessions = new Map<string, Session>();
+  const { log, metrics, peers } = opts;
+  /** Every session not ended yet, being set up or running. */
+  const live = new Set<Session>();
+  /** The running session of each migration id (acked; at most one: see claim). */
+  const running = new Map<string, Session>();
+  const uidOf = new WeakMap<Session, number>();
   const ended: SessionStats[] = [];
   const bulk = new BulkThread({
     nice: opts.bulkNice ?? 0,
@@ -73,15 +94,26 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
     ...(opts.bulkWorkerUrl ? { workerUrl: opts.bulkWorkerUrl } : {}),
   });
 
+  const admit = (peer: PeerCred): ProtocolError | null =>
+    peers.allowedUids.includes(peer.uid) || peers.allowedGids.includes(peer.gid)
+      ? null
+      : new ProtocolError(
+          'HANDOFF_PEER_DENIED',
+          `uid ${peer.uid} (gid ${peer.gid}) may not hand over to this daemon`,
+        );
+
   const accept = (h: ReceivedHandoff): void => {
     const id = h.request.migrationId;
-    const previous = sessions.get(id);
-    // An ended session may still be letting go of its uffd; a new one for the id may start.
-    if (previous && previous.state !== 'done' && previous.state !== 'failed') {
-      throw new ProtocolError('DUPLICATE_MIGRATION', `migration ${id} is already running here`);
-    }
-    if (!previous && sessions.size >= opts.maxSessions) {
+    const uid = h.conn.peer.uid;
+    if (live.size >= opts.maxSessions) {
       throw new ProtocolError('SESSION_LIMIT', `already serving ${opts.maxSessions} migrations`);
+    }
+    const mine = [...live].filter((s) => uidOf.get(s) === uid).length;
+    if (mine >= peers.maxSessionsPerUid) {
+      throw new ProtocolError(
+        'HANDOFF_QUOTA',
+        `uid ${uid} already has ${peers.maxSessionsPerUid} migrations here`,
+      );
     }
     const session = new Session(h.request, h.uffd, h.conn, {
       config: opts.session,
@@ -89,14 +121,26 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
       metrics,
       connect: connectPageChannel,
       bulk,
+      // Decided at the ack, not at the handoff: a handoff that names a migration it cannot prove
+      // the secret of never gets that far, so squatting an id gains nothing.
+      claim: () => {
+        const other = running.get(id);
+        if (other && other !== session && other.state !== 'done' && other.state !== 'failed') {
+          return new SessionError('DUPLICATE_MIGRATION', `migration ${id} is already running here`);
+        }
+        running.set(id, session);
+        return null;
+      },
     });
-    sessions.set(id, session);
-    metrics.sessionsActive(sessions.size);
+    live.add(session);
+    uidOf.set(session, uid);
+    metrics.sessionsActive(live.size);
     log.info('handoff accepted', {
-      migration: id,
+      migrationId: id,
       pid: h.conn.peer.pid,
-      uid: h.conn.peer.uid,
+      uid,
       regions: h.request.regions.length,
+      resume: h.request.resume ?? false,
     });
     session.start().then(
       () => metrics.handoff('ok'),
@@ -104,80 +148,90 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
       (err: SessionError) => metrics.handoff(err.code),
     );
     void session.done.then((stats) => {
-      if (sessions.get(id) === session) sessions.delete(id);
-      metrics.sessionsActive(sessions.size);
+      live.delete(session);
+      if (running.get(id) === session) running.delete(id);
+      metrics.sessionsActive(live.size);
       ended.push(stats);
       if (ended.length > ENDED_KEPT) ended.shift();
       opts.onSessionEnd?.(stats);
     });
   };
 
-  const listener: HandoffListener = startHandoffListener({
-    ...(opts.listenFd !== undefined ? { listenFd: opts.listenFd } : { path: opts.socketPath! }),
-    timeoutMs: opts.handoffTimeoutMs,
-    log,
-    onHandoff: accept,
-    onRefused: (code) => {
-      metrics.handoff(code);
-      metrics.error(code);
-    },
-  });
-
-  let server: Server | null = null;
-  if (opts.http) {
-    server = createServer((req, res) => {
-      const url = req.url ?? '/';
-      if (url === '/metrics' && opts.metricsText) {
-        opts.metricsText().then(
-          ({ contentType, body }) => {
-            res.writeHead(200, { 'content-type': contentType }).end(body);
-          },
-          (err: Error) => res.writeHead(500).end(err.message),
-        );
-      } else if (url === '/healthz') {
-        res.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
-      } else if (url === '/v1/sessions') {
-        res.writeHead(200, { 'content-type': 'application/json' }).end(
-          JSON.stringify({
-            active: [...sessions.values()].map((s) => s.stats()),
-            ended,
-            process: processStats(),
-          }),
-        );
-      } else {
-        res
-          .writeHead(404, { 'content-type': 'application/json' })
-          .end('{"error":{"code":"NOT_FOUND"}}');
-      }
+  const endpoints: HttpEndpoint[] = [];
+  let listener: HandoffListener | null = null;
+  try {
+    listener = await startHandoffListener({
+      ...(opts.listenFd !== undefined ? { listenFd: opts.listenFd } : { path: opts.socketPath! }),
+      timeoutMs: opts.handoffTimeoutMs,
+      log,
+      maxPending: peers.maxPending,
+      maxPendingPerUid: peers.maxPendingPerUid,
+      admit,
+      onHandoff: accept,
+      onRefused: (code) => {
+        metrics.handoff(code);
+        metrics.error(code);
+      },
     });
-    server.listen(opts.http.port, opts.http.host);
-    await once(server, 'listening');
+    const healthz = (): { type: string; body: string } => ({ type: 'text/plain', body: 'ok\n' });
+    if (opts.http) {
+      const metricsText = opts.metricsText;
+      endpoints.push(
+        await serveHttp(opts.http, {
+          '/healthz': healthz,
+          ...(metricsText
+            ? {
+                '/metrics': async () => {
+                  const m = await metricsText();
+                  return { type: m.contentType, body: m.body };
+                },
+              }
+            : {}),
+        }),
+      );
+    }
+    if (opts.control) {
+      endpoints.push(
+        await serveHttp(opts.control, {
+          '/healthz': healthz,
+          '/v1/sessions': () =>
+            json({
+              active: [...live].map((s) => s.stats()),
+              ended,
+              process: processStats(),
+            }),
+        }),
+      );
+    }
+  } catch (err) {
+    listener?.close();
+    await Promise.all(endpoints.map((e) => e.close()));
+    await bulk.stop();
+    throw err;
   }
-  const address = server?.address();
+  const httpPort = opts.http ? endpoints[0]!.port : null;
   log.info('yabusame dest ready', {
     socket: opts.socketPath,
-    http: address && typeof address === 'object' ? `${address.address}:${address.port}` : null,
+    http: opts.http ? `${opts.http.host}:${httpPort}` : null,
+    control: opts.control?.path ?? null,
     pid: sys.getpid(),
   });
 
   let closing: Promise<void> | null = null;
   return {
-    httpPort: address && typeof address === 'object' ? address.port : null,
-    sessions: () => [...sessions.values()].map((s) => s.stats()),
+    httpPort,
+    sessions: () => [...live].map((s) => s.stats()),
     ended: () => [...ended],
     close(deadlineMs = 5000) {
       closing ??= (async () => {
-        listener.close();
-        const all = [...sessions.values()];
+        listener!.close();
+        const all = [...live];
         for (const s of all) s.stop();
         await Promise.race([
           Promise.all(all.map((s) => s.done)),
           new Promise((r) => setTimeout(r, deadlineMs).unref()),
         ]);
-        if (server) {
-          server.closeAllConnections();
-          await new Promise<void>((r) => server!.close(() => r()));
-        }
+        await Promise.all(endpoints.map((e) => e.close()));
         await bulk.stop();
       })();
       return closing;

@@ -13,10 +13,15 @@ import type { Logger } from '../ops/log.js';
 /** A connection up this long without a loss has proven itself. */
 const STABLE_MS = 2000;
 
+/** Where and as whom a link connects; read at every attempt (the port may change). */
+export type LinkTarget = Pick<
+  ConnectOptions,
+  'source' | 'migrationId' | 'secret' | 'tls' | 'lookup'
+>;
+
 export interface LinkOptions {
   connect(opts: ConnectOptions): Promise<PageChannel>;
-  url: string;
-  migrationId: string;
+  target(): LinkTarget;
   kind: ChannelKind;
   connectTimeoutMs: number;
   heartbeatMs: number;
@@ -137,8 +142,7 @@ export class Link {
 
   private dial(): Promise<PageChannel> {
     return this.opts.connect({
-      url: this.opts.url,
-      migrationId: this.opts.migrationId,
+      ...this.opts.target(),
       channel: this.opts.kind,
       timeoutMs: this.opts.connectTimeoutMs,
       heartbeatMs: this.opts.heartbeatMs,

@@ -31,7 +31,9 @@ import {
   type PageRange,
   type RegionInfo,
 } from '../../protocol/wire.js';
-import type { ConnectOptions, PageChannel } from '../transport/client.js';
+import type { ClientTls, ConnectOptions, PageChannel } from '../transport/client.js';
+import type { SourceAddress } from '../../protocol/source-url.js';
+import { policyLookup, type SourcePolicy } from './source-policy.js';
 import type { Logger } from '../ops/log.js';
 import type { DestMetrics } from '../ops/metric-ports.js';
 import { Link } from './link.js';
@@ -40,8 +42,13 @@ import type { Run } from './placement.js';
 import { SessionError } from './session-error.js';
 
 export interface RemoteSourceOptions {
-  url: string;
+  /** Where the source is (its demand port; WELCOME names the background one). */
+  source: SourceAddress;
   migrationId: string;
+  /** The migration's secret, proven on every connection (null: the source asks for none). */
+  secret: Uint8Array | null;
+  tls: ClientTls | undefined;
+  policy: SourcePolicy;
   connectTimeoutMs: number;
   heartbeatMs: number;
   reconnectTimeoutMs: number;
@@ -90,11 +97,17 @@ export class RemoteSource {
     private readonly deps: RemoteSourceDeps,
   ) {
     const { log } = deps;
+    const lookup = policyLookup(opts.policy);
     this.demand = new Link(
       {
         connect: deps.connect,
-        url: opts.url,
-        migrationId: opts.migrationId,
+        target: () => ({
+          source: opts.source,
+          migrationId: opts.migrationId,
+          secret: opts.secret,
+          tls: opts.tls,
+          lookup,
+        }),
         kind: Channel.DEMAND,
         connectTimeoutMs: opts.connectTimeoutMs,
         heartbeatMs: opts.heartbeatMs,
@@ -119,7 +132,9 @@ export class RemoteSource {
     this.background = deps.bulk.lane(
       {
         migrationId: opts.migrationId,
-        source: opts.url,
+        secret: opts.secret,
+        tls: opts.tls,
+        policy: opts.policy,
         windowBytes: opts.windowBytes,
         connectTimeoutMs: opts.connectTimeoutMs,
         heartbeatMs: opts.heartbeatMs,
@@ -148,23 +163,34 @@ export class RemoteSource {
   }
 
   /**
-   * Opens both channels and checks the source's regions. Rejects with a SessionError
-   * (SOURCE_UNREACHABLE, SOURCE_MISMATCH, the source's refusal...).
+   * Opens the demand channel, then the background channel where its WELCOME says, and checks
+   * the source's regions. Rejects with a SessionError (SOURCE_UNREACHABLE, SOURCE_MISMATCH,
+   * AUTH_FAILED, the source's refusal...).
    */
   async open(): Promise<void> {
-    const [demand, regions] = await Promise.all([this.demand.open(), this.background.open()]).catch(
-      (err: unknown) => {
-        throw new SessionError(
-          codeOf(err, HANDOFF_ERROR_CODES, 'SOURCE_UNREACHABLE'),
-          (err as Error).message,
-          { cause: err },
-        );
-      },
-    );
+    const coded = (err: unknown): never => {
+      throw new SessionError(
+        codeOf(err, HANDOFF_ERROR_CODES, 'SOURCE_UNREACHABLE'),
+        (err as Error).message,
+        { cause: err },
+      );
+    };
+    const demand = await this.demand.open().catch(coded);
+    const regions = await this.background
+      .open(this.backgroundAddress(demand.welcome.backgroundPort))
+      .catch(coded);
     for (const r of [demand.welcome.regions, regions]) {
       const why = this.hooks.mismatch(r);
       if (why) throw new SessionError('SOURCE_MISMATCH', why);
     }
+  }
+
+  /** The port of the last WELCOME's backgroundPort (0: the demand port). */
+  private backgroundPort = 0;
+  /** Where background connections go, by a WELCOME's backgroundPort. */
+  private backgroundAddress(port: number): SourceAddress {
+    this.backgroundPort = port;
+    return port === 0 ? this.opts.source : { ...this.opts.source, port };
   }
 
   /** The session runs: frames flow. */
@@ -218,12 +244,16 @@ export class RemoteSource {
     this.demand.send(encodeComplete(totalPages));
   }
 
-  private onDemandOpened(_ch: PageChannel, reconnect: boolean): void {
+  private onDemandOpened(ch: PageChannel, reconnect: boolean): void {
     if (reconnect) {
-      const why = this.hooks.mismatch(_ch.welcome.regions);
+      const why = this.hooks.mismatch(ch.welcome.regions);
       if (why) {
         this.hooks.fail('SOURCE_MISMATCH', why);
         return;
+      }
+      // A restarted source may serve background connections on another port now.
+      if (ch.welcome.backgroundPort !== this.backgroundPort) {
+        this.background.retarget(this.backgroundAddress(ch.welcome.backgroundPort));
       }
     }
     this.hooks.demandOpened(reconnect);
@@ -286,6 +316,7 @@ export class RemoteSource {
     reconnect: boolean,
   ): void {
     this.backgroundSerial = serial;
+    this.resyncSent = false;
     if (reconnect) {
       const why = this.hooks.mismatch(regions);
       if (why) {
@@ -297,14 +328,20 @@ export class RemoteSource {
   }
 
   private onBackgroundRun(r: BackgroundRun): void {
+    this.resyncSent = false;
     this.deps.metrics.bytesReceived('background', r.bytes);
     this.hooks.run({ offset: r.offset, length: r.length, data: r.data, path: 'background' });
   }
 
+  /** A resync went out and no run came since: another PROGRESS DONE changes nothing. */
+  private resyncSent = false;
+
   private onSourceDone(): void {
     this.sourceDone = true;
-    // The source sent everything, yet pages are missing: frames were lost in a cut. Resync.
-    if (!this.hooks.complete()) {
+    // The source sent everything, yet pages are missing: frames were lost in a cut. Resync,
+    // once: a source repeating DONE with nothing in between gets no second sync to send back.
+    if (!this.hooks.complete() && !this.resyncSent) {
+      this.resyncSent = true;
       this.background.have(this.backgroundSerial, this.hooks.settledRanges());
     }
   }

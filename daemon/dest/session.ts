@@ -32,6 +32,10 @@ import { Placement, type Run } from './placement.js';
 import { RegionTable } from './regions.js';
 import { RemoteSource } from './remote-source.js';
 import { SessionError } from './session-error.js';
+import { checkSource, type SourcePolicy } from './source-policy.js';
+import type { ClientTls } from '../transport/client.js';
+import { parseSecret } from '../../protocol/auth.js';
+import { parseSourceUrl } from '../../protocol/source-url.js';
 
 export { SessionError } from './session-error.js';
 
@@ -47,6 +51,12 @@ export interface SessionConfig {
   reconnectTimeoutMs: number;
   /** Withhold the background channel's first CREDIT this long (0: at once). */
   backgroundDelayMs?: number;
+  /** A handoff must carry the migration's secret (false only for --insecure-no-auth). */
+  requireSecret: boolean;
+  /** Which sources this daemon may connect to. */
+  sourcePolicy: SourcePolicy;
+  /** CAs and client certificate for wss sources. */
+  tls?: ClientTls | undefined;
 }
 
 export interface SessionDeps {
@@ -57,6 +67,11 @@ export interface SessionDeps {
   connect(opts: ConnectOptions): Promise<PageChannel>;
   /** The background channel (on the bulk thread). */
   bulk: BulkLaneFactory;
+  /**
+   * Called right before the ack: null, or why this session may not run (another one of the
+   * same migration id already does).
+   */
+  claim?: () => SessionError | null;
 }
 
 export interface SessionStats {
@@ -95,6 +110,9 @@ export class Session {
   /** Settles when the session ends, completed or failed. Never rejects. */
   readonly done: Promise<SessionStats>;
 
+  /** Why the handoff cannot even be tried (source denied, no secret), checked at start. */
+  private readonly refusal: SessionError | null = null;
+
   constructor(
     private readonly request: HandoffRequest,
     private readonly uffdFd: number,
@@ -102,6 +120,24 @@ export class Session {
     private readonly deps: SessionDeps,
   ) {
     this.migrationId = request.migrationId;
+    const config = deps.config;
+    // The codec checked both parse; policy decides whether this daemon may use them.
+    const source = parseSourceUrl(request.source);
+    const secret = request.secret === undefined ? null : parseSecret(request.secret);
+    try {
+      checkSource(source, config.sourcePolicy);
+      if (!secret && config.requireSecret) {
+        throw new SessionError(
+          'HANDOFF_NO_SECRET',
+          'the handoff carries no secret; this daemon proves one to every source',
+        );
+      }
+    } catch (err) {
+      this.refusal =
+        err instanceof SessionError
+          ? err
+          : new SessionError('SOURCE_DENIED', (err as Error).message);
+    }
     this.log = deps.log.child({ migrationId: request.migrationId });
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
     const table = new RegionTable(request.regions);
@@ -124,11 +160,13 @@ export class Session {
     // The source sends a page only within credit, and we grant in quarters of the window: a
     // quarter must hold the largest page, or a huge-page region would stall for want of credit.
     const largestPage = Math.max(...table.regions.map((r) => r.pageSizeBytes));
-    const config = deps.config;
     this.source = new RemoteSource(
       {
-        url: request.source,
+        source,
         migrationId: request.migrationId,
+        secret,
+        tls: config.tls,
+        policy: config.sourcePolicy,
         connectTimeoutMs: config.connectTimeoutMs,
         heartbeatMs: config.heartbeatMs,
         reconnectTimeoutMs: config.reconnectTimeoutMs,
@@ -185,6 +223,7 @@ export class Session {
   async start(): Promise<void> {
     this.conn.onClose(() => this.fail('VMM_GONE', 'the VMM closed its handoff connection'));
     try {
+      if (this.refusal) throw this.refusal;
       this.placement.check();
       this.placement.start(() =>
         this.fail('VMM_GONE', 'the userfaultfd reports the address space is gone'),
@@ -207,6 +246,11 @@ export class Session {
         (this.error?.code as HandoffErrorCode | undefined) ?? 'VMM_GONE',
         this.error?.message ?? 'the session ended while connecting',
       );
+    }
+    const taken = this.deps.claim?.() ?? null;
+    if (taken) {
+      this.fail(taken.code, taken.message);
+      throw taken;
     }
     this.stateValue = 'running';
     this.conn.reply({

@@ -2,14 +2,16 @@
  * The handoff socket: a non-blocking AF_UNIX stream listener owned through koffi, because Node's
  * net module cannot receive file descriptors. Each connection sends one newline-terminated JSON
  * handoff whose first bytes carry the userfaultfd as SCM_RIGHTS (protocol/README.md). The
- * listener enforces size, time and fd-count limits, decodes the request, checks the fd, then
- * hands a HandoffConnection to `onHandoff`. Every refusal is a coded error reply, and the
- * listener serves on.
+ * listener admits the peer (its SO_PEERCRED against the daemon's policy; pending connections
+ * capped overall and per uid), enforces size, time and fd-count limits, decodes the request,
+ * checks the fd, then hands a HandoffConnection to `onHandoff`. Every refusal is a coded error
+ * reply (logged at a bounded rate: a peer can provoke them at will), and the listener serves on,
+ * even out of file descriptors (a reserve fd lets it drop the connection it cannot take).
  */
-import { unlinkSync } from 'node:fs';
 import * as sys from '../linux/sys.js';
-import { ERRNO } from '../linux/errors.js';
-import { ProtocolError } from '../../protocol/errors.js';
+import { O_RDONLY } from '../linux/abi.js';
+import { ERRNO, errnoName } from '../linux/errors.js';
+import { codeOf, HANDOFF_ERROR_CODES, ProtocolError } from '../../protocol/errors.js';
 import {
   decodeHandoff,
   encodeReply,
@@ -19,6 +21,8 @@ import {
 } from '../../protocol/handoff.js';
 import { inspectUffd, type UffdInfo } from './validate.js';
 import type { Logger } from '../ops/log.js';
+import { rateLimitedLog, type RateLimitedLog } from '../ops/rate-limit.js';
+import { claimSocketPath, releaseSocketPath } from '../ops/unix-socket.js';
 
 /** The VMM's side of one migration: reply lines go out here; `onClose` fires when the VMM hangs up. */
 export class HandoffConnection {
@@ -94,6 +98,11 @@ export interface HandoffListenerOptions {
   listenFd?: number;
   timeoutMs: number;
   log: Logger;
+  /** Connections waiting for their handoff line, at most: overall, and per uid. */
+  maxPending?: number;
+  maxPendingPerUid?: number;
+  /** Whether `peer` may hand over at all: null, or the refusal (HANDOFF_PEER_DENIED). */
+  admit?(peer: sys.PeerCred): ProtocolError | null;
   /** Takes ownership of a decoded handoff; throw a ProtocolError to refuse it. */
   onHandoff(h: ReceivedHandoff): void;
   /** Called for every handoff refused before reaching onHandoff, with its code. */
@@ -104,32 +113,95 @@ export interface HandoffListener {
   close(): void;
 }
 
-export function startHandoffListener(opts: HandoffListenerOptions): HandoffListener {
+/**
+ * Listens on `path` (taken over only from a dead socket: see ops/unix-socket.ts) or on the
+ * socket systemd passed (`listenFd`).
+ */
+export async function startHandoffListener(opts: HandoffListenerOptions): Promise<HandoffListener> {
   let listenFd: number;
   if (opts.listenFd !== undefined) {
     listenFd = opts.listenFd;
     sys.setNonBlocking(listenFd, true);
   } else if (opts.path) {
-    try {
-      unlinkSync(opts.path); // a stale socket from a previous run
-    } catch {
-      /* not there */
-    }
+    await claimSocketPath(opts.path);
     listenFd = sys.listenUnix(opts.path);
   } else {
     throw new TypeError('startHandoffListener needs path or listenFd');
   }
+  const limitedLog = rateLimitedLog(opts.log);
+  const maxPending = opts.maxPending ?? 64;
+  const maxPendingPerUid = opts.maxPendingPerUid ?? 8;
   const pending = new Set<PendingHandoff>();
+  const perUid = new Map<number, number>();
+  // A descriptor kept in reserve: out of fds (EMFILE), it is given up to accept and drop the
+  // connection at the head of the queue, which would otherwise stay there and wake the loop
+  // again and again (a busy loop at 100% CPU).
+  let reserve = sys.open('/dev/null', O_RDONLY);
+  const refuseNow = (fd: number, peer: sys.PeerCred, err: ProtocolError): void => {
+    limitedLog('warn', err.code, 'handoff refused', {
+      code: err.code,
+      message: err.message,
+      pid: peer.pid,
+      uid: peer.uid,
+    });
+    opts.onRefused?.(err.code);
+    sys.trySend(fd, encodeReply({ type: 'error', code: err.code, message: err.message }));
+    sys.close(fd);
+  };
   const watch = sys.watchReadable(listenFd, () => {
     for (;;) {
       const fd = sys.tryAccept(listenFd);
       if (fd < 0) {
-        if (-fd !== ERRNO.EAGAIN && -fd !== ERRNO.EINTR) {
-          opts.log.warn('accept on the handoff socket failed', { errno: -fd });
+        const errno = -fd;
+        if (errno === ERRNO.EAGAIN || errno === ERRNO.EINTR) return;
+        if ((errno === ERRNO.EMFILE || errno === ERRNO.ENFILE) && reserve >= 0) {
+          sys.close(reserve);
+          const dropped = sys.tryAccept(listenFd);
+          if (dropped >= 0) sys.close(dropped);
+          reserve = sys.open('/dev/null', O_RDONLY);
+          limitedLog('error', 'EMFILE', 'out of file descriptors: dropped a handoff connection', {
+            errno: errnoName(errno),
+          });
+          opts.onRefused?.('HANDOFF_BUSY');
+          continue;
         }
+        limitedLog('warn', 'accept', 'accept on the handoff socket failed', {
+          errno: errnoName(errno),
+        });
         return;
       }
-      const p = new PendingHandoff(fd, opts, () => pending.delete(p));
+      let peer: sys.PeerCred = { pid: 0, uid: -1, gid: -1 };
+      try {
+        peer = sys.peerCred(fd);
+      } catch {
+        // Without credentials nobody is admitted (uid -1 matches no allowlist).
+      }
+      const denied = opts.admit?.(peer) ?? null;
+      if (denied) {
+        refuseNow(fd, peer, denied);
+        continue;
+      }
+      const mine = perUid.get(peer.uid) ?? 0;
+      if (pending.size >= maxPending || mine >= maxPendingPerUid) {
+        refuseNow(
+          fd,
+          peer,
+          new ProtocolError(
+            'HANDOFF_BUSY',
+            pending.size >= maxPending
+              ? `${maxPending} handoffs are already being read`
+              : `uid ${peer.uid} already has ${maxPendingPerUid} handoffs being read`,
+          ),
+        );
+        continue;
+      }
+      perUid.set(peer.uid, mine + 1);
+      const p = new PendingHandoff(fd, peer, opts, limitedLog, () => {
+        pending.delete(p);
+        const n = (perUid.get(peer.uid) ?? 1) - 1;
+        if (n > 0) perUid.set(peer.uid, n);
+        else perUid.delete(peer.uid);
+      });
       pending.add(p);
     }
   });
@@ -139,20 +211,17 @@ export function startHandoffListener(opts: HandoffListenerOptions): HandoffListe
       watch.stop();
       for (const p of pending) p.abort();
       sys.close(listenFd);
-      if (opts.path) {
-        try {
-          unlinkSync(opts.path);
-        } catch {
-          /* already gone */
-        }
-      }
+      if (reserve >= 0) sys.close(reserve);
+      reserve = -1;
+      if (opts.path) releaseSocketPath(opts.path);
     },
   };
 }
 
 /** One connection until its handoff line is complete, refused, or timed out. */
 class PendingHandoff {
-  private readonly buf = Buffer.alloc(MAX_HANDOFF_BYTES);
+  /** Grows as the line does, up to MAX_HANDOFF_BYTES (idle connections hold little). */
+  private buf = Buffer.alloc(4096);
   private used = 0;
   private readonly fds: number[] = [];
   private tooManyFds = false;
@@ -163,15 +232,11 @@ class PendingHandoff {
 
   constructor(
     fd: number,
+    peer: sys.PeerCred,
     private readonly opts: HandoffListenerOptions,
+    private readonly limitedLog: RateLimitedLog,
     private readonly finished: () => void,
   ) {
-    let peer: sys.PeerCred = { pid: 0, uid: 0, gid: 0 };
-    try {
-      peer = sys.peerCred(fd);
-    } catch {
-      /* not fatal: logged as pid 0 */
-    }
     this.conn = new HandoffConnection(fd, peer);
     this.timer = setTimeout(
       () =>
@@ -223,10 +288,15 @@ class PendingHandoff {
         return;
       }
       if (this.used >= this.buf.length) {
-        this.refuse(
-          new ProtocolError('HANDOFF_TOO_LARGE', `handoff exceeds ${MAX_HANDOFF_BYTES} bytes`),
-        );
-        return;
+        if (this.buf.length >= MAX_HANDOFF_BYTES) {
+          this.refuse(
+            new ProtocolError('HANDOFF_TOO_LARGE', `handoff exceeds ${MAX_HANDOFF_BYTES} bytes`),
+          );
+          return;
+        }
+        const bigger = Buffer.alloc(Math.min(MAX_HANDOFF_BYTES, this.buf.length * 4));
+        this.buf.copy(bigger, 0, 0, this.used);
+        this.buf = bigger;
       }
     }
   }
@@ -256,9 +326,14 @@ class PendingHandoff {
   private refuse(err: unknown): void {
     this.finish();
     for (const fd of this.fds.splice(0)) sys.close(fd);
-    const code = err instanceof ProtocolError ? err.code : 'HANDOFF_FAILED';
+    const code = codeOf(err, HANDOFF_ERROR_CODES, 'INTERNAL_ERROR');
     const message = err instanceof Error ? err.message : String(err);
-    this.opts.log.warn('handoff refused', { code, message, pid: this.conn.peer.pid });
+    this.limitedLog('warn', code, 'handoff refused', {
+      code,
+      message,
+      pid: this.conn.peer.pid,
+      uid: this.conn.peer.uid,
+    });
     this.opts.onRefused?.(code);
     this.conn.reply({ type: 'error', code, message });
     this.conn.close();

@@ -96,12 +96,20 @@ export const UFFD_IOCTL_BIT_ZEROPAGE = 1 << _UFFDIO_ZEROPAGE;
 export const UFFD_USER_MODE_ONLY = 1;
 
 export const SYS_userfaultfd = 323; // x86_64 <asm/unistd_64.h>
+export const SYS_openat2 = 437;
 
 // --- files, memory ---
 export const O_RDONLY = 0;
 export const O_RDWR = 2;
 export const O_NONBLOCK = 0o4000;
+export const O_DIRECTORY = 0o200000;
+export const O_NOFOLLOW = 0o400000;
 export const O_CLOEXEC = 0o2000000;
+export const O_PATH = 0o10000000;
+/** struct open_how (<linux/openat2.h>): u64 flags, u64 mode, u64 resolve. */
+export const SIZEOF_open_how = 24;
+export const RESOLVE_NO_MAGICLINKS = 0x02;
+export const RESOLVE_BENEATH = 0x08;
 export const PROT_NONE = 0;
 export const PROT_READ = 1;
 export const PROT_WRITE = 2;

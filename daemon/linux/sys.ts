@@ -51,6 +51,8 @@ koffi.struct('uffdio_zeropage', {
   zeropage: 'int64_t',
 });
 koffi.struct('uffdio_writeprotect', { range: uffdio_range, mode: 'uint64_t' });
+// Registered by name: the prototype below refers to it as `open_how`.
+koffi.struct('open_how', { flags: 'uint64_t', mode: 'uint64_t', resolve: 'uint64_t' });
 const iovec = koffi.struct('iovec', { iov_base: 'void *', iov_len: 'size_t' });
 // Registered by name: the prototypes below refer to it as `msghdr`.
 koffi.struct('msghdr', {
@@ -67,6 +69,9 @@ koffi.struct('ucred', { pid: 'int32_t', uid: 'uint32_t', gid: 'uint32_t' });
 
 const c = {
   syscall_uffd: libc.func('long syscall(long nr, int flags)'),
+  syscall_openat2: libc.func(
+    'long syscall(long nr, int dirfd, const char *path, const open_how *how, size_t size)',
+  ),
   open: libc.func('int open(const char *path, int flags, int mode)'),
   close: libc.func('int close(int fd)'),
   dup: libc.func('int dup(int fd)'),
@@ -131,6 +136,17 @@ export function userfaultfd(flags: number): number {
 
 export function open(path: string, flags: number, mode = 0): number {
   return check('open', c.open(path, flags | abi.O_CLOEXEC, mode) as number, path);
+}
+
+/**
+ * openat2(2) of `path` relative to the directory `dirfd` with `resolve` (RESOLVE_* flags, e.g.
+ * RESOLVE_BENEATH: every step of the path, symlinks and ".." included, stays beneath dirfd).
+ * Returns the fd or a negative errno (EXDEV when the path would leave; ENOSYS before 5.6).
+ */
+export function tryOpenat2(dirfd: number, path: string, flags: number, resolve: number): number {
+  const how = { flags: flags | abi.O_CLOEXEC, mode: 0, resolve };
+  const rc = Number(c.syscall_openat2(abi.SYS_openat2, dirfd, path, how, abi.SIZEOF_open_how));
+  return rc < 0 ? negErrno() : rc;
 }
 
 export function close(fd: number): void {

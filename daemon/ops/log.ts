@@ -14,6 +14,8 @@ export interface Logger {
   error(msg: string, fields?: LogFields): void;
   /** A logger that adds `fields` to every line (e.g. the migration id). */
   child(fields: LogFields): Logger;
+  /** Changes the level of this logger and of every child of its root (SIGHUP). */
+  setLevel(level: LogLevel): void;
 }
 
 function serialize(value: unknown): unknown {
@@ -33,9 +35,16 @@ export function createLogger(
   base: LogFields = {},
   write: (line: string) => void = (line) => process.stderr.write(line),
 ): Logger {
-  const min = RANK[level];
+  return makeLogger({ min: RANK[level] }, base, write);
+}
+
+function makeLogger(
+  state: { min: number },
+  base: LogFields,
+  write: (line: string) => void,
+): Logger {
   const emit = (lvl: LogLevel, msg: string, fields?: LogFields): void => {
-    if (RANK[lvl] < min) return;
+    if (RANK[lvl] < state.min) return;
     const out: LogFields = { time: new Date().toISOString(), level: lvl, msg, ...base };
     if (fields) for (const [k, v] of Object.entries(fields)) out[k] = serialize(v);
     write(JSON.stringify(out) + '\n');
@@ -45,7 +54,10 @@ export function createLogger(
     info: (m, f) => emit('info', m, f),
     warn: (m, f) => emit('warn', m, f),
     error: (m, f) => emit('error', m, f),
-    child: (fields) => createLogger(level, { ...base, ...fields }, write),
+    child: (fields) => makeLogger(state, { ...base, ...fields }, write),
+    setLevel: (level) => {
+      state.min = RANK[level];
+    },
   };
 }
 
@@ -67,6 +79,8 @@ export function forwardingLogger(
     warn: emit('warn'),
     error: emit('error'),
     child: (fields) => forwardingLogger(send, { ...base, ...fields }),
+    // The receiving logger decides what is written.
+    setLevel: () => {},
   };
 }
 

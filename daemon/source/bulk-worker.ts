@@ -17,7 +17,13 @@ import {
 import type { PageRange } from '../../protocol/wire.js';
 import * as sys from '../linux/sys.js';
 import { forwardingLogger, type Logger } from '../ops/log.js';
-import { PageConnections, type HelloAcceptance, type HelloFrame } from '../transport/server.js';
+import {
+  listenPageServer,
+  PageConnections,
+  type HelloAcceptance,
+  type HelloFrame,
+  type PageConnectionOptions,
+} from '../transport/server.js';
 import {
   endChannel,
   supersede,
@@ -30,11 +36,13 @@ import {
   LaneWord,
   laneCounts,
   laneWords,
+  type BulkTls,
   type FromSourceBulk,
   type LaneInit,
   type ToSourceBulk,
 } from './bulk.js';
 import { MemoryImage } from './image.js';
+import { authenticate } from './auth.js';
 import { PageWriter } from './page-writer.js';
 import { SentMap } from './sent-map.js';
 import { SlabPool } from './slab-pool.js';
@@ -44,6 +52,8 @@ const data = workerData as {
   nice: number;
   heartbeatIntervalMs: number | undefined;
   helloTimeoutMs: number | undefined;
+  authRequired: boolean;
+  tls: BulkTls | undefined;
 };
 const post = (m: FromSourceBulk): void => port.postMessage(m);
 // The main thread's logger writes these (its level, its output).
@@ -103,7 +113,8 @@ class Lane {
     this.streamer.start();
   }
 
-  hello(): HelloAcceptance {
+  hello(hello: HelloFrame, nonce: Uint8Array): HelloAcceptance {
+    authenticate(hello, nonce, this.init.secret, data.authRequired);
     if (this.ended) {
       throw new ProtocolError('BAD_STATE', `migration ${this.init.id} is ${this.ended}`);
     }
@@ -197,28 +208,40 @@ class Lane {
 const lanes = new Map<number, Lane>();
 const byId = new Map<string, Lane>();
 
-const conns = new PageConnections(
-  {
-    onHello: (hello: HelloFrame): HelloAcceptance => {
-      if (hello.channel !== Channel.BACKGROUND) {
-        throw new ProtocolError(
-          'BAD_STATE',
-          'this connection asked for the background channel (?channel=background)',
-        );
-      }
-      const lane = byId.get(hello.migrationId);
-      if (!lane) {
-        throw new ProtocolError('UNKNOWN_MIGRATION', `no migration ${hello.migrationId} here`);
-      }
-      return lane.hello();
-    },
-    heartbeatIntervalMs: data.heartbeatIntervalMs,
-    helloTimeoutMs: data.helloTimeoutMs,
-    log,
-    onError: (code) => post({ t: 'error', code }),
+const connectionOptions: PageConnectionOptions = {
+  onHello: (hello: HelloFrame, nonce: Uint8Array): HelloAcceptance => {
+    if (hello.channel !== Channel.BACKGROUND) {
+      throw new ProtocolError(
+        'BAD_STATE',
+        'this connection asked for the background channel (?channel=background)',
+      );
+    }
+    const lane = byId.get(hello.migrationId);
+    if (!lane) {
+      throw new ProtocolError('UNKNOWN_MIGRATION', `no migration ${hello.migrationId} here`);
+    }
+    return lane.hello(hello, nonce);
   },
-  'bg',
-);
+  heartbeatIntervalMs: data.heartbeatIntervalMs,
+  helloTimeoutMs: data.helloTimeoutMs,
+  log,
+  onError: (code) => post({ t: 'error', code }),
+};
+
+/**
+ * Plaintext: background sockets are handed over by the main thread (conns.adopt). TLS: this
+ * thread listens on a port of its own (a TLS session cannot change threads).
+ */
+const conns = new PageConnections(connectionOptions, 'bg');
+if (data.tls) {
+  listenPageServer({ ...connectionOptions, ...data.tls.listen, tls: data.tls.server }).then(
+    (server) => post({ t: 'listening', port: server.port }),
+    (err: Error & { code?: string }) => {
+      log.error('the bulk thread cannot listen for background connections', { err });
+      post({ t: 'listenFailed', code: err.code ?? 'LISTEN', message: err.message });
+    },
+  );
+}
 
 port.on('message', (m: ToSourceBulk) => {
   switch (m.t) {

@@ -12,6 +12,7 @@
  * another migration's image.
  */
 import { closeSync, fstatSync } from 'node:fs';
+import type https from 'node:https';
 import { Worker } from 'node:worker_threads';
 import type { HandedSocket } from '../transport/server.js';
 import type { EndCode } from '../transport/source-channel.js';
@@ -41,6 +42,8 @@ export interface LaneInit {
   /** Unique per lane (an id may be registered again after an abort). */
   key: number;
   id: string;
+  /** The migration's secret: background connections prove it too. */
+  secret: Uint8Array | null;
   image: SharedImage;
   sent: SharedSentMap;
   lane: SharedArrayBuffer;
@@ -56,12 +59,21 @@ export type ToSourceBulk =
 
 export type FromSourceBulk =
   | { t: 'released'; key: number }
+  /** TLS: the thread listens for background connections on `port`. */
+  | { t: 'listening'; port: number }
+  | { t: 'listenFailed'; code: string; message: string }
   | { t: 'error'; code: string }
   /** The thread took over a handed socket's fd (from now on it closes it). */
   | { t: 'adopted'; fd: number }
   /** A background connection passed its HELLO (metrics). */
   | { t: 'connected' }
   | { t: 'log'; level: LogLevel; msg: string; fields: LogFields };
+
+/** With TLS, the bulk thread's own listener for background connections. */
+export interface BulkTls {
+  listen: { host: string; port: number };
+  server: https.ServerOptions;
+}
 
 export interface SourceBulkOptions {
   /** Nice value of the bulk thread (0 = same as the main thread, 19 = lowest). */
@@ -71,6 +83,9 @@ export interface SourceBulkOptions {
   metrics: SourceMetrics;
   /** ws ping interval and HELLO timeout of background connections, ms. */
   heartbeatIntervalMs?: number | undefined;
+  /** Every background connection must prove its migration's secret. */
+  authRequired: boolean;
+  tls?: BulkTls | undefined;
   helloTimeoutMs?: number | undefined;
   /** The worker's entry (tests give a stand-in); default bulk-worker.js next to this file. */
   workerUrl?: URL;
@@ -165,6 +180,9 @@ export class SourceBulkThread {
   private readonly handed = new Map<number, number>();
   private stopped = false;
   private readonly timer: NodeJS.Timeout;
+  /** TLS: the port the thread listens on for background connections (0 until known). */
+  backgroundPort = 0;
+  private readyWaiters: Array<{ resolve(): void; reject(err: Error): void }> = [];
 
   constructor(private readonly opts: SourceBulkOptions) {
     this.spawn();
@@ -174,12 +192,33 @@ export class SourceBulkThread {
     this.timer.unref();
   }
 
+  /** Resolves once the thread serves background connections (with TLS: once it listens). */
+  ready(): Promise<void> {
+    if (!this.opts.tls || this.backgroundPort > 0) return Promise.resolve();
+    return new Promise((resolve, reject) => this.readyWaiters.push({ resolve, reject }));
+  }
+
+  private listening(port: number, err: Error | null): void {
+    this.backgroundPort = port;
+    for (const w of this.readyWaiters.splice(0)) {
+      if (err) w.reject(err);
+      else w.resolve();
+    }
+  }
+
   /** Opens the background lane of migration `id`. */
-  lane(id: string, image: MemoryImage, sent: SentMap, options: BackgroundOptions): SourceBulkLane {
+  lane(
+    id: string,
+    image: MemoryImage,
+    sent: SentMap,
+    secret: Uint8Array | null,
+    options: BackgroundOptions,
+  ): SourceBulkLane {
     const lane = new SourceBulkLane(
       {
         key: this.nextKey++,
         id,
+        secret,
         image: image.share(),
         sent: sent.share(),
         lane: new SharedArrayBuffer(WORDS_BYTES + COUNTS * 8),
@@ -216,6 +255,8 @@ export class SourceBulkThread {
         nice: opts.nice,
         heartbeatIntervalMs: opts.heartbeatIntervalMs,
         helloTimeoutMs: opts.helloTimeoutMs,
+        authRequired: opts.authRequired,
+        tls: opts.tls,
       },
       stdout: false,
       stderr: false,
@@ -224,6 +265,8 @@ export class SourceBulkThread {
     const bulkLog = opts.log.child({ thread: 'bulk' });
     worker.on('message', (m: FromSourceBulk) => {
       if (m.t === 'log') bulkLog[m.level](m.msg, m.fields);
+      else if (m.t === 'listening') this.listening(m.port, null);
+      else if (m.t === 'listenFailed') this.listening(0, Object.assign(new Error(m.message), m));
       else if (m.t === 'adopted') this.handed.delete(m.fd);
       else if (m.t === 'error') opts.metrics.error(m.code);
       else if (m.t === 'connected') opts.metrics.connectionOpened('background');

@@ -1,16 +1,25 @@
 /**
- * The source's JSON control API, on the page server's HTTP port:
+ * The source's JSON control API. It never shares the page port: it listens on a UNIX socket
+ * (mode 0660 by default: its group is who may register, freeze and delete), and only if asked on
+ * TCP too, where every request needs `Authorization: Bearer <token>` (like QEMU's QMP, which is
+ * a local socket, and libvirt's, which authorises local clients by their uid).
  *   GET    /v1/migrations              list
- *   POST   /v1/migrations              register {id, image, regions?, frozen?}
+ *   POST   /v1/migrations              register {id, image, regions?, frozen?, secret?}
  *   GET    /v1/migrations/:id          status
  *   POST   /v1/migrations/:id/freeze   the VM stopped: serve pages
  *   DELETE /v1/migrations/:id          abort (releases the image) and forget
- * Errors are `{error: {code, message}}` with a status that fits the code.
+ * A body must be `application/json` (a web page cannot send that across origins without a
+ * preflight nobody answers). Errors are `{error: {code, message}}` with a status that fits.
+ * A registration without a secret gets one generated, returned in the answer this once.
  */
-import type http from 'node:http';
+import { timingSafeEqual } from 'node:crypto';
+import { chmodSync, chownSync } from 'node:fs';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { z } from 'zod';
 import { validMigrationId } from '../../protocol/page-codec.js';
 import type { Logger } from '../ops/log.js';
+import { claimSocketPath, releaseSocketPath } from '../ops/unix-socket.js';
 import { SourceError } from './errors.js';
 import type { MigrationRegistry } from './registry.js';
 
@@ -27,10 +36,13 @@ const RegionBody = z.strictObject({
 
 export const RegisterBody = z.strictObject({
   id: z.string().refine(validMigrationId, 'migration id: 1..128 bytes of [A-Za-z0-9._:-]'),
-  image: z.string().min(1),
+  /** Beneath the source's image root: absolute, or relative to the root. */
+  image: z.string().min(1).max(4096),
   /** Default: one region `ram0` over the whole file with 4 KiB pages. */
   regions: z.array(RegionBody).min(1).max(64).optional(),
   frozen: z.boolean().default(false),
+  /** Hex, 16..64 bytes; generated (and returned once) when absent. */
+  secret: z.string().optional(),
 });
 
 const MAX_BODY_BYTES = 1024 * 1024;
@@ -38,11 +50,15 @@ const MAX_BODY_BYTES = 1024 * 1024;
 const STATUS: Record<string, number> = {
   NOT_FOUND: 404,
   METHOD_NOT_ALLOWED: 405,
+  UNAUTHORIZED: 401,
+  UNSUPPORTED_MEDIA_TYPE: 415,
   BODY_TOO_LARGE: 413,
   UNKNOWN_MIGRATION: 404,
   MIGRATION_EXISTS: 409,
+  TOO_MANY_MIGRATIONS: 429,
   BAD_STATE: 409,
-  IMAGE_OPEN: 422,
+  IMAGE_NOT_FOUND: 404,
+  IMAGE_OUTSIDE_ROOT: 403,
   IMAGE_IO: 500,
 };
 
@@ -50,14 +66,7 @@ function statusFor(code: string): number {
   return STATUS[code] ?? (code.startsWith('IMAGE_') || code.startsWith('INVALID') ? 400 : 500);
 }
 
-class HttpError extends Error {
-  constructor(
-    readonly code: string,
-    message: string,
-  ) {
-    super(message);
-  }
-}
+class HttpError extends SourceError {}
 
 function send(res: http.ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body);
@@ -69,6 +78,12 @@ function send(res: http.ServerResponse, status: number, body: unknown): void {
 }
 
 function readJson(req: http.IncomingMessage): Promise<unknown> {
+  const type = (req.headers['content-type'] ?? '').split(';')[0]!.trim().toLowerCase();
+  if (type !== 'application/json') {
+    return Promise.reject(
+      new HttpError('UNSUPPORTED_MEDIA_TYPE', 'the body must be application/json'),
+    );
+  }
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
@@ -94,22 +109,23 @@ function readJson(req: http.IncomingMessage): Promise<unknown> {
 
 const ROUTE = /^\/v1\/migrations(?:\/([^/]+)(\/freeze)?)?\/?$/;
 
-/**
- * Returns a request listener serving the control API; requests for other paths go to `next`
- * (the lead's /metrics), or get a 404.
- */
+/** A request listener serving the control API; `token`: the bearer token every request needs. */
 export function controlApi(
   registry: MigrationRegistry,
   log: Logger,
-  next?: http.RequestListener,
+  token?: string,
 ): http.RequestListener {
+  const expected = token === undefined ? null : Buffer.from(`Bearer ${token}`);
   const handle = async (req: http.IncomingMessage, res: http.ServerResponse): Promise<void> => {
+    if (expected) {
+      const got = Buffer.from(req.headers.authorization ?? '');
+      if (got.length !== expected.length || !timingSafeEqual(got, expected)) {
+        throw new HttpError('UNAUTHORIZED', 'a bearer token is required');
+      }
+    }
     const path = (req.url ?? '/').split('?')[0]!;
     const m = ROUTE.exec(path);
-    if (!m) {
-      if (next) return void next(req, res);
-      throw new HttpError('NOT_FOUND', `no route for ${path}`);
-    }
+    if (!m) throw new HttpError('NOT_FOUND', `no route for ${path}`);
     const id = m[1] === undefined ? undefined : decodeURIComponent(m[1]);
     const freeze = m[2] !== undefined;
     const method = req.method ?? 'GET';
@@ -121,14 +137,18 @@ export function controlApi(
           throw new HttpError('INVALID_REQUEST', z.prettifyError(parsed.error));
         }
         const body = parsed.data;
-        const status = registry.register({
+        const { status, generatedSecret } = registry.register({
           id: body.id,
           image: body.image,
           frozen: body.frozen,
+          secret: body.secret,
           regions: body.regions?.map((r) => ({ ...r, fileOffset: r.fileOffset ?? r.offset })),
         });
-        log.info('migration registered', { migration: body.id, image: body.image });
-        return send(res, 201, status);
+        log.info('migration registered', { migrationId: body.id, image: body.image });
+        return send(res, 201, {
+          ...status,
+          ...(generatedSecret ? { secret: generatedSecret } : {}),
+        });
       }
     } else if (freeze) {
       if (method === 'POST') return send(res, 200, registry.freeze(id));
@@ -150,7 +170,7 @@ export function controlApi(
 
   return (req, res) => {
     handle(req, res).catch((err: unknown) => {
-      const code = err instanceof HttpError || err instanceof SourceError ? err.code : 'INTERNAL';
+      const code = err instanceof SourceError ? err.code : 'INTERNAL';
       if (code === 'INTERNAL') log.error('control API failed', { err });
       if (res.headersSent) {
         res.destroy();
@@ -158,5 +178,64 @@ export function controlApi(
       }
       send(res, statusFor(code), { error: { code, message: (err as Error).message } });
     });
+  };
+}
+
+export interface ControlServerOptions {
+  /** The UNIX socket: path, permission bits, and the group that may use it. */
+  socket?: { path: string; mode: number; gid?: number | undefined } | undefined;
+  /** A TCP listener too, every request with `Authorization: Bearer <token>`. */
+  tcp?: { host: string; port: number; token: string } | undefined;
+}
+
+export interface ControlServer {
+  /** The TCP port, when listening on TCP. */
+  readonly tcpPort: number | null;
+  close(): Promise<void>;
+}
+
+/** Starts the control API's listeners. Throws (coded) when a socket path is taken. */
+export async function startControlServer(
+  registry: MigrationRegistry,
+  log: Logger,
+  opts: ControlServerOptions,
+): Promise<ControlServer> {
+  const servers: http.Server[] = [];
+  const listen = (server: http.Server, ...args: [string] | [number, string]): Promise<void> =>
+    new Promise((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(...(args as [number, string]), () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+  let tcpPort: number | null = null;
+  try {
+    if (opts.socket) {
+      await claimSocketPath(opts.socket.path);
+      const server = http.createServer(controlApi(registry, log));
+      await listen(server, opts.socket.path);
+      servers.push(server);
+      chmodSync(opts.socket.path, opts.socket.mode);
+      if (opts.socket.gid !== undefined) chownSync(opts.socket.path, -1, opts.socket.gid);
+    }
+    if (opts.tcp) {
+      const server = http.createServer(controlApi(registry, log, opts.tcp.token));
+      await listen(server, opts.tcp.port, opts.tcp.host);
+      servers.push(server);
+      tcpPort = (server.address() as AddressInfo).port;
+    }
+  } catch (err) {
+    await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
+    if (opts.socket && servers.length > 0) releaseSocketPath(opts.socket.path);
+    throw err;
+  }
+  return {
+    tcpPort,
+    async close() {
+      for (const s of servers) s.closeAllConnections();
+      await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
+      if (opts.socket) releaseSocketPath(opts.socket.path);
+    },
   };
 }

@@ -5,8 +5,17 @@
  * state per page for the whole image (no per-page JS objects).
  */
 import { fstatSync } from 'node:fs';
-import { O_RDONLY } from '../linux/abi.js';
-import { close, open, pread } from '../linux/sys.js';
+import { isAbsolute, resolve, sep } from 'node:path';
+import {
+  O_DIRECTORY,
+  O_NONBLOCK,
+  O_PATH,
+  O_RDONLY,
+  RESOLVE_BENEATH,
+  RESOLVE_NO_MAGICLINKS,
+} from '../linux/abi.js';
+import { ERRNO, errnoName } from '../linux/errors.js';
+import { close, open, pread, tryOpenat2 } from '../linux/sys.js';
 import { Limits, type PageRange, type RegionInfo } from '../../protocol/wire.js';
 import { regionIndexAt, splitRange } from '../../protocol/ranges.js';
 import { SourceError } from './errors.js';
@@ -324,18 +333,84 @@ export class MemoryImage {
   }
 }
 
-/** Opens `path` read-only, validates `regions` against it and scans its holes once. */
-export function openImage(path: string, regions: readonly ImageRegionSpec[]): MemoryImage {
-  let fd: number;
-  try {
-    fd = open(path, O_RDONLY);
-  } catch (err) {
-    throw new SourceError('IMAGE_OPEN', `cannot open memory image ${path}`, { cause: err });
+/** The default region of an image given without one: `ram0`, the whole file, 4 KiB pages. */
+export const DEFAULT_PAGE_SIZE_BYTES = 4096;
+
+/**
+ * The one directory images are read from. Every image is opened beneath it with openat2
+ * (RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS: no "..", absolute symlink or /proc link leads out),
+ * non-blocking (a FIFO or device does not hang the source), then must be a regular file. Errors
+ * say nothing of what lies outside the root.
+ */
+export class ImageRoot {
+  private readonly fd: number;
+
+  constructor(readonly path: string) {
+    this.path = resolve(path);
+    try {
+      this.fd = open(this.path, O_PATH | O_DIRECTORY);
+    } catch (err) {
+      throw new SourceError('IMAGE_ROOT', `the image root ${this.path} cannot be opened`, {
+        cause: err,
+      });
+    }
   }
+
+  /** Opens `image` (absolute beneath the root, or relative to it); returns its fd. */
+  open(image: string): number {
+    const outside = (): SourceError =>
+      new SourceError('IMAGE_OUTSIDE_ROOT', `image ${image} is not beneath the image root`);
+    let rel = image;
+    if (isAbsolute(image)) {
+      const abs = resolve(image);
+      if (!abs.startsWith(this.path + sep)) throw outside();
+      rel = abs.slice(this.path.length + 1);
+    }
+    const fd = tryOpenat2(
+      this.fd,
+      rel,
+      O_RDONLY | O_NONBLOCK,
+      RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
+    );
+    if (fd === -ERRNO.EXDEV || fd === -ERRNO.ELOOP) throw outside();
+    if (fd === -ERRNO.ENOENT || fd === -ERRNO.ENOTDIR) {
+      throw new SourceError('IMAGE_NOT_FOUND', `no image ${image} beneath the image root`);
+    }
+    if (fd < 0) {
+      throw new SourceError('IMAGE_OPEN', `cannot open image ${image}: ${errnoName(-fd)}`);
+    }
+    return fd;
+  }
+
+  close(): void {
+    close(this.fd);
+  }
+}
+
+/**
+ * Opens `image` beneath `root` read-only, checks it is a regular file, validates `regions`
+ * against it (default: one region `ram0` over the whole file, 4 KiB pages) and returns it. Its
+ * holes are learned at the freeze (scanHoles).
+ */
+export function openImage(
+  root: ImageRoot,
+  image: string,
+  regions?: readonly ImageRegionSpec[],
+): MemoryImage {
+  const fd = root.open(image);
   try {
     const st = fstatSync(fd);
-    if (!st.isFile()) throw new SourceError('IMAGE_OPEN', `${path} is not a regular file`);
-    return new MemoryImage(path, fd, validateRegions(regions, st.size), st.size);
+    if (!st.isFile()) throw new SourceError('IMAGE_NOT_REGULAR', `${image} is not a regular file`);
+    const specs = regions ?? [
+      {
+        name: 'ram0',
+        offset: 0,
+        sizeBytes: st.size,
+        fileOffset: 0,
+        pageSizeBytes: DEFAULT_PAGE_SIZE_BYTES,
+      },
+    ];
+    return new MemoryImage(image, fd, validateRegions(specs, st.size), st.size);
   } catch (err) {
     close(fd);
     throw err;

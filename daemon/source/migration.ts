@@ -101,6 +101,8 @@ export class Migration {
   constructor(
     readonly id: string,
     readonly image: MemoryImage,
+    /** What each page connection must prove it knows (protocol/auth.ts), or null (no auth). */
+    readonly secret: Uint8Array | null,
     private readonly metrics: SourceMetrics,
     private readonly log: Logger,
     private readonly onEvent: (event: MigrationEvent) => void,
@@ -130,7 +132,7 @@ export class Migration {
         failed: (code) => this.failed(code),
       },
     );
-    this.background = bulk.lane(id, image, this.sent, {
+    this.background = bulk.lane(id, image, this.sent, secret, {
       frameBytes,
       maxBufferedBytes: opts.maxBufferedBytes ?? 4 * 1024 * 1024,
       progressIntervalMs: opts.progressIntervalMs ?? 500,
@@ -254,6 +256,18 @@ export class Migration {
     if (pages !== expected) {
       this.failed('BAD_STATE');
       channel.fail('BAD_STATE', `COMPLETE for ${pages} pages; the image has ${expected}`);
+      return;
+    }
+    // The image goes only when this source's own record says the dest can hold every page: each
+    // was sent, or reported held in a HAVE sync, since the image was opened.
+    const uncovered = this.sent.uncoveredPages();
+    if (uncovered > 0) {
+      this.failed('BAD_STATE');
+      this.log.warn('COMPLETE refused: the image is kept', { uncoveredPages: uncovered });
+      channel.fail(
+        'BAD_STATE',
+        `COMPLETE, but ${uncovered} pages were never sent nor reported held; keeping the image`,
+      );
       return;
     }
     this.transition('complete');

@@ -1,16 +1,19 @@
-import { statSync } from 'node:fs';
 /**
- * The migrations this source serves, by id. The page server asks it to accept each HELLO;
- * the control API registers, freezes and aborts through it.
+ * The migrations this source serves, by id, each with its secret. The page server asks it to
+ * accept each HELLO (the proof of the migration's secret, unless authentication is off); the
+ * control API registers, freezes and aborts through it.
  */
+import { randomBytes } from 'node:crypto';
+import { parseSecret } from '../../protocol/auth.js';
 import { ProtocolError } from '../../protocol/errors.js';
 import { validMigrationId } from '../../protocol/page-codec.js';
 import type { Logger } from '../ops/log.js';
 import type { SourceMetrics } from '../ops/metric-ports.js';
 import type { HelloAcceptance, HelloFrame } from '../transport/server.js';
 import type { SourceBulkThread } from './bulk.js';
+import { authenticate } from './auth.js';
 import { SourceError } from './errors.js';
-import { openImage, type ImageRegionSpec } from './image.js';
+import { openImage, type ImageRegionSpec, type ImageRoot } from './image.js';
 import {
   Migration,
   type MigrationEvent,
@@ -20,23 +23,27 @@ import {
 
 export interface RegisterRequest {
   id: string;
-  /** Path of the memory image file. */
+  /** The memory image file, beneath the image root (absolute, or relative to the root). */
   image: string;
   /** Default: one region `ram0` covering the whole file with 4 KiB pages. */
   regions?: readonly ImageRegionSpec[] | undefined;
   /** Already frozen (e.g. a snapshot file): serve at once. */
-  frozen?: boolean;
+  frozen?: boolean | undefined;
+  /** The migration's secret (hex, 16..64 bytes); generated when absent and auth is on. */
+  secret?: string | undefined;
 }
 
-/** One region `ram0` over the whole file, 4 KiB pages (a raw RAM dump or memory-backend-file). */
-function wholeFileRegion(path: string): ImageRegionSpec[] {
-  let sizeBytes: number;
-  try {
-    sizeBytes = statSync(path).size;
-  } catch (err) {
-    throw new SourceError('IMAGE_OPEN', `cannot stat image ${path}`, { cause: err });
-  }
-  return [{ name: 'ram0', offset: 0, sizeBytes, fileOffset: 0, pageSizeBytes: 4096 }];
+export interface Registered {
+  status: MigrationStatus;
+  /** The secret this source generated, returned this once; absent when it was given. */
+  generatedSecret?: string;
+}
+
+export interface RegistryLimits {
+  /** Whether every page connection must prove its migration's secret. */
+  authRequired: boolean;
+  /** Migrations registered at once. */
+  maxMigrations: number;
 }
 
 export type MigrationListener = (event: MigrationEvent, status: MigrationStatus) => void;
@@ -51,23 +58,46 @@ export class MigrationRegistry {
     private readonly metrics: SourceMetrics,
     private readonly log: Logger,
     private readonly bulk: SourceBulkThread,
+    private readonly root: ImageRoot,
+    private readonly limits: RegistryLimits,
     private readonly options: MigrationOptions = {},
   ) {}
 
-  /** Opens the image and registers the migration. Throws SourceError (MIGRATION_EXISTS, IMAGE_*). */
-  register(req: RegisterRequest): MigrationStatus {
+  /**
+   * Opens the image and registers the migration. Throws SourceError (MIGRATION_EXISTS,
+   * TOO_MANY_MIGRATIONS, INVALID_SECRET, IMAGE_*).
+   */
+  register(req: RegisterRequest): Registered {
     if (!validMigrationId(req.id)) {
       throw new SourceError('INVALID_ID', `migration id ${JSON.stringify(req.id)} is malformed`);
     }
     if (this.migrations.has(req.id)) {
       throw new SourceError('MIGRATION_EXISTS', `migration ${req.id} is already registered`);
     }
-    const image = openImage(req.image, req.regions ?? wholeFileRegion(req.image));
+    if (this.migrations.size + this.forgotten.size >= this.limits.maxMigrations) {
+      throw new SourceError(
+        'TOO_MANY_MIGRATIONS',
+        `already ${this.limits.maxMigrations} migrations here (maxMigrations)`,
+      );
+    }
+    let secret: Buffer | null = null;
+    let generatedSecret: string | undefined;
+    if (req.secret !== undefined) {
+      secret = parseSecret(req.secret);
+      if (!secret) {
+        throw new SourceError('INVALID_SECRET', 'the secret must be 16..64 bytes of lowercase hex');
+      }
+    } else if (this.limits.authRequired) {
+      secret = randomBytes(32);
+      generatedSecret = secret.toString('hex');
+    }
+    const image = openImage(this.root, req.image, req.regions);
     const m = new Migration(
       req.id,
       image,
+      secret,
       this.metrics,
-      this.log.child({ migration: req.id }),
+      this.log.child({ migrationId: req.id }),
       (event) => this.emit(event),
       this.bulk,
       this.options,
@@ -75,7 +105,7 @@ export class MigrationRegistry {
     this.migrations.set(req.id, m);
     this.emit({ type: 'registered', id: req.id });
     if (req.frozen) m.freeze();
-    return m.status();
+    return { status: m.status(), ...(generatedSecret ? { generatedSecret } : {}) };
   }
 
   freeze(id: string): MigrationStatus {
@@ -119,10 +149,14 @@ export class MigrationRegistry {
     return () => this.listeners.delete(listener);
   }
 
-  /** The page server's HELLO hook. Throws ProtocolError UNKNOWN_MIGRATION or BAD_STATE. */
-  acceptHello = (hello: HelloFrame): HelloAcceptance => {
+  /**
+   * The page server's HELLO hook: the migration must exist and the HELLO must prove its secret.
+   * Throws ProtocolError UNKNOWN_MIGRATION, AUTH_FAILED or BAD_STATE.
+   */
+  acceptHello = (hello: HelloFrame, nonce: Uint8Array): HelloAcceptance => {
     const m = this.migrations.get(hello.migrationId);
     if (!m) throw new ProtocolError('UNKNOWN_MIGRATION', `no migration ${hello.migrationId} here`);
+    authenticate(hello, nonce, m.secret, this.limits.authRequired);
     m.checkHello(hello.channel);
     return { regions: m.image.regionTable(), attach: (channel) => m.attach(channel) };
   };

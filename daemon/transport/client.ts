@@ -3,7 +3,10 @@
  * (demand, background), HELLO sent and WELCOME awaited before the channel is handed out.
  * The rest of the daemon sees PageChannel, never ws.
  */
+import type { LookupFunction } from 'node:net';
 import WebSocket from 'ws';
+import { helloProof, NONCE_HEADER, parseNonce } from '../../protocol/auth.js';
+import { formatHostPort, pagesUrl, type SourceAddress } from '../../protocol/source-url.js';
 import { decodeFrame, encodeError, encodeHello } from '../../protocol/page-codec.js';
 import {
   CodedError,
@@ -60,19 +63,27 @@ export interface PageChannel {
   readonly isOpen: boolean;
 }
 
+/** TLS for wss sources: the CAs to verify the source with, and our client certificate. */
+export interface ClientTls {
+  /** PEM CAs (absent: the system's). */
+  ca?: Buffer | undefined;
+  cert?: Buffer | undefined;
+  key?: Buffer | undefined;
+}
+
 export interface ConnectOptions {
-  /** Source base URL, e.g. ws://10.0.0.5:7070. */
-  url: string;
+  /** Where the source is (parsed from the handoff, never concatenated). */
+  source: SourceAddress;
   migrationId: string;
   channel: ChannelKind;
+  /** The migration's secret, proven in HELLO (null: the source asks for no proof). */
+  secret: Uint8Array | null;
+  tls?: ClientTls | undefined;
+  /** Resolves the source's host; refuses addresses the dest may not connect to. */
+  lookup?: LookupFunction | undefined;
   timeoutMs: number;
   /** Interval of ws pings; the channel closes with HEARTBEAT_TIMEOUT when a pong is missed. */
   heartbeatMs?: number;
-}
-
-/** Where a channel connects: the source serves background connections on its bulk thread. */
-export function pagesUrl(base: string, kind: ChannelKind): string {
-  return `${base.replace(/\/+$/, '')}/v1/pages?channel=${channelName(kind)}`;
 }
 
 /** One ws message as a frame, or why it is not one (a text message, an undecodable frame). */
@@ -93,22 +104,30 @@ function decodeMessage(
   }
 }
 
+/** Bytes a channel may have unsent before its peer is judged not to read. */
+const MAX_SEND_BUFFER_BYTES = 16 * 1024 * 1024;
+
 /** Opens a channel: resolves after a valid WELCOME, rejects with a TransportError otherwise. */
 export function connectPageChannel(opts: ConnectOptions): Promise<PageChannel> {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(pagesUrl(opts.url, opts.channel), {
+    const where = formatHostPort(opts.source);
+    const ws = new WebSocket(pagesUrl(opts.source, opts.channel), {
       perMessageDeflate: false,
       maxPayload: Limits.MAX_FRAME_BYTES,
       handshakeTimeout: opts.timeoutMs,
+      ...(opts.tls?.ca ? { ca: opts.tls.ca } : {}),
+      ...(opts.tls?.cert ? { cert: opts.tls.cert, key: opts.tls.key } : {}),
+      ...(opts.lookup ? { lookup: opts.lookup } : {}),
     });
     ws.binaryType = 'nodebuffer';
     let settled = false;
     let channel: ChannelImpl | null = null;
+    let nonce: Buffer | null = null;
     const timer = setTimeout(() => {
       fail(
         new TransportError(
           'SOURCE_TIMEOUT',
-          `no WELCOME from ${opts.url} within ${opts.timeoutMs} ms`,
+          `no WELCOME from ${where} within ${opts.timeoutMs} ms`,
         ),
       );
       ws.terminate();
@@ -119,13 +138,29 @@ export function connectPageChannel(opts: ConnectOptions): Promise<PageChannel> {
       clearTimeout(timer);
       reject(err);
     };
-    ws.on('open', () => {
-      ws.send(encodeHello(opts.channel, PROTOCOL_VERSION, opts.migrationId));
+    ws.on('upgrade', (res) => {
+      nonce = parseNonce(res.headers[NONCE_HEADER]);
     });
-    ws.on('error', (err) => {
+    ws.on('open', () => {
+      let auth: Uint8Array | undefined;
+      if (opts.secret) {
+        if (!nonce) {
+          fail(
+            new TransportError('AUTH_FAILED', `${where} sent no nonce to prove the secret over`),
+          );
+          ws.terminate();
+          return;
+        }
+        auth = helloProof(opts.secret, nonce, opts.channel, opts.migrationId);
+      }
+      ws.send(encodeHello(opts.channel, PROTOCOL_VERSION, opts.migrationId, auth));
+    });
+    ws.on('error', (err: Error & { code?: string }) => {
       if (!settled) {
+        // The allowlist's refusal keeps its code; anything else means unreachable.
+        const code = err.code === 'SOURCE_DENIED' ? 'SOURCE_DENIED' : 'SOURCE_UNREACHABLE';
         fail(
-          new TransportError('SOURCE_UNREACHABLE', `cannot reach ${opts.url}: ${err.message}`, {
+          new TransportError(code, `cannot reach ${where}: ${err.message}`, {
             cause: err,
           }),
         );
@@ -182,6 +217,11 @@ export function connectPageChannel(opts: ConnectOptions): Promise<PageChannel> {
       }
       if (frame.version !== PROTOCOL_VERSION) {
         fail(new TransportError('VERSION_UNSUPPORTED', `source speaks version ${frame.version}`));
+        ws.terminate();
+        return;
+      }
+      if (nonce && !nonce.equals(frame.nonce)) {
+        fail(new TransportError('BAD_STATE', 'WELCOME carries another nonce than the upgrade'));
         ws.terminate();
         return;
       }
@@ -269,6 +309,16 @@ class ChannelImpl implements PageChannel {
 
   send(frame: Uint8Array): boolean {
     if (!this.open || this.ws.readyState !== WebSocket.OPEN) return false;
+    // A source that stops reading must not make the dest buffer without end: past the limit
+    // the connection is dropped (and reconnected), as if it had stalled.
+    if (this.ws.bufferedAmount + frame.byteLength > MAX_SEND_BUFFER_BYTES) {
+      this.closeWith({
+        code: 'SOURCE_IO',
+        message: `the source does not read (${this.ws.bufferedAmount} bytes unsent)`,
+      });
+      this.ws.terminate();
+      return false;
+    }
     this.ws.send(frame);
     return true;
   }

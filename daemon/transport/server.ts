@@ -1,13 +1,16 @@
 /**
- * The source side of the transport: one HTTP server whose `/v1/pages` upgrades to ws page
- * connections (everything else goes to an injected request handler: control API, /metrics).
- * Each connection starts with a HELLO; the server answers WELCOME or a coded ERROR, then hands a
- * SourceChannel to whoever accepted the HELLO. Bad input closes that connection only.
- * Background connections can be handed to another thread before their handshake (handOver, then
- * PageConnections.adopt there): the threads share the fd table, so a dup of the fd moves it.
+ * The source side of the transport: one HTTP or HTTPS server whose `/v1/pages` upgrades to ws
+ * page connections (anything else is 404). The upgrade response carries the connection's nonce
+ * (protocol/auth.ts); each connection then starts with a HELLO, which the server answers with
+ * WELCOME or a coded ERROR, and hands a SourceChannel to whoever accepted the HELLO. Bad input
+ * closes that connection only. Plaintext background connections can be handed to another thread
+ * before their handshake (handOver, then PageConnections.adopt there): the threads share the fd
+ * table, so a dup of the fd moves it. A TLS connection cannot move (its session lives in this
+ * thread), so with TLS the other thread listens on a port of its own, which WELCOME names.
  */
 import { randomBytes } from 'node:crypto';
 import http from 'node:http';
+import https from 'node:https';
 import net, { type AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
 import WebSocket, { WebSocketServer } from 'ws';
@@ -18,6 +21,7 @@ import {
   type PageErrorCode,
 } from '../../protocol/errors.js';
 import { decodeFrame, encodeError, encodeWelcome } from '../../protocol/page-codec.js';
+import { NONCE_BYTES, NONCE_HEADER } from '../../protocol/auth.js';
 import {
   channelName,
   FrameType,
@@ -28,6 +32,7 @@ import {
 } from '../../protocol/wire.js';
 import * as sys from '../linux/sys.js';
 import type { Logger } from '../ops/log.js';
+import { rateLimitedLog, type RateLimitedLog } from '../ops/rate-limit.js';
 import { socketFd } from './internals.js';
 import { WsSourceChannel, type SourceChannel } from './source-channel.js';
 
@@ -50,11 +55,15 @@ export type HelloHandler = (hello: HelloFrame, nonce: Uint8Array) => HelloAccept
 /** How one thread serves page connections (see PageConnections). */
 export interface PageConnectionOptions {
   onHello: HelloHandler;
+  /** WELCOME's backgroundPort: where background connections go (0: the same port). */
+  backgroundPort?: () => number;
   /** ws ping interval; a connection that missed the previous pong is terminated. 0 disables. */
   heartbeatIntervalMs?: number;
   /** Connections that have not sent a HELLO within this time are closed. */
   helloTimeoutMs?: number;
   log: Logger;
+  /** Refusals (bad frames, failed proofs...) are logged through it: a peer can cause them at will. */
+  refusalLog?: RateLimitedLog;
   /** A coded error happened on some connection (metric hook). */
   onError?: (code: string) => void;
 }
@@ -63,8 +72,8 @@ export interface PageServerOptions extends PageConnectionOptions {
   host: string;
   /** 0 picks an ephemeral port. */
   port: number;
-  /** Plain HTTP requests (anything but the ws upgrade); 404 when absent. */
-  httpHandler?: http.RequestListener;
+  /** Serve wss: certificate, key, and the client CAs when client certificates are required. */
+  tls?: https.ServerOptions | undefined;
   /**
    * Background connections (`/v1/pages?channel=background`) are handed over here, before the ws
    * handshake, to be served by another thread; absent: served here like the others.
@@ -74,7 +83,7 @@ export interface PageServerOptions extends PageConnectionOptions {
 
 export interface PageServer {
   readonly port: number;
-  readonly http: http.Server;
+  readonly http: http.Server | https.Server;
   /** Closes every connection and the listener. */
   close(): Promise<void>;
 }
@@ -139,6 +148,9 @@ export class PageConnections {
   private readonly heartbeat: NodeJS.Timeout | null;
   private readonly helloTimeoutMs: number;
   private readonly onError: (code: string) => void;
+  /** The nonce each upgrade response carried, by request. */
+  private readonly nonces = new WeakMap<object, Buffer>();
+  private readonly refusalLog: RateLimitedLog;
 
   constructor(
     private readonly opts: PageConnectionOptions,
@@ -148,14 +160,27 @@ export class PageConnections {
     const heartbeatMs = opts.heartbeatIntervalMs ?? 15_000;
     this.helloTimeoutMs = opts.helloTimeoutMs ?? 10_000;
     this.onError = opts.onError ?? (() => {});
+    this.refusalLog = opts.refusalLog ?? rateLimitedLog(opts.log);
     this.heartbeat = heartbeatMs > 0 ? setInterval(() => this.ping(), heartbeatMs) : null;
     this.heartbeat?.unref();
+    // A fresh nonce in every upgrade response: what the HELLO's proof is computed over.
+    this.wss.on('headers', (headers: string[], req: http.IncomingMessage) => {
+      const nonce = randomBytes(NONCE_BYTES);
+      this.nonces.set(req, nonce);
+      headers.push(`${NONCE_HEADER}: ${nonce.toString('hex')}`);
+    });
   }
 
   /** Completes the ws handshake of an upgrade request of this thread, then serves it. */
   upgrade(req: http.IncomingMessage, socket: Duplex, head: Buffer): void {
     const remote = remoteOf(req.socket);
-    this.wss.handleUpgrade(req, socket, head, (ws) => this.accept(ws, remote));
+    this.wss.handleUpgrade(req, socket, head, (ws) => this.accept(ws, remote, this.nonceOf(req)));
+  }
+
+  private nonceOf(req: object): Buffer {
+    const nonce = this.nonces.get(req);
+    if (!nonce) throw new Error('an upgrade without a nonce');
+    return nonce;
   }
 
   /** Serves a socket another thread handed over (see handOver). */
@@ -167,7 +192,7 @@ export class PageConnections {
       req as unknown as http.IncomingMessage,
       socket,
       Buffer.from(h.head),
-      (ws) => this.accept(ws, h.remote),
+      (ws) => this.accept(ws, h.remote, this.nonceOf(req)),
     );
   }
 
@@ -195,7 +220,7 @@ export class PageConnections {
     }
   }
 
-  private accept(ws: WebSocket, remote: string): void {
+  private accept(ws: WebSocket, remote: string, nonce: Buffer): void {
     const { log } = this.opts;
     const onError = this.onError;
     const id = ++this.serial;
@@ -205,7 +230,12 @@ export class PageConnections {
     ws.binaryType = 'nodebuffer';
     const refuse = (code: PageErrorCode, message: string): void => {
       onError(code);
-      log.warn('page connection refused', { conn: connName, remote, code, reason: message });
+      this.refusalLog('warn', code, 'page connection refused', {
+        conn: connName,
+        remote,
+        code,
+        reason: message,
+      });
       ws.send(encodeError(code, message));
       ws.close(1008, code);
       setTimeout(() => ws.terminate(), 2000).unref();
@@ -251,7 +281,8 @@ export class PageConnections {
           );
         }
         hello = frame;
-        if (hello.version !== PROTOCOL_VERSION) {
+        // HELLO names the highest version the dest speaks; this source speaks one.
+        if (hello.version < PROTOCOL_VERSION) {
           throw new ProtocolError(
             'VERSION_UNSUPPORTED',
             `version ${hello.version} is not supported (this source speaks ${PROTOCOL_VERSION})`,
@@ -261,7 +292,6 @@ export class PageConnections {
         refuse(codeOf(err, PAGE_ERROR_CODES, 'FRAME_BAD_VALUE'), (err as Error).message);
         return;
       }
-      const nonce = randomBytes(16);
       let acceptance: HelloAcceptance;
       try {
         acceptance = this.opts.onHello(hello, nonce);
@@ -270,7 +300,15 @@ export class PageConnections {
         refuse(codeOf(err, PAGE_ERROR_CODES, 'BAD_STATE'), err.message);
         return;
       }
-      ws.send(encodeWelcome(hello.channel, PROTOCOL_VERSION, nonce, acceptance.regions));
+      ws.send(
+        encodeWelcome(
+          hello.channel,
+          PROTOCOL_VERSION,
+          nonce,
+          acceptance.regions,
+          this.opts.backgroundPort?.() ?? 0,
+        ),
+      );
       const channel = new WsSourceChannel(ws, hello.channel, hello.migrationId, id, remote);
       conn.channel = channel;
       log.info('page connection accepted', {
@@ -286,14 +324,15 @@ export class PageConnections {
 
 export async function listenPageServer(opts: PageServerOptions): Promise<PageServer> {
   const conns = new PageConnections(opts);
-  const httpServer = http.createServer((req, res) => {
-    if (opts.httpHandler) {
-      opts.httpHandler(req, res);
-      return;
-    }
+  const notFound: http.RequestListener = (req, res) => {
     res.writeHead(404, { 'content-type': 'application/json' });
-    res.end(JSON.stringify({ error: { code: 'NOT_FOUND', message: `no route for ${req.url}` } }));
-  });
+    res.end(
+      JSON.stringify({ error: { code: 'NOT_FOUND', message: 'this port serves /v1/pages only' } }),
+    );
+  };
+  const httpServer = opts.tls
+    ? https.createServer(opts.tls, notFound)
+    : http.createServer(notFound);
 
   httpServer.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
     const url = req.url ?? '';
@@ -302,7 +341,7 @@ export async function listenPageServer(opts: PageServerOptions): Promise<PageSer
       socket.end('HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
       return;
     }
-    if (opts.background && requestedChannel(url) === 'background') {
+    if (opts.background && !opts.tls && requestedChannel(url) === 'background') {
       let handed: HandedSocket;
       try {
         handed = handOver(req, socket, head);

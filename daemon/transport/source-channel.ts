@@ -98,6 +98,9 @@ const LEGAL: Record<ChannelKind, ReadonlySet<number>> = {
 
 /** A peer that never answers our close frame must not keep the socket open. */
 const CLOSE_GRACE_MS = 2000;
+/** Unsent bytes above which the peer's frames are no longer read; reading resumes below the second. */
+const READ_PAUSE_BYTES = 32 * 1024 * 1024;
+const READ_RESUME_BYTES = 8 * 1024 * 1024;
 
 interface Waiter {
   bytes: number;
@@ -109,6 +112,7 @@ export class WsSourceChannel implements SourceChannel {
   onClose: (info: ChannelCloseInfo) => void = () => {};
   private open = true;
   private buffered = 0;
+  private paused = false;
   private waiters: Waiter[] = [];
 
   constructor(
@@ -186,6 +190,16 @@ export class WsSourceChannel implements SourceChannel {
       return;
     }
     this.onFrame(frame, data.length);
+    // Backpressure on a peer that asks faster than it reads (REQUESTs whose answers it leaves
+    // in our send buffer): stop reading its frames until the buffer drains.
+    if (this.buffered > READ_PAUSE_BYTES && !this.paused && this.open) {
+      this.paused = true;
+      this.ws.pause();
+      this.whenBufferedBelow(READ_RESUME_BYTES, () => {
+        this.paused = false;
+        if (this.open) this.ws.resume();
+      });
+    }
   }
 
   fail(code: PageErrorCode, message: string): void {

@@ -15,7 +15,13 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { generateImage, type GeneratedImage } from '../image/gen-image.js';
-import { startDest, startSource, type Daemon } from '../lib/daemons.js';
+import {
+  startDest,
+  startSource,
+  type Daemon,
+  type SourceDaemon,
+  writeSourceConfig,
+} from '../lib/daemons.js';
 import { CpuMeter, peakRssBytes } from './proc.js';
 
 export const GiB = 2 ** 30;
@@ -110,7 +116,7 @@ export function createContext(opts: { quick: boolean; verbose: boolean }): Bench
 }
 
 export interface DaemonPair {
-  source: Daemon & { ws: string };
+  source: SourceDaemon;
   dest: Daemon & { socket: string };
   /** Starts a CPU window on both daemons: seconds(0) is the dest, seconds(1) the source. */
   meter(): CpuMeter;
@@ -134,27 +140,27 @@ export async function withDaemons<T>(
   const n = ++pairSeq;
   const daemons: Daemon[] = [];
   try {
-    const sourceConfig = join(ctx.dir, `source-${n}.json`);
-    writeFileSync(
-      sourceConfig,
-      JSON.stringify({
-        migrations: migrations.map((m) => ({
-          id: m.id,
-          image: m.image,
-          frozen: true,
-          regions: [
-            {
-              name: 'ram0',
-              offset: 0,
-              sizeBytes: statSync(m.image).size,
-              fileOffset: 0,
-              pageSizeBytes: m.pageSizeBytes ?? PAGE,
-            },
-          ],
-        })),
-      }),
+    const config = writeSourceConfig(
+      ctx.dir,
+      `source-${n}`,
+      migrations.map((m) => ({
+        id: m.id,
+        image: m.image,
+        frozen: true,
+        regions: [
+          {
+            name: 'ram0',
+            offset: 0,
+            sizeBytes: statSync(m.image).size,
+            fileOffset: 0,
+            pageSizeBytes: m.pageSizeBytes ?? PAGE,
+          },
+        ],
+      })),
     );
-    const source = await startSource(ctx.dir, ['--config', sourceConfig], `source-${n}`);
+    const source = await startSource(ctx.dir, ['--config', config.path], `source-${n}`, {
+      secrets: config.secrets,
+    });
     daemons.push(source);
     ctx.track(source.child);
     const dest = await startDest(ctx.dir, destConfig ? ['--config', destConfig] : [], `dest-${n}`);

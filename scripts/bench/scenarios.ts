@@ -166,12 +166,16 @@ function vmAgainst(
   pair: DaemonPair,
   image: string,
   w: ReturnType<typeof watch>,
-): Pick<VmSimOptions, 'signal' | 'onProgress' | 'image' | 'migrationId' | 'source' | 'destSocket'> {
+): Pick<
+  VmSimOptions,
+  'signal' | 'onProgress' | 'image' | 'migrationId' | 'secret' | 'source' | 'destSocket'
+> {
   return {
     signal: w.signal,
     onProgress: w.onProgress,
     image,
     migrationId: 'bench-vm',
+    secret: pair.source.secretOf('bench-vm'),
     source: pair.source.ws,
     destSocket: pair.dest.socket,
   };
@@ -329,6 +333,7 @@ const demandHuge: Scenario = {
           const r = await runCVmm({
             socket: pair.dest.socket,
             id: 'bench-huge',
+            secret: pair.source.secretOf('bench-huge'),
             source: pair.source.ws,
             image: image.path,
             regions: [{ offset: 0, sizeBytes: spec.sizeBytes, page: '2m' }],
@@ -583,6 +588,8 @@ const manyVms: Scenario = {
               VM_SIM_CLI,
               ...['--image', image.path, '--source', pair.source.ws, '--socket', pair.dest.socket],
               ...['--id', id, '--workers', '1', '--pattern', 'random'],
+              // withDaemons wrote each migration's secret file there.
+              ...['--secret-file', join(ctx.dir, `${id}.secret`)],
               ...['--touches', String(s.vmTouches), '--ops-after-complete', '0'],
               ...['--timeout', '300', '--json'],
             ];

@@ -18,7 +18,9 @@ import { runVmSim, type VmSimOptions, type VmSimResult } from '../vm-sim/vm-sim.
 import { ChaosProxy, prng, type FaultEvent } from './proxy.js';
 import {
   migrationState,
+  destSessions,
   registerMigration,
+  secretFile,
   startDest,
   startSource,
   type Daemon,
@@ -138,9 +140,10 @@ export async function runChaos(opts: ChaosOptions): Promise<ChaosResult> {
     daemons.push(source);
     let dest = await startDest(dir, ['--config', destConfig], 'dest-0');
     daemons.push(dest);
-    const vmOpts = (migrationId: string, src: string): VmSimOptions => ({
+    const vmOpts = (migrationId: string, src: string, secret: string): VmSimOptions => ({
       image,
       migrationId,
+      secret,
       source: src,
       destSocket: dest.socket,
       workers,
@@ -151,14 +154,15 @@ export async function runChaos(opts: ChaosOptions): Promise<ChaosResult> {
 
     let baselineMs: number | null = null;
     if (opts.baseline ?? true) {
-      await registerMigration(source, { id: 'chaos-baseline', image, frozen: true });
-      const b = await runVmSim(vmOpts('chaos-baseline', source.ws));
+      const secret = await registerMigration(source, { id: 'chaos-baseline', image, frozen: true });
+      const b = await runVmSim(vmOpts('chaos-baseline', source.ws, secret));
       baselineMs = b.elapsedMs;
       log(`clean run: ${(baselineMs / 1000).toFixed(1)} s`);
     }
 
-    // Restarted sources serve the migration from their command line, frozen.
-    const sourceArgs = ['--migration', `id=${id},image=${image},frozen`];
+    // Restarted sources serve the migration from their command line, frozen, with its secret.
+    const key = secretFile(dir, id);
+    const sourceArgs = ['--migration', `id=${id},image=${image},frozen,secret-file=${key.path}`];
     source.child.kill('SIGKILL');
     await once(source.child, 'exit').catch(() => undefined);
     source = await startSource(dir, sourceArgs, 'source-1', { port: source.port });
@@ -177,7 +181,7 @@ export async function runChaos(opts: ChaosOptions): Promise<ChaosResult> {
     const p = proxy;
 
     const run = runVmSim({
-      ...vmOpts(id, p.url),
+      ...vmOpts(id, p.url, key.secret),
       ...(killDest ? { resumeOnDaemonDeath: { timeoutMs: 60_000 } } : {}),
     });
     let finished = false;
@@ -190,8 +194,7 @@ export async function runChaos(opts: ChaosOptions): Promise<ChaosResult> {
     const reconnectsByLife = new Map<number, number>();
     const view = async (): Promise<SessionView | undefined> => {
       try {
-        const res = await fetch(`${dest.http}/v1/sessions`);
-        const body = (await res.json()) as { active: SessionView[]; ended: SessionView[] };
+        const body = await destSessions<{ active: SessionView[]; ended: SessionView[] }>(dest);
         const s =
           body.active.find((x) => x.migrationId === id) ??
           [...body.ended].reverse().find((x) => x.migrationId === id);

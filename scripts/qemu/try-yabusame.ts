@@ -41,6 +41,7 @@ import { buildGuest, type GuestFiles } from './guest/build.js';
 import { summarizeFaults, UserFaultTrace, type FaultSummary } from './kfaults.js';
 import { guestView, type GuestView } from './measure.js';
 import { buildPreload } from './preload-build.js';
+import { requestJson } from '../../daemon/cli/common.js';
 import { freePort, nowMs, Qemu, setCapabilities, shmRamPath, type SerialLine } from './qemu.js';
 
 const BIN = fileURLToPath(new URL('../../../bin/yabusame.js', import.meta.url));
@@ -94,24 +95,15 @@ async function until<T>(
   }
 }
 
+/** A control API request over a daemon's UNIX socket. */
 async function http(
   method: string,
-  url: string,
+  socketPath: string,
+  path: string,
   body?: unknown,
 ): Promise<{ status: number; json: unknown }> {
-  const res = await fetch(url, {
-    method,
-    headers: body === undefined ? {} : { 'content-type': 'application/json' },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await res.text();
-  let json: unknown = text;
-  try {
-    json = JSON.parse(text);
-  } catch {
-    // Keep the text.
-  }
-  return { status: res.status, json };
+  const res = await requestJson({ socketPath }, method, path, body);
+  return { status: res.status, json: res.body };
 }
 
 export interface Step {
@@ -217,7 +209,7 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
   const sockPath = join(o.workDir, 'dest.sock');
   const pagePort = await freePort();
   const metricsPort = o.metrics ? await freePort() : 0;
-  const sourceUrl = `http://127.0.0.1:${pagePort}`;
+  const sourceControl = join(o.workDir, 'source.control');
   const common = {
     workDir: o.workDir,
     memMiB: o.memMiB,
@@ -241,7 +233,18 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
   try {
     const source = startDaemon(
       'source',
-      ['source', '--listen', `127.0.0.1:${pagePort}`],
+      [
+        'source',
+        '--listen',
+        `127.0.0.1:${pagePort}`,
+        // QEMU's RAM files live in /dev/shm: the source reads images beneath it only.
+        '--image-root',
+        '/dev/shm',
+        '--control-socket',
+        sourceControl,
+        '--metrics-listen',
+        'off',
+      ],
       o.workDir,
     );
     daemons.push(source);
@@ -251,11 +254,13 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
       sockPath,
       '--metrics-listen',
       o.metrics ? `127.0.0.1:${metricsPort}` : 'off',
+      '--control-socket',
+      join(o.workDir, 'dest.control'),
     ];
     let dest = startDaemon('dest', destArgs, o.workDir);
     daemons.push(dest);
     await until('page server', 15_000, async () =>
-      (await http('GET', `${sourceUrl}/v1/migrations`)).status === 200 ? true : undefined,
+      (await http('GET', sourceControl, '/v1/migrations')).status === 200 ? true : undefined,
     );
     await until('dest handoff socket', 15_000, async () =>
       fs.existsSync(sockPath) ? true : undefined,
@@ -271,13 +276,15 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
       stopAtMs = (await stopEvent).timestampMs;
       step('source VM stopped first (QMP stop)');
     }
-    const reg = await http('POST', `${sourceUrl}/v1/migrations`, {
+    const reg = await http('POST', sourceControl, '/v1/migrations', {
       id,
       image: srcRam,
       frozen: o.stopFirst === true,
     });
     if (reg.status >= 300)
       throw new Error(`register: HTTP ${reg.status} ${JSON.stringify(reg.json)}`);
+    // The secret the source generated: the destination's preload hands it over with the uffd.
+    const secret = (reg.json as { secret: string }).secret;
     step('migration registered with the page server');
 
     dst = await Qemu.start({
@@ -292,6 +299,7 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
         YABUSAME_SOCKET: sockPath,
         YABUSAME_MIGRATION_ID: id,
         YABUSAME_SOURCE: `ws://127.0.0.1:${pagePort}`,
+        YABUSAME_SECRET: secret,
       },
     });
     const dstQemu = dst;
@@ -331,7 +339,7 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     if (stopped) {
       const stop = await stopped;
       stopAtMs = stop.timestampMs;
-      const fr = await http('POST', `${sourceUrl}/v1/migrations/${id}/freeze`);
+      const fr = await http('POST', sourceControl, `/v1/migrations/${id}/freeze`);
       frozenAtMs = nowMs();
       if (fr.status >= 300) throw new Error(`freeze: HTTP ${fr.status} ${JSON.stringify(fr.json)}`);
     }

@@ -40,6 +40,8 @@ export interface VmSimOptions {
   migrationId: string;
   /** ws URL of `yabusame source`. */
   source: string;
+  /** The migration's secret (hex), handed to the daemon with the uffd. */
+  secret?: string;
   /** UNIX socket path of `yabusame dest` (used by the default handoff). */
   destSocket?: string;
   workers?: number;

@@ -241,6 +241,7 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
       version: HANDOFF_VERSION,
       migrationId: o.migrationId,
       source: o.source,
+      ...(o.secret ? { secret: o.secret } : {}),
       regions: singleHandoffRegion(ram.base, sizeBytes),
     };
     driver = new HandoffDriver(
@@ -348,6 +349,7 @@ worker threads while pages arrive, then verifies every page against the image.
   --image <path>     memory image the source serves (the oracle)
   --size <n>         guest RAM size (e.g. 256M); default the image size
   --source <url>     ws URL of \`yabusame source\`
+  --secret-file <f>  the migration's secret (hex), handed to the daemon with the uffd
   --socket <path>    UNIX socket of \`yabusame dest\`
   --id <id>          migration id
   --workers <n>      workload threads (default 4; 0: no workload, background only)
@@ -375,6 +377,7 @@ async function main(argv: string[]): Promise<number> {
         image: { type: 'string' },
         size: { type: 'string' },
         source: { type: 'string' },
+        'secret-file': { type: 'string' },
         socket: { type: 'string' },
         id: { type: 'string' },
         workers: { type: 'string' },
@@ -412,6 +415,7 @@ async function main(argv: string[]): Promise<number> {
       image: args.image!,
       sizeBytes: args.size ? parseSize(args.size) : undefined,
       source: args.source!,
+      secret: args['secret-file'] ? fs.readFileSync(args['secret-file'], 'utf8').trim() : undefined,
       destSocket: args.socket!,
       migrationId: args.id!,
       workers: num(args.workers),

@@ -1,6 +1,8 @@
 /**
  * In-process pieces for dest tests: a dest daemon with quick timeouts and no HTTP endpoint, and
- * guest RAM registered with a userfaultfd, as a VMM would hand it over.
+ * guest RAM registered with a userfaultfd, as a VMM would hand it over. The daemon runs without
+ * secrets unless `requireSecret` (its scripted sources speak no authentication), so only
+ * loopback sources are allowed, as with --insecure-no-auth.
  */
 import * as sys from '../../daemon/linux/sys.js';
 import * as abi from '../../daemon/linux/abi.js';
@@ -19,6 +21,8 @@ export interface TestDestOptions {
   bulkNice?: number;
   /** A stand-in for the bulk thread. */
   bulkWorkerUrl?: URL;
+  /** Handoffs must carry a secret (the daemon's default; off here). */
+  requireSecret?: boolean;
 }
 
 export function startTestDest(socketPath: string, o: TestDestOptions = {}): Promise<DestDaemon> {
@@ -28,6 +32,13 @@ export function startTestDest(socketPath: string, o: TestDestOptions = {}): Prom
     http: null,
     maxSessions: 8,
     handoffTimeoutMs: timeoutMs,
+    peers: {
+      allowedUids: [process.getuid!()],
+      allowedGids: [],
+      maxSessionsPerUid: 8,
+      maxPending: 16,
+      maxPendingPerUid: 16,
+    },
     session: {
       connectTimeoutMs: o.connectTimeoutMs ?? timeoutMs,
       completeTimeoutMs: timeoutMs,
@@ -35,6 +46,8 @@ export function startTestDest(socketPath: string, o: TestDestOptions = {}): Prom
       progressIntervalMs: 1000,
       heartbeatMs: 0,
       reconnectTimeoutMs: o.reconnectTimeoutMs ?? 300,
+      requireSecret: o.requireSecret ?? false,
+      sourcePolicy: { allowed: [], allowPlaintext: false, loopbackOnly: !o.requireSecret },
     },
     log: silentLogger,
     metrics: o.metrics ?? noopDestMetrics,

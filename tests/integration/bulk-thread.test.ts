@@ -77,7 +77,9 @@ t.test(
     t.teardown(() => clearInterval(keepAlive));
     const init = {
       migrationId: 'vm-bulk-dies',
-      source: 'ws://127.0.0.1:1',
+      secret: null,
+      tls: undefined,
+      policy: { allowed: [], allowPlaintext: false, loopbackOnly: true },
       windowBytes: 1 << 20,
       connectTimeoutMs: 1000,
       heartbeatMs: 0,
@@ -94,7 +96,7 @@ t.test(
         sourceDone: () => {},
         fail: (code) => failures.push(code),
       });
-      const opened = await lane.open().then(
+      const opened = await lane.open({ scheme: 'ws', host: '127.0.0.1', port: 1 }).then(
         () => 'opened',
         (err: { code?: string }) => err.code,
       );
@@ -117,7 +119,7 @@ t.test('faults never wait on the bulk thread: served while it is wedged at nice 
   await generateImage({ path: image, sizeBytes: size, seed: 5 });
   const source = await startSource(dir);
   t.teardown(() => source.stop());
-  await registerMigration(source, { id: 'vm-wedged', image, frozen: true });
+  const secret = await registerMigration(source, { id: 'vm-wedged', image, frozen: true });
   const regions = [{ offset: 0, sizeBytes: size, pageSizeBytes: 4096, name: 'ram0' }];
   const sysUrl = new URL('../../daemon/linux/sys.js', import.meta.url).href;
   const script = join(dir, 'wedged.mjs');
@@ -140,6 +142,7 @@ parentPort.on('message', (m) => {
   const r = await runVmSimTouches({
     image,
     migrationId: 'vm-wedged',
+    secret,
     source: source.ws,
     destSocket: join(dir, 'dest.sock'),
     workers: 2,

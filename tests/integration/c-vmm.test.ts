@@ -25,7 +25,12 @@ import {
   type CVmmOptions,
   type CVmmResult,
 } from '../../scripts/c-vmm/c-vmm.js';
-import { startDest, startSource, type Daemon } from '../../scripts/lib/daemons.js';
+import {
+  startDest,
+  startSource,
+  writeSourceConfig,
+  type Daemon,
+} from '../../scripts/lib/daemons.js';
 import { reserveHugePages } from '../../scripts/lib/hugepages.js';
 
 const KiB = 1024;
@@ -133,9 +138,10 @@ t.before(async () => {
     whole('cvmm-good', images['small']),
     whole('cvmm-good-held', images['small']),
   ];
-  const sourceConfig = join(dir, 'source.json');
-  writeFileSync(sourceConfig, JSON.stringify({ migrations }));
-  source = await startSource(dir, ['--config', sourceConfig]);
+  const config = writeSourceConfig(dir, 'source', migrations);
+  source = await startSource(dir, ['--config', config.path], 'source', {
+    secrets: config.secrets,
+  });
   daemons.push(source);
   // A session that cannot reach its source fails after 2 s instead of 2 minutes, so a failing
   // scenario ends quickly.
@@ -171,7 +177,13 @@ async function migrate(
   d: Daemon & { socket: string },
   o: Omit<CVmmOptions, 'socket' | 'source'>,
 ): Promise<CVmmResult> {
-  return runCVmm({ socket: d.socket, source: source.ws, timeoutMs: 30_000, ...o });
+  return runCVmm({
+    socket: d.socket,
+    source: source.ws,
+    secret: source.secretOf(o.id),
+    timeoutMs: 30_000,
+    ...o,
+  });
 }
 
 function assertVerified(t: Test, r: CVmmResult, d: Daemon): void {

@@ -11,7 +11,7 @@ import type { DestDaemon } from '../../daemon/dest/daemon.js';
 import { guestRam, startTestDest } from '../helpers/dest.js';
 import { encodeHandoff } from '../../protocol/handoff.js';
 import { decodeFrame, encodeData, encodeWelcome, encodeZero } from '../../protocol/page-codec.js';
-import { FrameType } from '../../protocol/wire.js';
+import { FrameType, PROTOCOL_VERSION } from '../../protocol/wire.js';
 import { connectHandoff, sendRaw } from '../helpers/vmm-client.js';
 
 const SIZE = 1 << 20;
@@ -32,7 +32,7 @@ t.before(async () => {
       const hello = decodeFrame(data);
       if (hello.type !== FrameType.HELLO) return;
       ws.send(
-        encodeWelcome(hello.channel, 1, new Uint8Array(16), [
+        encodeWelcome(hello.channel, PROTOCOL_VERSION, new Uint8Array(16), [
           { offset: 0, sizeBytes: SIZE, pageSizeBytes: 4096, name: 'ram0' },
         ]),
       );
@@ -93,7 +93,7 @@ for (const [name, code, script] of cases) {
     scripts.set(id, script);
     const { replies, fd } = await migrate(id);
     const ack = await replies.next();
-    t.equal(ack.type, 'ack', 'the handoff was accepted');
+    t.equal(ack.type, 'ack', `the handoff was accepted: ${JSON.stringify(ack)}`);
     const err = await replies.next();
     t.equal(
       err.type === 'error' && err.code,

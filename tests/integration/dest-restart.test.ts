@@ -9,6 +9,7 @@ import { generateImage } from '../../scripts/image/gen-image.js';
 import { runVmSim, socketHandoff, type VmSimResult } from '../../scripts/vm-sim/vm-sim.js';
 import type { HandoffRequest } from '../../protocol/handoff.js';
 import {
+  destSessions,
   migrationState,
   registerMigration,
   startDest,
@@ -48,9 +49,7 @@ interface SessionView {
 
 async function activeSession(dest: Dest, id: string): Promise<SessionView | undefined> {
   try {
-    const body = (await (await fetch(`${dest.http}/v1/sessions`)).json()) as {
-      active: SessionView[];
-    };
+    const body = await destSessions<{ active: SessionView[] }>(dest);
     return body.active.find((s) => s.migrationId === id);
   } catch {
     return undefined; // not answering (yet, or any more)
@@ -192,6 +191,7 @@ async function migrateThroughKills(
   const vm = runVmSim({
     image,
     migrationId: id,
+    secret: source.secretOf(id),
     source: source.ws,
     destSocket: dest.socket,
     workers: 2,
@@ -246,6 +246,7 @@ t.test('the dest does not come back: VMSIM_RESUME_TIMEOUT', async (t) => {
   const vm = runVmSim({
     image,
     migrationId: id,
+    secret: source.secretOf(id),
     source: source.ws,
     workers: 2,
     timeoutMs: 40_000,

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { generateImage } from '../../scripts/image/gen-image.js';
 import { runVmSim, type VmSimOptions, type VmSimResult } from '../../scripts/vm-sim/vm-sim.js';
 import {
+  migrationStatus,
   freezeMigration,
   migrationState,
   registerMigration,
@@ -77,6 +78,7 @@ async function migrate(
   return runVmSim({
     image: img,
     migrationId: id,
+    secret: source.secretOf(id),
     source: source.ws,
     destSocket: dest.socket,
     workers: 2,
@@ -139,6 +141,7 @@ t.test('requests wait until the VM is frozen on the source', async (t) => {
   const run = runVmSim({
     image: img,
     migrationId: 'vm-held',
+    secret: source.secretOf('vm-held'),
     source: source.ws,
     destSocket: slowDest.socket,
     workers: 1,
@@ -148,9 +151,7 @@ t.test('requests wait until the VM is frozen on the source', async (t) => {
   // Wait until the guest is blocked on faults the source is holding.
   let status: { pendingRequests: number; pages: { sent: number } } | undefined;
   for (let delayMs = 5; ; delayMs = Math.min(delayMs * 2, 100)) {
-    const res = await fetch(`${source.http}/v1/migrations/vm-held`);
-    const body = (await res.json()) as { migration?: typeof status } & typeof status;
-    status = body?.migration ?? body;
+    status = await migrationStatus<NonNullable<typeof status>>(source, 'vm-held');
     if (status && status.pendingRequests > 0) break;
     await new Promise((r) => setTimeout(r, delayMs));
   }

@@ -12,8 +12,10 @@ import { generateImage } from '../../scripts/image/gen-image.js';
 import { runVmSim, type VmSimOptions, type VmSimResult } from '../../scripts/vm-sim/vm-sim.js';
 import { ChaosProxy } from '../../scripts/chaos/proxy.js';
 import {
+  destSessions,
   migrationState,
   registerMigration,
+  secretFile,
   startDest,
   startSource,
   type Daemon,
@@ -72,10 +74,7 @@ interface SessionStats {
   error?: { code: string; message: string };
 }
 async function sessions(): Promise<{ active: SessionStats[]; ended: SessionStats[] }> {
-  return (await (await fetch(`${dest.http}/v1/sessions`)).json()) as {
-    active: SessionStats[];
-    ended: SessionStats[];
-  };
+  return destSessions<{ active: SessionStats[]; ended: SessionStats[] }>(dest);
 }
 async function session(id: string): Promise<SessionStats | undefined> {
   const s = await sessions();
@@ -116,6 +115,14 @@ async function waitReconnects(id: string, n: number): Promise<void> {
   }
 }
 
+/** Each migration's secret, in a file a restarted source reads again (secret-file=). */
+const keys = new Map<string, { path: string; secret: string }>();
+function key(id: string): { path: string; secret: string } {
+  let k = keys.get(id);
+  if (!k) keys.set(id, (k = secretFile(dir, id)));
+  return k;
+}
+
 /** vm-sim migrating `img` from `source` through the dest, under a 2-thread mixed workload. */
 function migrate(
   id: string,
@@ -126,6 +133,7 @@ function migrate(
   return runVmSim({
     image: img,
     migrationId: id,
+    secret: key(id).secret,
     source,
     destSocket: dest.socket,
     workers: 2,
@@ -180,7 +188,7 @@ async function migrateWithFault(
   pace = FAULT_PACE,
 ): Promise<{ r: VmSimResult; s: SessionStats; at: number; p: ChaosProxy }> {
   const img = await image();
-  await registerMigration(source, { id, image: img, frozen: true });
+  await registerMigration(source, { id, image: img, frozen: true, secret: key(id).secret });
   const p = await proxy(pace);
   const run = migrate(id, img, p.url, { seed: imageSeed });
   let at: number;
@@ -303,7 +311,7 @@ t.test('(f) the source killed (SIGKILL) and restarted on its port', async (t) =>
   daemons.push(own);
   const img = await image();
   const id = 'nf-source-kill';
-  await registerMigration(own, { id, image: img, frozen: true });
+  await registerMigration(own, { id, image: img, frozen: true, secret: key(id).secret });
   const p = await proxy(FAULT_PACE, own.port);
   const run = migrate(id, img, p.url);
   let restarted: Awaited<ReturnType<typeof startSource>>;
@@ -315,7 +323,7 @@ t.test('(f) the source killed (SIGKILL) and restarted on its port', async (t) =>
     t.ok(at < TOTAL_PAGES, `killed with ${at}/${TOTAL_PAGES} pages present`);
     restarted = await startSource(
       dir,
-      ['--migration', `id=${id},image=${img},frozen`],
+      ['--migration', `id=${id},image=${img},frozen,secret-file=${key(id).path}`],
       'source-f2',
       {
         port: own.port,
@@ -354,7 +362,7 @@ t.test('(g) the source lets go only after the dest holds every page', async (t) 
   daemons.push(own);
   const img = await image();
   const id = 'nf-release';
-  await registerMigration(own, { id, image: img, frozen: true });
+  await registerMigration(own, { id, image: img, frozen: true, secret: key(id).secret });
   let vmsimCompleteAt = 0;
   // Paced until the source restart below, so the samples see it frozen with pages missing.
   const p = await proxy(FAULT_PACE, own.port);
@@ -386,13 +394,13 @@ t.test('(g) the source lets go only after the dest holds every page', async (t) 
       await exited;
       const again = await startSource(
         dir,
-        ['--migration', `id=${id},image=${img},frozen`],
+        ['--migration', `id=${id},image=${img},frozen,secret-file=${key(id).path}`],
         'source-g2',
         { port: own.port },
       );
       daemons.push(again);
       restartedMidway = await migrationState(again, id);
-      Object.assign(own, { child: again.child });
+      Object.assign(own, { child: again.child, control: again.control });
       p.setPace(0);
     }
     await new Promise((r) => setTimeout(r, 2));

@@ -1,5 +1,6 @@
 import t from 'tap';
 import http from 'node:http';
+import { createHash } from 'node:crypto';
 import {
   closeSync,
   mkdtempSync,
@@ -14,6 +15,7 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import WebSocket from 'ws';
 import { startSourceServer, type SourceServer } from '../../daemon/source/server.js';
+import { startControlServer } from '../../daemon/source/control-api.js';
 import type { SourceServerOptions } from '../../daemon/source/server.js';
 import { silentLogger } from '../../daemon/ops/log.js';
 import { noopSourceMetrics } from '../../daemon/ops/metric-ports.js';
@@ -21,7 +23,6 @@ import {
   encodeComplete,
   encodeCredit,
   encodeHave,
-  encodeHello,
   encodeRequest,
 } from '../../protocol/page-codec.js';
 import {
@@ -31,6 +32,7 @@ import {
   HaveFlag,
   HeaderSize,
   ProgressFlag,
+  PROTOCOL_VERSION,
   type Frame,
   type FrameOf,
 } from '../../protocol/wire.js';
@@ -43,15 +45,39 @@ const PAGE = 4096;
 const RAM1 = 1024 * 1024;
 const TOTAL_PAGES = img.totalPages;
 
+/** Each server's control socket, by its page port (api() below speaks to it). */
+const controls = new Map<number, string>();
+const controlDir = mkdtempSync(join(tmpdir(), 'yabusame-control-'));
+t.teardown(() => rmSync(controlDir, { recursive: true, force: true }));
+
+/** A source with authentication on, images beneath the temp folder, its control API beside. */
 async function start(t: Tap, opts: Partial<SourceServerOptions> = {}): Promise<SourceServer> {
   const server = await startSourceServer({
     listen: { host: '127.0.0.1', port: 0 },
+    authRequired: true,
+    imageRoot: tmpdir(),
+    maxMigrations: 64,
     metrics: noopSourceMetrics,
     log: silentLogger,
     ...opts,
   });
-  t.teardown(() => server.close());
+  const path = join(controlDir, `${server.port}.sock`);
+  const control = await startControlServer(server.registry, silentLogger, {
+    socket: { path, mode: 0o600 },
+  });
+  controls.set(server.port, path);
+  t.teardown(async () => {
+    await control.close();
+    await server.close();
+  });
   return server;
+}
+
+/** The secret of a test migration (HELLOs of RawDest prove it). */
+function secretFor(id: string): string {
+  const secret = createHash('sha256').update(id).digest('hex');
+  RawDest.secrets.set(id, Buffer.from(secret, 'hex'));
+  return secret;
 }
 /** The assertions the helpers below use (tap's subtest type is not exported by name). */
 interface Tap {
@@ -69,16 +95,22 @@ interface ApiBody {
   pages: { total: number; sent: number; background: number };
   migrations: unknown[];
   error: { code: string; message: string };
+  secret: string;
 }
 
+/** A control API request to the source whose page port is `port`. */
 function api(
   port: number,
   method: string,
   path: string,
   body?: unknown,
+  headers: Record<string, string> = body === undefined
+    ? {}
+    : { 'content-type': 'application/json' },
 ): Promise<{ status: number; json: ApiBody }> {
   return new Promise((resolve, reject) => {
-    const req = http.request({ host: '127.0.0.1', port, method, path }, (res) => {
+    const socketPath = controls.get(port)!;
+    const req = http.request({ socketPath, method, path, headers }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => {
@@ -104,6 +136,7 @@ async function register(port: number, id: string, frozen = false): Promise<void>
     image: img.path,
     regions: img.regions,
     frozen,
+    secret: secretFor(id),
   });
   if (res.status !== 201)
     throw new Error(`register ${id}: ${res.status} ${JSON.stringify(res.json)}`);
@@ -145,7 +178,7 @@ t.test('HELLO gets a WELCOME with channel echo, nonce and the region table', asy
   await register(server.port, 'm1');
   const a = await RawDest.open(server.port, Channel.DEMAND, 'm1');
   const b = await RawDest.open(server.port, Channel.BACKGROUND, 'm1');
-  t.equal(a.welcome.version, 1);
+  t.equal(a.welcome.version, PROTOCOL_VERSION);
   t.equal(a.welcome.channel, Channel.DEMAND);
   t.equal(b.welcome.channel, Channel.BACKGROUND);
   t.equal(a.welcome.nonce.length, 16);
@@ -169,15 +202,21 @@ t.test('unknown migration, bad version, non-HELLO first frame: ERROR and close',
   const unknown = await RawDest.hello(server.port, Channel.DEMAND, 'nope');
   expectError(t, unknown.answer, 'UNKNOWN_MIGRATION');
   t.ok((await unknown.dest.closed).code > 0, 'closed');
-  const version = await RawDest.hello(server.port, Channel.DEMAND, 'm1', 2);
-  expectError(t, version.answer, 'VERSION_UNSUPPORTED');
-  await version.dest.closed;
+  for (const v of [0, 1]) {
+    const version = await RawDest.hello(server.port, Channel.DEMAND, 'm1', v);
+    expectError(t, version.answer, 'VERSION_UNSUPPORTED');
+    await version.dest.closed;
+  }
+  const newer = await RawDest.hello(server.port, Channel.DEMAND, 'm1', PROTOCOL_VERSION + 1);
+  t.equal(newer.answer.type, FrameType.WELCOME, 'a newer dest is answered in our version');
+  if (newer.answer.type === FrameType.WELCOME) t.equal(newer.answer.version, PROTOCOL_VERSION);
+  newer.dest.ws.close();
   const early = await RawDest.connect(server.port);
   early.send(encodeCredit(4096));
   expectError(t, await early.frameAt(0), 'BAD_STATE');
   await early.closed;
   const magic = await RawDest.connect(server.port);
-  const hello = encodeHello(Channel.DEMAND, 1, 'm1');
+  const hello = magic.helloFrame(Channel.DEMAND, 'm1');
   hello[4] = 0;
   magic.send(hello);
   expectError(t, await magic.frameAt(0), 'FRAME_BAD_MAGIC');
@@ -216,7 +255,7 @@ t.test('garbage, text and frames illegal for the channel close that connection o
   await bgRequest.dest.closed;
 
   const second = await RawDest.open(server.port, Channel.DEMAND, 'm1');
-  second.dest.send(encodeHello(Channel.DEMAND, 1, 'm1'));
+  second.dest.send(second.dest.helloFrame(Channel.DEMAND, 'm1'));
   expectError(t, await second.dest.frameAt(1), 'BAD_STATE');
   await second.dest.closed;
 
@@ -282,6 +321,10 @@ t.test('a hole the VM writes before the freeze is served as data', async (t) => 
   const server = await start(t);
   const res = await api(server.port, 'POST', '/v1/migrations', { id: 'late', image: path });
   t.equal(res.status, 201);
+  t.match(res.json.secret, /^[0-9a-f]{64}$/, 'no secret given: one is generated, told once');
+  RawDest.secrets.set('late', Buffer.from(res.json.secret, 'hex'));
+  const status = await api(server.port, 'GET', '/v1/migrations/late');
+  t.equal(status.json.secret, undefined, 'and never again');
   const fd = openSync(path, 'r+');
   writeSync(fd, Buffer.alloc(PAGE, 0xc3), 0, PAGE, 9 * PAGE);
   closeSync(fd);
@@ -506,7 +549,7 @@ t.test(
       ['/v1/pages?channel=background', Channel.DEMAND],
     ] as const) {
       const dest = await RawDest.connect(server.port, {}, path);
-      dest.send(encodeHello(channel, 1, 'm1'));
+      dest.send(dest.helloFrame(channel, 'm1'));
       expectError(t, await dest.frameAt(0), 'BAD_STATE');
       await dest.closed;
     }
@@ -586,13 +629,8 @@ t.test('abort releases the image and tells connected dests', async (t) => {
   expectError(t, hello.answer, 'UNKNOWN_MIGRATION');
 });
 
-t.test('control API: validation, coded errors, fall-through handler', async (t) => {
-  const server = await start(t, {
-    httpHandler: (req, res) => {
-      res.writeHead(200, { 'content-type': 'text/plain' });
-      res.end(`metrics for ${req.url}`);
-    },
-  });
+t.test('control API: validation, coded errors, only on its socket', async (t) => {
+  const server = await start(t);
   const p = server.port;
   const bad = await api(p, 'POST', '/v1/migrations', { id: 'x', image: img.path, regions: [] });
   t.equal(bad.status, 400);
@@ -608,11 +646,14 @@ t.test('control API: validation, coded errors, fall-through handler', async (t) 
   t.equal(misaligned.json.error.code, 'IMAGE_REGION_MISALIGNED');
   const missing = await api(p, 'POST', '/v1/migrations', {
     id: 'x',
-    image: '/nonexistent',
+    image: join(tmpdir(), 'yabusame-absent-image'),
     regions: [{ name: 'r', offset: 0, sizeBytes: PAGE }],
   });
-  t.equal(missing.status, 422);
-  t.equal(missing.json.error.code, 'IMAGE_OPEN');
+  t.equal(missing.status, 404);
+  t.equal(missing.json.error.code, 'IMAGE_NOT_FOUND');
+  const outside = await api(p, 'POST', '/v1/migrations', { id: 'x', image: '/etc/passwd' });
+  t.equal(outside.status, 403);
+  t.equal(outside.json.error.code, 'IMAGE_OUTSIDE_ROOT');
   const created = await api(p, 'POST', '/v1/migrations', {
     id: 'x',
     image: img.path,
@@ -631,10 +672,20 @@ t.test('control API: validation, coded errors, fall-through handler', async (t) 
   t.equal(unknown.status, 404);
   t.equal(unknown.json.error.code, 'UNKNOWN_MIGRATION');
   t.equal((await api(p, 'PUT', '/v1/migrations/x')).status, 405);
-  const metrics = await api(p, 'GET', '/metrics');
-  t.equal(metrics.json, 'metrics for /metrics', 'other paths go to the injected handler');
-  const server2 = await start(t);
-  t.equal((await api(server2.port, 'GET', '/metrics')).status, 404, 'or 404 without one');
+  const form = await api(p, 'POST', '/v1/migrations', 'id=x', {
+    'content-type': 'application/x-www-form-urlencoded',
+  });
+  t.equal(form.status, 415, 'a form post (what a browser sends cross-origin) is refused');
+  t.equal(form.json.error.code, 'UNSUPPORTED_MEDIA_TYPE');
+  const onPagePort = await new Promise<number>((resolve, reject) => {
+    http
+      .get({ host: '127.0.0.1', port: p, path: '/v1/migrations' }, (res) => {
+        res.resume();
+        resolve(res.statusCode ?? 0);
+      })
+      .on('error', reject);
+  });
+  t.equal(onPagePort, 404, 'the page port serves no control API');
 });
 
 t.test('ws upgrades only on /v1/pages; a peer that misses pongs is terminated', async (t) => {
@@ -642,7 +693,7 @@ t.test('ws upgrades only on /v1/pages; a peer that misses pongs is terminated', 
   await register(server.port, 'm1', true);
   await t.rejects(RawDest.connect(server.port, {}, '/other'), 'upgrade elsewhere refused');
   const silent = await RawDest.connect(server.port, { autoPong: false });
-  silent.send(encodeHello(Channel.DEMAND, 1, 'm1'));
+  silent.send(silent.helloFrame(Channel.DEMAND, 'm1'));
   await silent.frameAt(0);
   const closed = await silent.closed;
   t.equal(closed.code, 1006, 'terminated without a close frame');

@@ -156,7 +156,9 @@ t.test(
     const expect: Array<[string, number, number]> = [
       ['run/yabusame', 0o755, uid],
       ['var/lib/yabusame', 0o750, uid],
+      ['var/lib/yabusame/images', 0o750, uid],
       ['etc/yabusame', 0o750, 0],
+      ['etc/yabusame/secrets', 0o750, 0],
     ];
     for (const [path, mode, owner] of expect) {
       const st = statSync(join(root, path));

@@ -183,7 +183,7 @@ t.test(
     let handler: LocalHandler | undefined;
     let receivedFd = -1;
     // The dest's own handoff listener (SCM_RIGHTS, checks), with the local handler behind it.
-    const listener = startHandoffListener({
+    const listener = await startHandoffListener({
       path,
       timeoutMs: 5000,
       log: silentLogger,

@@ -11,7 +11,10 @@ import * as uffd from '../../daemon/uffd/uffd.js';
 import { encodeHandoff } from '../../protocol/handoff.js';
 import { generateImage } from '../../scripts/image/gen-image.js';
 import {
+  migrationState,
+  destSessions,
   registerMigration,
+  secretFile,
   startDest,
   startSource,
   type Daemon,
@@ -24,12 +27,13 @@ const image = join(dir, 'vm.ram');
 const daemons: Daemon[] = [];
 let source: Awaited<ReturnType<typeof startSource>>;
 let dest: Awaited<ReturnType<typeof startDest>>;
+const key = secretFile(dir, 'vm-dies');
 
 t.before(async () => {
   await generateImage({ path: image, sizeBytes: SIZE, seed: 7 });
   source = await startSource(dir);
   daemons.push(source);
-  await registerMigration(source, { id: 'vm-dies', image, frozen: true });
+  await registerMigration(source, { id: 'vm-dies', image, frozen: true, secret: key.secret });
   const config = join(dir, 'dest.json');
   // No background stream: every session is still running when its VMM dies.
   writeFileSync(config, JSON.stringify({ backgroundDelayMs: 3_600_000, progressIntervalMs: 50 }));
@@ -47,7 +51,7 @@ interface Snapshot {
   process: { fds: number; resources: Record<string, number>; rssBytes: number };
 }
 async function snapshot(): Promise<Snapshot> {
-  return (await (await fetch(`${dest.http}/v1/sessions`)).json()) as Snapshot;
+  return destSessions<Snapshot>(dest);
 }
 /**
  * Waits until every session ended and the dest's fds and resources hold still: closing ws
@@ -79,6 +83,7 @@ async function liveAndDie(): Promise<void> {
       type: 'handoff',
       version: 1,
       migrationId: 'vm-dies',
+      secret: key.secret,
       source: source.ws,
       regions: [{ name: 'ram0', base, sizeBytes: SIZE, offset: 0, pageSizeBytes: 4096 }],
     }),
@@ -127,6 +132,8 @@ t.test('a VMM process killed with SIGKILL mid-migration', async (t) => {
       dest.socket,
       '--id',
       'vm-dies',
+      '--secret-file',
+      key.path,
       '--workers',
       '1',
     ],
@@ -140,8 +147,9 @@ t.test('a VMM process killed with SIGKILL mid-migration', async (t) => {
   child.kill('SIGKILL');
   const s = await waitIdle(endedBefore + 1);
   t.equal(s.ended.at(-1)?.error?.code, 'VMM_GONE', 'the session ended with VMM_GONE');
-  const state = (await (await fetch(`${source.http}/v1/migrations/vm-dies`)).json()) as {
-    state: string;
-  };
-  t.equal(state.state, 'frozen', 'the source kept its image: the migration is not complete');
+  t.equal(
+    await migrationState(source, 'vm-dies'),
+    'frozen',
+    'the source kept its image: the migration is not complete',
+  );
 });

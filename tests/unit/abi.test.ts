@@ -49,7 +49,12 @@ const NAMES = [
   'O_RDONLY',
   'O_RDWR',
   'O_NONBLOCK',
+  'O_DIRECTORY',
+  'O_NOFOLLOW',
   'O_CLOEXEC',
+  'O_PATH',
+  'RESOLVE_NO_MAGICLINKS',
+  'RESOLVE_BENEATH',
   'PROT_NONE',
   'PROT_READ',
   'PROT_WRITE',
@@ -85,6 +90,8 @@ const NAMES = [
 /** Values abi.ts names differently from C: [abi.ts value, C expression]. */
 const EXPRESSIONS: Array<[string, number, string]> = [
   ['SYS_userfaultfd', abi.SYS_userfaultfd, 'SYS_userfaultfd'],
+  ['SYS_openat2', abi.SYS_openat2, 'SYS_openat2'],
+  ['SIZEOF_open_how', abi.SIZEOF_open_how, 'sizeof(struct open_how)'],
   ['SIZEOF_uffdio_api', abi.SIZEOF_uffdio_api, 'sizeof(struct uffdio_api)'],
   ['SIZEOF_uffdio_range', abi.SIZEOF_uffdio_range, 'sizeof(struct uffdio_range)'],
   ['SIZEOF_uffdio_register', abi.SIZEOF_uffdio_register, 'sizeof(struct uffdio_register)'],
@@ -113,6 +120,7 @@ t.test('every hand-written ABI value matches the installed headers', async (t) =
   ];
   const src = `#define _GNU_SOURCE
 #include <fcntl.h>
+#include <linux/openat2.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <sys/ioctl.h>

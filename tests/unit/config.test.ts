@@ -6,7 +6,11 @@ import {
   ConfigError,
   loadDestConfig,
   loadSourceConfig,
+  keyOptions,
+  DEST_KEYS,
   parseHostPort,
+  parseMigrationSpec,
+  SOURCE_KEYS,
 } from '../../daemon/ops/config.js';
 
 function tempDir(t: Test): string {
@@ -43,99 +47,170 @@ t.test('parseHostPort', async (t) => {
   }
 });
 
-t.test('dest defaults', async (t) => {
-  t.same(loadDestConfig(), {
-    socketPath: '/run/yabusame/dest.sock',
-    metricsListen: { host: '127.0.0.1', port: 9464 },
-    maxSessions: 64,
-    handoffTimeoutMs: 5000,
-    connectTimeoutMs: 5000,
-    completeTimeoutMs: 10000,
-    backgroundWindowBytes: 8 * 1024 * 1024,
-    bulkThreadNice: 0,
-    backgroundDelayMs: 0,
-    reconnectTimeoutMs: 120000,
-    heartbeatMs: 5000,
-    progressIntervalMs: 1000,
-    logLevel: 'info',
-  });
+t.test('dest defaults: secure unless told otherwise', async (t) => {
+  const c = loadDestConfig();
+  t.same(c.metricsListen, { host: '127.0.0.1', port: 9464 });
+  t.equal(c.socket, '/run/yabusame/dest.sock');
+  t.equal(c.controlSocket, '/run/yabusame/dest-control.sock', 'details on a UNIX socket');
+  t.equal(c.controlSocketMode, 0o660);
+  t.equal(c.insecureNoAuth, false, 'secrets required');
+  t.equal(c.allowPlaintextSources, false, 'no plaintext off this host');
+  t.same(c.allowedSources, [], 'any source (each migration has its secret)');
+  t.equal(c.allowedUids, undefined, 'root and ourselves');
+  t.equal(c.maxSessions, 64);
+  t.equal(c.maxPendingHandoffsPerUid, 8);
 });
 
-t.test('dest: file, then overrides on top', async (t) => {
+t.test('dest: defaults < file < environment < flags < computed', async (t) => {
   const dir = tempDir(t);
   const file = writeJson(dir, 'dest.json', {
     maxSessions: 8,
     logLevel: 'debug',
     metricsListen: '[::1]:9100',
+    heartbeatMs: 100,
   });
-  const c = loadDestConfig(file, { logLevel: 'warn', socketPath: undefined });
-  t.equal(c.maxSessions, 8, 'from the file');
-  t.equal(c.logLevel, 'warn', 'override wins');
-  t.equal(c.socketPath, '/run/yabusame/dest.sock', 'undefined override = not given');
-  t.same(c.metricsListen, { host: '::1', port: 9100 });
-  t.equal(loadDestConfig(undefined, { metricsListen: 'off' }).metricsListen, null, 'off');
+  const c = loadDestConfig({
+    file,
+    env: { YABUSAME_LOG_LEVEL: 'error', YABUSAME_HEARTBEAT_MS: '200', YABUSAME_MAX_SESSIONS: '9' },
+    flags: { 'log-level': 'warn', socket: undefined, 'max-sessions': '10' },
+    extra: { maxSessions: 11 },
+  });
+  t.equal(c.heartbeatMs, 200, 'environment over the file');
+  t.equal(c.logLevel, 'warn', 'flag over the environment');
+  t.equal(c.maxSessions, 11, 'computed over everything');
+  t.equal(c.socket, '/run/yabusame/dest.sock', 'an undefined flag = not given');
+  t.same(c.metricsListen, { host: '::1', port: 9100 }, 'from the file');
+  t.equal(loadDestConfig({ flags: { 'metrics-listen': 'off' } }).metricsListen, null, 'off');
+  t.has(
+    loadDestConfig({ env: { YABUSAME_ALLOWED_UIDS: '0, 1000', YABUSAME_ALLOWED_SOURCES: '' } }),
+    { allowedUids: [0, 1000], allowedSources: [] },
+    'lists from the environment',
+  );
+  t.equal(loadDestConfig({ flags: { 'insecure-no-auth': true } }).insecureNoAuth, true);
+  t.equal(loadDestConfig({ env: { YABUSAME_INSECURE_NO_AUTH: 'yes' } }).insecureNoAuth, true);
+});
+
+t.test('every key has a flag, and every flag a key', async (t) => {
+  for (const [keys, schema] of [
+    [DEST_KEYS, loadDestConfig()],
+    [SOURCE_KEYS, loadSourceConfig()],
+  ] as const) {
+    const names = keys.map((k) => k.key);
+    t.equal(new Set(names).size, names.length, 'no key twice');
+    for (const k of Object.keys(schema)) {
+      if (k === 'migrations') continue;
+      t.ok(names.includes(k), `${k} can be set by a flag`);
+    }
+    t.equal(Object.keys(keyOptions(keys)).length, keys.length);
+  }
 });
 
 t.test('dest errors carry stable codes', async (t) => {
   const dir = tempDir(t);
-  const nf = configError(t, () => loadDestConfig(join(dir, 'absent.json')), 'CONFIG_NOT_FOUND');
+  const nf = configError(
+    t,
+    () => loadDestConfig({ file: join(dir, 'absent.json') }),
+    'CONFIG_NOT_FOUND',
+  );
   t.match(nf.message, /absent\.json/);
   t.equal((nf.cause as NodeJS.ErrnoException).code, 'ENOENT', 'cause kept');
-  configError(t, () => loadDestConfig(writeJson(dir, 'bad.json', '{"a":')), 'CONFIG_BAD_JSON');
+  const bad = configError(
+    t,
+    () => loadDestConfig({ file: writeJson(dir, 'bad.json', '{\n  "a": 1,\n  "b":\n}') }),
+    'CONFIG_BAD_JSON',
+  );
+  t.match(bad.message, /line 4, column 1/, 'where the JSON breaks');
   const root = configError(
     t,
-    () => loadDestConfig(writeJson(dir, 'arr.json', [1])),
+    () => loadDestConfig({ file: writeJson(dir, 'arr.json', [1]) }),
     'CONFIG_INVALID',
   );
   t.match(root.message, /\(root\)/);
   const range = configError(
     t,
-    () => loadDestConfig(writeJson(dir, 'n.json', { maxSessions: 0 })),
+    () => loadDestConfig({ file: writeJson(dir, 'n.json', { maxSessions: 0 }) }),
     'CONFIG_INVALID',
   );
-  t.match(range.message, /maxSessions/, 'names the path');
+  t.match(
+    range.message,
+    /maxSessions \(--max-sessions, YABUSAME_MAX_SESSIONS\)/,
+    'names all three',
+  );
   const typo = configError(
     t,
-    () => loadDestConfig(writeJson(dir, 'typo.json', { maxSesions: 3 })),
+    () => loadDestConfig({ file: writeJson(dir, 'typo.json', { maxSesions: 3 }) }),
     'CONFIG_INVALID',
   );
   t.match(typo.message, /maxSesions/, 'unknown keys are refused, so typos show');
   const hp = configError(
     t,
-    () => loadDestConfig(undefined, { metricsListen: 'localhost' }),
+    () => loadDestConfig({ flags: { 'metrics-listen': 'localhost' } }),
     'CONFIG_INVALID',
   );
-  t.match(hp.message, /metricsListen: expected host:port/);
+  t.match(hp.message, /metricsListen.*expected host:port/);
   const win = configError(
     t,
-    () => loadDestConfig(undefined, { backgroundWindowBytes: 100_000 }),
+    () => loadDestConfig({ flags: { 'background-window-bytes': '100000' } }),
     'CONFIG_INVALID',
   );
   t.match(win.message, /backgroundWindowBytes.*multiple of 4096/);
+  const notInt = configError(
+    t,
+    () => loadDestConfig({ env: { YABUSAME_MAX_SESSIONS: 'many' } }),
+    'CONFIG_INVALID',
+  );
+  t.match(notInt.message, /YABUSAME_MAX_SESSIONS: expected an integer, got "many"/);
+  const notBool = configError(
+    t,
+    () => loadDestConfig({ env: { YABUSAME_INSECURE_NO_AUTH: 'maybe' } }),
+    'CONFIG_INVALID',
+  );
+  t.match(notBool.message, /expected true or false/);
+  const mode = configError(
+    t,
+    () => loadDestConfig({ flags: { 'control-socket-mode': '666' + '6' } }),
+    'CONFIG_INVALID',
+  );
+  t.match(mode.message, /octal/);
+  t.same(
+    loadDestConfig({ flags: { 'allowed-sources': '10.0.0.0/8, fd00::/8,192.0.2.7,src.example' } })
+      .allowedSources,
+    ['10.0.0.0/8', 'fd00::/8', '192.0.2.7', 'src.example'],
+  );
+  for (const bad of ['10.0.0.0/33', '10.0.0.0/8/1', 'fd00::/129', 'a b', 'host/8', '-x']) {
+    const e = configError(
+      t,
+      () => loadDestConfig({ flags: { 'allowed-sources': bad } }),
+      'CONFIG_INVALID',
+    );
+    t.match(e.message, /allowedSources\.0: expected an address, a CIDR/, bad);
+  }
 });
 
 t.test('source defaults', async (t) => {
-  t.same(loadSourceConfig(), {
-    listen: { host: '127.0.0.1', port: 7070 },
-    backgroundFrameBytes: 256 * 1024,
-    bulkThreadNice: 0,
-    exitWhenDone: false,
-    logLevel: 'info',
-    metricsListen: null,
-    migrations: [],
-  });
+  const c = loadSourceConfig();
+  t.same(c.listen, { host: '127.0.0.1', port: 7070 });
+  t.equal(c.imageRoot, '/var/lib/yabusame/images', 'images come from one directory');
+  t.equal(c.controlSocket, '/run/yabusame/source.sock', 'control on a UNIX socket');
+  t.equal(c.controlListen, null, 'no control over TCP');
+  t.same(c.metricsListen, { host: '127.0.0.1', port: 9465 });
+  t.equal(c.insecureNoAuth, false);
+  t.equal(c.allowPlaintext, false);
+  t.equal(c.maxMigrations, 64);
+  t.equal(c.backgroundFrameBytes, 256 * 1024);
+  t.same(c.migrations, []);
 });
 
-t.test('source migrations: default region from the image size, paths from the file', async (t) => {
+t.test('source migrations: secret files relative to the config file', async (t) => {
   const dir = tempDir(t);
-  writeFileSync(join(dir, 'vm1.img'), Buffer.alloc(5 * 4096));
   const file = writeJson(dir, 'source.json', {
     listen: '0.0.0.0:0',
+    imageRoot: dir,
     migrations: [
-      { id: 'vm1', image: 'vm1.img' },
+      { id: 'vm1', image: 'vm1.img', secretFile: 'vm1.key' },
       {
         id: 'vm2',
-        image: '/dev/shm/vm2',
+        image: 'sub/vm2',
         frozen: true,
         regions: [
           { name: 'lo', offset: 0, sizeBytes: 8192, fileOffset: 0, pageSizeBytes: 4096 },
@@ -150,22 +225,20 @@ t.test('source migrations: default region from the image size, paths from the fi
       },
     ],
   });
-  const c = loadSourceConfig(file, { exitWhenDone: true });
+  const c = loadSourceConfig({ file, flags: { 'exit-when-done': true } });
   t.same(c.listen, { host: '0.0.0.0', port: 0 });
   t.equal(c.exitWhenDone, true);
   const [vm1, vm2] = c.migrations;
-  t.equal(vm1?.image, join(dir, 'vm1.img'), 'relative to the config file');
+  t.equal(vm1?.image, 'vm1.img', 'images stay relative: they resolve beneath imageRoot');
+  t.equal(vm1?.secretFile, join(dir, 'vm1.key'), 'secret files resolve next to the config');
   t.equal(vm1?.frozen, false);
-  t.same(vm1?.regions, [
-    { name: 'ram0', offset: 0, sizeBytes: 5 * 4096, fileOffset: 0, pageSizeBytes: 4096 },
-  ]);
+  t.equal(vm1?.regions, undefined, 'default region: sized when the image opens');
   t.equal(vm2?.frozen, true);
-  t.equal(vm2?.regions.length, 2, 'given regions kept; the image need not exist yet');
+  t.equal(vm2?.regions?.length, 2, 'given regions kept; the image need not exist yet');
 });
 
 t.test('source errors', async (t) => {
   const dir = tempDir(t);
-  writeFileSync(join(dir, 'odd.img'), Buffer.alloc(4097));
   const region = { name: 'r', offset: 0, sizeBytes: 4096, fileOffset: 0, pageSizeBytes: 4096 };
   const cases: Array<[string, unknown, RegExp]> = [
     ['bad id', { migrations: [{ id: 'a b', image: '/x' }] }, /migrations\.0\.id/],
@@ -205,23 +278,48 @@ t.test('source errors', async (t) => {
       },
       /regions\.1\.offset: overlaps region r/,
     ],
-    [
-      'missing image',
-      { migrations: [{ id: 'a', image: 'absent.img' }] },
-      /migrations\.0\.image: cannot stat/,
-    ],
-    ['image not whole pages', { migrations: [{ id: 'a', image: 'odd.img' }] }, /4097 bytes/],
+    ['unknown migration key', { migrations: [{ id: 'a', image: 'x', secret: 'ab' }] }, /secret/],
     ['frame size', { backgroundFrameBytes: 1000 }, /backgroundFrameBytes/],
-    ['listen', { listen: 'off' }, /listen: expected host:port/],
+    ['listen', { listen: 'off' }, /listen.*expected host:port/],
+    ['cert without key', { tlsCertFile: '/c.pem' }, /tlsCertFile and tlsKeyFile go together/],
+    ['TCP control without token', { controlListen: '127.0.0.1:1' }, /controlTokenFile/],
   ];
   for (const [name, json, message] of cases) {
     const err = configError(
       t,
-      () => loadSourceConfig(writeJson(dir, 'source.json', json)),
+      () => loadSourceConfig({ file: writeJson(dir, 'source.json', json) }),
       'CONFIG_INVALID',
     );
     t.match(err.message, message, name);
   }
-  configError(t, () => loadSourceConfig(join(dir, 'nope.json')), 'CONFIG_NOT_FOUND');
-  configError(t, () => loadSourceConfig(writeJson(dir, 'x.json', 'nope')), 'CONFIG_BAD_JSON');
+  configError(t, () => loadSourceConfig({ file: join(dir, 'nope.json') }), 'CONFIG_NOT_FOUND');
+  configError(
+    t,
+    () => loadSourceConfig({ file: writeJson(dir, 'x.json', 'nope') }),
+    'CONFIG_BAD_JSON',
+  );
+});
+
+t.test('--migration specs', async (t) => {
+  t.same(parseMigrationSpec('id=vm1,image=vm1.img'), {
+    id: 'vm1',
+    image: 'vm1.img',
+    frozen: false,
+  });
+  const s = parseMigrationSpec('id=vm1,image=a/b,frozen,secret-file=k');
+  t.equal(s.frozen, true);
+  t.ok(s.secretFile?.startsWith('/'), 'the secret file resolves against the working directory');
+  for (const [spec, msg] of [
+    ['id=vm1', /needs id=ID,image=PATH/],
+    ['id=vm1,image=x,frozn', /unknown key "frozn"/],
+    ['id=vm1,image=x,frozen=yes', /takes no value/],
+    ['id=vm1,image=x,secret=00', /unknown key "secret"/],
+  ] as const) {
+    configError(t, () => parseMigrationSpec(spec), 'CONFIG_INVALID');
+    try {
+      parseMigrationSpec(spec);
+    } catch (err) {
+      t.match((err as Error).message, msg, spec);
+    }
+  }
 });

@@ -28,7 +28,7 @@ const int = (n: number): number => Math.floor(rand() * n);
 const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)]!;
 
 const VALID_DEST = {
-  socketPath: '/run/yabusame/dest.sock',
+  socket: '/run/yabusame/dest.sock',
   metricsListen: '127.0.0.1:9464',
   maxSessions: 64,
   handoffTimeoutMs: 5000,
@@ -211,46 +211,60 @@ function fuzz(
 t.test('the valid documents load', async (t) => {
   writeFileSync(file, JSON.stringify(VALID_DEST));
   t.equal(
-    attempt(() => loadDestConfig(file), ''),
+    attempt(() => loadDestConfig({ file }), ''),
     'ok',
   );
   writeFileSync(file, JSON.stringify(VALID_SOURCE));
   t.equal(
-    attempt(() => loadSourceConfig(file), ''),
+    attempt(() => loadSourceConfig({ file }), ''),
     'ok',
   );
   t.equal(
-    attempt(() => loadDestConfig(join(dir, 'nope.json')), ''),
+    attempt(() => loadDestConfig({ file: join(dir, 'nope.json') }), ''),
     'CONFIG_NOT_FOUND',
   );
   t.equal(
-    attempt(() => loadSourceConfig(dir), ''),
+    attempt(() => loadSourceConfig({ file: dir }), ''),
     'CONFIG_NOT_FOUND',
     'a directory',
   );
 });
 
 t.test('dest config fuzz', async (t) => {
-  fuzz(t, 'dest', VALID_DEST, (f) => loadDestConfig(f), 4000);
+  fuzz(t, 'dest', VALID_DEST, (f) => loadDestConfig({ file: f }), 4000);
 });
 
 t.test('source config fuzz', async (t) => {
-  fuzz(t, 'source', VALID_SOURCE, (f) => loadSourceConfig(f), 4000);
+  fuzz(t, 'source', VALID_SOURCE, (f) => loadSourceConfig({ file: f }), 4000);
 });
 
-t.test('overrides are fuzzed too', async (t) => {
-  writeFileSync(file, JSON.stringify(VALID_DEST));
+t.test('flags, environment and computed values are fuzzed too', async (t) => {
+  // Flags and variables arrive as text (or true, for a bare boolean flag); `extra` as values.
+  const text = (): string | boolean => {
+    if (rand() < 0.1) return true;
+    const v = randomValue(1);
+    return typeof v === 'string' ? v : (JSON.stringify(v) ?? '');
+  };
+  const flag = (key: string): string => key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+  const env = (key: string): string =>
+    `YABUSAME_${key.replace(/[A-Z]/g, (c) => `_${c}`).toUpperCase()}`;
   let ok = 0;
-  for (let i = 0; i < 1000; i++) {
-    const key = pick(Object.keys(VALID_DEST));
-    const o = attempt(() => loadDestConfig(file, { [key]: randomValue(1) }), key);
-    if (o === 'ok') ok++;
-  }
-  writeFileSync(file, JSON.stringify(VALID_SOURCE));
-  for (let i = 0; i < 1000; i++) {
-    const key = pick(Object.keys(VALID_SOURCE));
-    const o = attempt(() => loadSourceConfig(file, { [key]: randomValue(1) }), key);
-    if (o === 'ok') ok++;
+  for (const [valid, load] of [
+    [VALID_DEST, loadDestConfig],
+    [VALID_SOURCE, loadSourceConfig],
+  ] as const) {
+    writeFileSync(file, JSON.stringify(valid));
+    for (let i = 0; i < 1000; i++) {
+      const key = pick(Object.keys(valid));
+      const value = text();
+      const input =
+        i % 3 === 0
+          ? { file, flags: { [flag(key)]: value } }
+          : i % 3 === 1
+            ? { file, env: { [env(key)]: String(value) } }
+            : { file, extra: { [key]: randomValue(1) } };
+      if (attempt(() => load(input), key) === 'ok') ok++;
+    }
   }
   t.pass(`${ok} of 2000 overridden documents loaded; the rest threw a documented ConfigError`);
 });

@@ -346,6 +346,56 @@ t.test('source URL: ws or wss only', async (t) => {
     'HANDOFF_INVALID',
     'source as a number',
   );
+  // Host and port only: the dest builds the page URLs itself (no SSRF through the path, no
+  // credentials in logs).
+  t.equal(
+    decodeHandoff(variant((r) => (r.source = 'ws://10.0.0.5:7070/'))).source,
+    'ws://10.0.0.5:7070/',
+  );
+  for (const source of [
+    'ws://user:s3cret@127.0.0.1:18080',
+    'ws://user@127.0.0.1:18080',
+    'ws://127.0.0.1:18080/internal/admin/delete?all=1&x=',
+    'ws://127.0.0.1:18080/v1/pages',
+    'ws://127.0.0.1:18080?x=1',
+    'ws://127.0.0.1:18080#frag',
+    'ws://' + 'a'.repeat(2048),
+  ]) {
+    rejects(
+      t,
+      variant((r) => (r.source = source)),
+      'HANDOFF_INVALID',
+      `source ${JSON.stringify(source.slice(0, 60))}`,
+    );
+  }
+});
+
+t.test('secret: optional, 16..64 bytes of lowercase hex', async (t) => {
+  const ok = 'ab'.repeat(16);
+  t.equal(decodeHandoff(variant((r) => (r.secret = ok))).secret, ok, '16 bytes');
+  t.equal(decodeHandoff(variant((r) => (r.secret = 'cd'.repeat(64)))).secret?.length, 128);
+  t.equal(decodeHandoff(variant(() => undefined)).secret, undefined, 'absent');
+  for (const [secret, why] of [
+    ['ab'.repeat(15), '15 bytes: under 128 bits'],
+    ['ab'.repeat(65), '65 bytes'],
+    ['AB'.repeat(16), 'upper case'],
+    ['abc'.repeat(11), 'an odd number of digits'],
+    ['zz'.repeat(16), 'not hex'],
+    ['', 'empty'],
+  ] as const) {
+    rejects(
+      t,
+      variant((r) => (r.secret = secret)),
+      'HANDOFF_INVALID',
+      why,
+    );
+  }
+  rejects(
+    t,
+    variant((r) => (r.secret = 1234)),
+    'HANDOFF_INVALID',
+    'a number',
+  );
 });
 
 t.test('migration id: 1..128 of [A-Za-z0-9._:-]', async (t) => {

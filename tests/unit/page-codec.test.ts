@@ -91,13 +91,14 @@ const fixtures: Fixture[] = [
   },
   {
     name: 'WELCOME',
-    hex: `02 02 0100 0200 0000 000102030405060708090a0b0c0d0e0f
+    hex: `02 02 0100 0200 9f1b 000102030405060708090a0b0c0d0e0f
           0000000000000000 0000200000000000 00100000 0400 0000 72616d30
           0000000001000000 0000004000000000 00002000 0000 0000`,
     frame: {
       type: 2,
       channel: 2,
       version: 1,
+      backgroundPort: 7071,
       nonce: NONCE,
       regions: [
         { offset: 0, sizeBytes: 0x200000, pageSizeBytes: 4096, name: 'ram0' },
@@ -105,10 +106,16 @@ const fixtures: Fixture[] = [
       ],
     },
     encode: () =>
-      encodeWelcome(Channel.BACKGROUND, 1, NONCE, [
-        { offset: 0, sizeBytes: 0x200000, pageSizeBytes: 4096, name: 'ram0' },
-        { offset: 2 ** 32, sizeBytes: 2 ** 30, pageSizeBytes: 2 ** 21, name: '' },
-      ]),
+      encodeWelcome(
+        Channel.BACKGROUND,
+        1,
+        NONCE,
+        [
+          { offset: 0, sizeBytes: 0x200000, pageSizeBytes: 4096, name: 'ram0' },
+          { offset: 2 ** 32, sizeBytes: 2 ** 30, pageSizeBytes: 2 ** 21, name: '' },
+        ],
+        7071,
+      ),
   },
   {
     name: 'REQUEST',
@@ -344,7 +351,7 @@ function referenceDecode(bytes: Uint8Array): Frame {
       const channel = uint(1) as 1 | 2;
       const version = uint(2);
       const count = uint(2);
-      skip(2);
+      const backgroundPort = uint(2);
       const nonce = take(16);
       const regions = [];
       for (let i = 0; i < count; i++) {
@@ -355,7 +362,7 @@ function referenceDecode(bytes: Uint8Array): Frame {
         skip(2);
         regions.push({ offset, sizeBytes, pageSizeBytes, name: str(nameLen) });
       }
-      frame = { type: 2, channel, version, nonce, regions };
+      frame = { type: 2, channel, version, backgroundPort, nonce, regions };
       break;
     }
     case 3: {

@@ -175,6 +175,7 @@ export function randomFrame(rng: Rng, type: number = rng.pick(FRAME_TYPES)): Fra
         type: FrameType.WELCOME,
         channel,
         version: rng.int(0x10000),
+        backgroundPort: rng.int(0x10000),
         nonce: rng.bytes(16),
         regions: randomRegions(rng, rng.chance(0.05) ? Limits.MAX_REGIONS : rng.range(1, 4)),
       };
@@ -236,7 +237,7 @@ export function encodeFrame(f: Frame): Buffer {
     case FrameType.HELLO:
       return encodeHello(f.channel, f.version, f.migrationId, f.auth);
     case FrameType.WELCOME:
-      return encodeWelcome(f.channel, f.version, f.nonce, f.regions);
+      return encodeWelcome(f.channel, f.version, f.nonce, f.regions, f.backgroundPort);
     case FrameType.REQUEST:
       return encodeRequest(f.ranges);
     case FrameType.DATA:

@@ -2,7 +2,9 @@ import { SlabPool } from '../../daemon/source/slab-pool.js';
 import t from 'tap';
 import {
   closeSync,
+  mkdirSync,
   mkdtempSync,
+  symlinkSync,
   openSync,
   rmSync,
   statSync,
@@ -11,10 +13,12 @@ import {
   writeSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { makeExtents } from '../../daemon/source/extents.js';
 import {
-  openImage,
+  ImageRoot,
+  openImage as openBeneath,
   PageClass,
   validateRegions,
   type ImageRegionSpec,
@@ -29,6 +33,19 @@ import { SourceError } from '../../daemon/source/errors.js';
 import { decodeFrame } from '../../protocol/page-codec.js';
 import { DataFlag, FrameType, type Frame } from '../../protocol/wire.js';
 import { writeTestImage } from '../fixtures/memory-image.js';
+
+/** Opens `path` beneath its own folder (the root is what the source's config names). */
+function openImage(
+  path: string,
+  regions?: readonly ImageRegionSpec[],
+): ReturnType<typeof openBeneath> {
+  const root = new ImageRoot(dirname(path));
+  try {
+    return openBeneath(root, basename(path), regions);
+  } finally {
+    root.close();
+  }
+}
 
 const img = writeTestImage();
 t.teardown(() => img.remove());
@@ -169,7 +186,7 @@ t.test('region validation errors are coded', async (t) => {
   );
   t.equal(
     codeOf(() => openImage('/nonexistent/image', [ok])),
-    'IMAGE_OPEN',
+    'IMAGE_ROOT',
   );
   t.equal(
     codeOf(() => openImage(img.path, [{ ...ok, sizeBytes: 1 << 30 }])),
@@ -281,4 +298,56 @@ t.test('page writer: a carried zero run spans write() calls as one ZERO frame', 
   const plain = summarize(false);
   t.same(plain.frames, ['Z4+3', 'Z7+5', 'Z12+4', 'D16+2'], 'without a carry: one per call');
   t.equal(plain.stats.zeroPages, 12, 'the same pages either way');
+});
+
+t.test('images open beneath the root only, and only regular files', async (t) => {
+  const base = mkdtempSync(join(tmpdir(), 'yabusame-root-'));
+  t.teardown(() => rmSync(base, { recursive: true, force: true }));
+  const rootDir = join(base, 'images');
+  mkdirSync(join(rootDir, 'sub'), { recursive: true });
+  writeFileSync(join(rootDir, 'sub', 'vm.ram'), Buffer.alloc(4 * 4096, 7));
+  writeFileSync(join(base, 'secret'), 'not an image');
+  symlinkSync('vm.ram', join(rootDir, 'sub', 'inside-link'));
+  symlinkSync(join(base, 'secret'), join(rootDir, 'abs-link'));
+  symlinkSync('../secret', join(rootDir, 'rel-link'));
+  symlinkSync('/proc/self/root/etc/passwd', join(rootDir, 'magic-link'));
+  execFileSync('mkfifo', [join(rootDir, 'fifo')]);
+  const root = new ImageRoot(rootDir);
+  t.teardown(() => root.close());
+  const code = (image: string): string | undefined =>
+    codeOf(() => openBeneath(root, image).close());
+
+  t.equal(code('sub/vm.ram'), undefined, 'a relative path beneath the root');
+  t.equal(code(join(rootDir, 'sub', 'vm.ram')), undefined, 'an absolute path beneath it');
+  t.equal(code('sub/inside-link'), undefined, 'a symlink that stays inside');
+  const image = openBeneath(root, 'sub/vm.ram');
+  t.equal(image.totalPages, 4, 'default region: the whole file');
+  image.close();
+
+  t.equal(code('../secret'), 'IMAGE_OUTSIDE_ROOT', '..');
+  t.equal(code('sub/../../secret'), 'IMAGE_OUTSIDE_ROOT', '.. through a folder');
+  t.equal(code(join(base, 'secret')), 'IMAGE_OUTSIDE_ROOT', 'an absolute path outside');
+  t.equal(code(`${rootDir}/../secret`), 'IMAGE_OUTSIDE_ROOT', 'an absolute path with ..');
+  t.equal(code(`${rootDir}x/secret`), 'IMAGE_OUTSIDE_ROOT', 'a sibling sharing the prefix');
+  t.equal(code('abs-link'), 'IMAGE_OUTSIDE_ROOT', 'an absolute symlink');
+  t.equal(code('rel-link'), 'IMAGE_OUTSIDE_ROOT', 'a symlink up and out');
+  t.equal(code('magic-link'), 'IMAGE_OUTSIDE_ROOT', 'a /proc magic link');
+  t.equal(code('fifo'), 'IMAGE_NOT_REGULAR', 'a FIFO: refused, and the open did not block');
+  t.equal(code('sub'), 'IMAGE_NOT_REGULAR', 'a directory');
+  t.equal(code('/dev/zero'), 'IMAGE_OUTSIDE_ROOT', 'a device');
+  t.equal(code('absent'), 'IMAGE_NOT_FOUND');
+  t.equal(code('sub/vm.ram/x'), 'IMAGE_NOT_FOUND', 'through a file');
+  const err = (() => {
+    try {
+      openBeneath(root, '../secret');
+    } catch (e) {
+      return e as Error;
+    }
+    return undefined;
+  })();
+  t.notMatch(err?.message ?? '', /not an image|exists/, 'says nothing about what lies outside');
+  t.equal(
+    codeOf(() => new ImageRoot(join(base, 'absent'))),
+    'IMAGE_ROOT',
+  );
 });

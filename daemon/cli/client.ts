@@ -1,0 +1,158 @@
+/**
+ * The client commands: `status` (a dest's sessions or a source's migrations), `register`,
+ * `freeze` and `unregister` (a source's control API). They speak to the daemons' UNIX sockets
+ * (or a source's TCP control listener, with its bearer token).
+ */
+import { readFileSync } from 'node:fs';
+import { call, parse, str, UsageError, type Target } from './common.js';
+
+const CONTROL_OPTIONS = {
+  control: { type: 'string' },
+  'control-url': { type: 'string' },
+  'token-file': { type: 'string' },
+} as const;
+
+const CONTROL_HELP = `  --control PATH         the source's control socket (default /run/yabusame/source.sock)
+  --control-url URL      or its TCP listener (e.g. http://10.0.0.5:7071) ...
+  --token-file FILE      ... with the bearer token in this file`;
+
+/** The source's control API from the options (the socket by default). */
+function sourceTarget(v: Record<string, unknown>): Target {
+  const url = str(v['control-url']);
+  if (url) {
+    const tokenFile = str(v['token-file']);
+    const token = tokenFile ? readFileSync(tokenFile, 'utf8').trim() : undefined;
+    return { url, token };
+  }
+  return { socketPath: str(v['control']) ?? '/run/yabusame/source.sock' };
+}
+
+export const STATUS_USAGE = `Usage: yabusame status [--dest PATH | --source PATH] [--json]
+
+  --dest PATH     a dest's control socket (default /run/yabusame/dest-control.sock)
+  --source PATH   a source's control socket (e.g. /run/yabusame/source.sock)
+  --json          print the raw JSON
+`;
+
+interface Row {
+  id: string;
+  state: string;
+  present: number;
+  total: number;
+  error?: { code: string; message: string } | undefined;
+}
+
+export async function runStatus(args: string[]): Promise<void> {
+  const v = parse(
+    args,
+    { dest: { type: 'string' }, source: { type: 'string' }, json: { type: 'boolean' } },
+    STATUS_USAGE,
+  );
+  const source = str(v['source']);
+  const target: Target = {
+    socketPath: source ?? str(v['dest']) ?? '/run/yabusame/dest-control.sock',
+  };
+  const body = await call(target, 'GET', source ? '/v1/migrations' : '/v1/sessions');
+  if (v['json']) {
+    process.stdout.write(JSON.stringify(body, null, 2) + '\n');
+    return;
+  }
+  let rows: Row[];
+  if (source) {
+    const list = (body as { migrations: Array<Record<string, unknown>> }).migrations;
+    rows = list.map((m) => {
+      const pages = m['pages'] as { total: number; sent: number };
+      return {
+        id: String(m['id']),
+        state: String(m['state']),
+        present: pages.sent,
+        total: pages.total,
+      };
+    });
+  } else {
+    const b = body as {
+      active: Array<Record<string, unknown>>;
+      ended: Array<Record<string, unknown>>;
+    };
+    // Failed sessions stay listed: a migration that ended badly is what an operator looks for.
+    rows = [...b.active, ...b.ended.filter((s) => s['state'] === 'failed')].map((s) => ({
+      id: String(s['migrationId']),
+      state: String(s['state']),
+      present: Number(s['presentPages']),
+      total: Number(s['totalPages']),
+      error: s['error'] as Row['error'],
+    }));
+  }
+  if (rows.length === 0) process.stdout.write('no migrations\n');
+  for (const r of rows) {
+    const pct = r.total ? ((100 * r.present) / r.total).toFixed(1) : '-';
+    const err = r.error ? `\t${r.error.code}: ${r.error.message}` : '';
+    process.stdout.write(`${r.id}\t${r.state}\t${r.present}/${r.total} pages (${pct}%)${err}\n`);
+  }
+}
+
+export const REGISTER_USAGE = `Usage: yabusame register --id ID --image PATH [--frozen] [--secret-file FILE] [control]
+
+Registers a migration with a source. Without --secret-file the source generates the secret and
+this prints it, once: give it to the destination's VMM (the handoff's "secret").
+
+${CONTROL_HELP}
+`;
+
+export async function runRegister(args: string[]): Promise<void> {
+  const v = parse(
+    args,
+    {
+      ...CONTROL_OPTIONS,
+      id: { type: 'string' },
+      image: { type: 'string' },
+      frozen: { type: 'boolean' },
+      'secret-file': { type: 'string' },
+    },
+    REGISTER_USAGE,
+  );
+  const id = str(v['id']);
+  const image = str(v['image']);
+  if (!id || !image) throw new UsageError(REGISTER_USAGE);
+  const secretFile = str(v['secret-file']);
+  const body = (await call(sourceTarget(v), 'POST', '/v1/migrations', {
+    id,
+    image,
+    frozen: v['frozen'] === true,
+    ...(secretFile ? { secret: readFileSync(secretFile, 'utf8').trim() } : {}),
+  })) as { secret?: string; state: string };
+  process.stdout.write(`${id}: ${body.state}\n`);
+  if (body.secret) process.stdout.write(`secret ${body.secret}\n`);
+}
+
+export const FREEZE_USAGE = `Usage: yabusame freeze --id ID [control]
+
+Marks the migration frozen on the source: its VM is stopped, so pages can no longer change and
+held requests are answered.
+
+${CONTROL_HELP}
+`;
+
+export async function runFreeze(args: string[]): Promise<void> {
+  const v = parse(args, { ...CONTROL_OPTIONS, id: { type: 'string' } }, FREEZE_USAGE);
+  const id = str(v['id']);
+  if (!id) throw new UsageError(FREEZE_USAGE);
+  await call(sourceTarget(v), 'POST', `/v1/migrations/${encodeURIComponent(id)}/freeze`);
+  process.stdout.write(`${id}: frozen\n`);
+}
+
+export const UNREGISTER_USAGE = `Usage: yabusame unregister --id ID [control]
+
+Aborts the migration on the source (if it is not complete) and forgets it; answers once the
+image file is closed.
+
+${CONTROL_HELP}
+`;
+
+export async function runUnregister(args: string[]): Promise<void> {
+  const v = parse(args, { ...CONTROL_OPTIONS, id: { type: 'string' } }, UNREGISTER_USAGE);
+  const id = str(v['id']);
+  if (!id) throw new UsageError(UNREGISTER_USAGE);
+  await call(sourceTarget(v), 'DELETE', `/v1/migrations/${encodeURIComponent(id)}`);
+  process.stdout.write(`${id}: removed\n`);
+}

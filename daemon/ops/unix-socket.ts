@@ -1,0 +1,57 @@
+/**
+ * Paths of listening UNIX sockets (the dest's handoff socket, the control sockets): a path is
+ * taken over only from a dead socket. A live daemon's socket is never unlinked, nor is anything
+ * that is not a socket (a regular file at the path is an operator's mistake, not ours to delete).
+ */
+import { lstatSync, unlinkSync } from 'node:fs';
+import { connect } from 'node:net';
+import { CodedError } from '../../protocol/errors.js';
+
+export type SocketPathErrorCode = 'SOCKET_IN_USE' | 'SOCKET_PATH_NOT_SOCKET' | 'SOCKET_PATH';
+
+export class SocketPathError extends CodedError<SocketPathErrorCode> {}
+
+/** Whether something accepts connections on the UNIX socket at `path`. */
+function answers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const c = connect(path);
+    c.once('connect', () => {
+      c.destroy();
+      resolve(true);
+    });
+    c.once('error', () => resolve(false));
+  });
+}
+
+/**
+ * Makes `path` free for a new listening socket: absent is fine; a socket nobody answers on (a
+ * daemon that died) is removed; a socket that answers, or anything else, is refused.
+ */
+export async function claimSocketPath(path: string): Promise<void> {
+  let st;
+  try {
+    st = lstatSync(path);
+  } catch (err) {
+    if ((err as { code?: string }).code === 'ENOENT') return;
+    throw new SocketPathError('SOCKET_PATH', `cannot inspect ${path}: ${(err as Error).message}`);
+  }
+  if (!st.isSocket()) {
+    throw new SocketPathError(
+      'SOCKET_PATH_NOT_SOCKET',
+      `${path} exists and is not a socket; refusing to replace it`,
+    );
+  }
+  if (await answers(path)) {
+    throw new SocketPathError('SOCKET_IN_USE', `another process is listening on ${path}`);
+  }
+  unlinkSync(path);
+}
+
+/** Removes our socket at `path` (after closing it); nothing else. */
+export function releaseSocketPath(path: string): void {
+  try {
+    if (lstatSync(path).isSocket()) unlinkSync(path);
+  } catch {
+    // already gone
+  }
+}
