@@ -6,6 +6,7 @@
 import { createLogger } from '../ops/log.js';
 import {
   ConfigError,
+  configText,
   isLoopbackHost,
   keyOptions,
   keysHelp,
@@ -18,8 +19,9 @@ import { createMetricsRegistry, createSourceMetrics, metricsText } from '../ops/
 import { serveHttp, type HttpEndpoint } from '../ops/http.js';
 import * as sd from '../ops/sdnotify.js';
 import { startSourceServer, type SourceServerOptions } from '../source/server.js';
+import { ImageRoot, openImage } from '../source/image.js';
 import { startControlServer, type ControlServer } from '../source/control-api.js';
-import { onSignals, parse, readConfigFile, resolveGroup, str } from './common.js';
+import { liveStatus, onSignals, parse, readConfigFile, resolveGroup, str } from './common.js';
 import { VERSION } from './version.js';
 
 export const SOURCE_USAGE = `Usage: yabusame source [options]
@@ -53,6 +55,34 @@ interface ResolvedSource {
   control: Parameters<typeof startControlServer>[2];
   /** Configured migrations with their secrets read (null: generate one). */
   migrations: Array<SourceConfig['migrations'][number] & { secret: string | undefined }>;
+}
+
+/**
+ * Opens a configured migration's image beneath the root and closes it again, so a missing,
+ * misplaced or unreadable image is a configuration error (exit 2) before anything is bound.
+ */
+function checkImage(root: string, m: SourceConfig['migrations'][number]): void {
+  let imageRoot: ImageRoot;
+  try {
+    imageRoot = new ImageRoot(root);
+  } catch (err) {
+    throw new ConfigError('CONFIG_INVALID', `imageRoot: ${(err as Error).message}`, undefined, {
+      cause: err,
+    });
+  }
+  try {
+    openImage(imageRoot, m.image, m.regions).close();
+  } catch (err) {
+    const code = (err as { code?: string }).code ?? 'IMAGE_OPEN';
+    throw new ConfigError(
+      'CONFIG_INVALID',
+      `migrations.${m.id}.image: ${code}: ${(err as Error).message}`,
+      undefined,
+      { cause: err },
+    );
+  } finally {
+    imageRoot.close();
+  }
 }
 
 /** The daemon's options from a checked config: files read, rules applied. Throws ConfigError. */
@@ -110,14 +140,15 @@ export function sourceOptions(config: SourceConfig): ResolvedSource {
         : undefined,
       tcp: config.controlListen && token ? { ...config.controlListen, token } : undefined,
     },
-    migrations: config.migrations.map((m) => ({
-      ...m,
-      secret: m.secretFile
+    migrations: config.migrations.map((m) => {
+      checkImage(config.imageRoot, m);
+      const secret = m.secretFile
         ? readConfigFile(m.secretFile, `migrations.${m.id}.secretFile`, true)
             .toString('utf8')
             .trim()
-        : undefined,
-    })),
+        : undefined;
+      return { ...m, secret };
+    }),
   };
 }
 
@@ -142,11 +173,14 @@ export async function runSource(args: string[]): Promise<void> {
   const config = loadSourceConfig(input);
   const resolved = sourceOptions(config);
   if (v['check-config']) {
-    process.stdout.write(`yabusame source: configuration ok\n${JSON.stringify(config, null, 2)}\n`);
+    process.stdout.write(`yabusame source: configuration ok\n${configText(config)}\n`);
     return;
   }
   const log = createLogger(config.logLevel, { service: 'yabusame-source' });
-  log.info('yabusame source starting', { version: VERSION, config: { ...config } });
+  log.info('yabusame source starting', {
+    version: VERSION,
+    config: JSON.parse(configText(config)),
+  });
   if (config.insecureNoAuth) {
     log.warn('INSECURE: serving pages without migration secrets (--insecure-no-auth), on loopback');
   } else if (!resolved.server.tls && !isLoopbackHost(config.listen.host)) {
@@ -167,13 +201,17 @@ export async function runSource(args: string[]): Promise<void> {
     control = await startControlServer(server.registry, log, resolved.control);
     closers.unshift(() => control!.close());
     if (config.metricsListen) {
-      metrics = await serveHttp(config.metricsListen, {
-        '/healthz': () => ({ type: 'text/plain', body: 'ok\n' }),
-        '/metrics': async () => {
-          const m = await metricsText(registry);
-          return { type: m.contentType, body: m.body };
+      metrics = await serveHttp(
+        config.metricsListen,
+        {
+          '/healthz': () => ({ type: 'text/plain', body: 'ok\n' }),
+          '/metrics': async () => {
+            const m = await metricsText(registry);
+            return { type: m.contentType, body: m.body };
+          },
         },
-      });
+        'metricsListen',
+      );
       closers.unshift(() => metrics!.close());
     }
     for (const m of resolved.migrations) {
@@ -200,6 +238,11 @@ export async function runSource(args: string[]): Promise<void> {
     });
   }
   sd.ready();
+  liveStatus(() => {
+    const all = server.registry.list();
+    const count = (state: string): number => all.filter((m) => m.state === state).length;
+    return `${all.length} migrations: ${count('frozen')} frozen (serving), ${count('registered')} waiting for their freeze`;
+  });
   onSignals(stop, log, () => {
     try {
       log.setLevel(loadSourceConfig(input).logLevel);

@@ -22,7 +22,12 @@ import {
 import { inspectUffd, type UffdInfo } from './validate.js';
 import type { Logger } from '../ops/log.js';
 import { rateLimitedLog, type RateLimitedLog } from '../ops/rate-limit.js';
-import { claimSocketPath, releaseSocketPath } from '../ops/unix-socket.js';
+import {
+  claimSocketPath,
+  listenError,
+  ownSocketPath,
+  releaseSocketPath,
+} from '../ops/unix-socket.js';
 
 /** The VMM's side of one migration: reply lines go out here; `onClose` fires when the VMM hangs up. */
 export class HandoffConnection {
@@ -92,8 +97,10 @@ export interface ReceivedHandoff {
 }
 
 export interface HandoffListenerOptions {
-  /** Path of the socket to create, or... */
+  /** Path of the socket to create (with `mode` and `gid`), or... */
   path?: string;
+  mode?: number;
+  gid?: number | undefined;
   /** ...a listening socket inherited from systemd (socket activation). */
   listenFd?: number;
   timeoutMs: number;
@@ -119,12 +126,24 @@ export interface HandoffListener {
  */
 export async function startHandoffListener(opts: HandoffListenerOptions): Promise<HandoffListener> {
   let listenFd: number;
+  let ino: number | undefined;
   if (opts.listenFd !== undefined) {
     listenFd = opts.listenFd;
     sys.setNonBlocking(listenFd, true);
   } else if (opts.path) {
     await claimSocketPath(opts.path);
-    listenFd = sys.listenUnix(opts.path);
+    try {
+      listenFd = sys.listenUnix(opts.path);
+    } catch (err) {
+      throw listenError('socket', opts.path, err);
+    }
+    try {
+      ino = ownSocketPath(opts.path, opts.mode ?? 0o660, opts.gid);
+    } catch (err) {
+      sys.close(listenFd);
+      releaseSocketPath(opts.path);
+      throw err;
+    }
   } else {
     throw new TypeError('startHandoffListener needs path or listenFd');
   }
@@ -213,7 +232,7 @@ export async function startHandoffListener(opts: HandoffListenerOptions): Promis
       sys.close(listenFd);
       if (reserve >= 0) sys.close(reserve);
       reserve = -1;
-      if (opts.path) releaseSocketPath(opts.path);
+      if (opts.path) releaseSocketPath(opts.path, ino);
     },
   };
 }

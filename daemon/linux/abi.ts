@@ -105,6 +105,8 @@ export const O_NONBLOCK = 0o4000;
 export const O_DIRECTORY = 0o200000;
 export const O_NOFOLLOW = 0o400000;
 export const O_CLOEXEC = 0o2000000;
+/** memfd_create(2) flag (linux/memfd.h). */
+export const MFD_CLOEXEC = 0x0001;
 export const O_PATH = 0o10000000;
 /** struct open_how (<linux/openat2.h>): u64 flags, u64 mode, u64 resolve. */
 export const SIZEOF_open_how = 24;

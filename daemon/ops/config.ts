@@ -15,7 +15,7 @@ import { z } from 'zod';
 import { CodedError } from '../../protocol/errors.js';
 import { Limits } from '../../protocol/wire.js';
 import { validMigrationId } from '../../protocol/page-codec.js';
-import { jsonErrorAt } from './json-error.js';
+import { blankComments, jsonErrorAt } from './json-error.js';
 
 export type ConfigErrorCode = 'CONFIG_NOT_FOUND' | 'CONFIG_BAD_JSON' | 'CONFIG_INVALID';
 
@@ -110,6 +110,9 @@ const allowEntry = z
 export const DestConfigSchema = z.strictObject({
   /** The handoff socket (ignored when systemd passes it by socket activation). */
   socket: z.string().min(1).max(107).default('/run/yabusame/dest.sock'),
+  socketMode: octalMode.default(0o660),
+  /** Group of the handoff socket (a name or a gid): the VMMs' group. Default the daemon's. */
+  socketGroup: z.string().min(1).max(64).optional(),
   /** Where /metrics and /healthz are served, or "off". */
   metricsListen: hostPortOrOff.default({ host: '127.0.0.1', port: 9464 }),
   /** Where /v1/sessions (migration details) is served, or "off". */
@@ -145,7 +148,7 @@ export const DestConfigSchema = z.strictObject({
   reconnectTimeoutMs: timeoutMs.default(120_000),
   /** ws ping interval on both channels; a missed pong closes the channel. 0 disables. */
   heartbeatMs: int(0, 3_600_000).default(5000),
-  /** Interval of `progress` replies to the VMM and of progress logs. */
+  /** Interval of `progress` replies to the VMM; progress logs: every 10 s, or this if longer. */
   progressIntervalMs: int(10, 3_600_000).default(1000),
   /** CAs to verify wss sources with (PEM); default the system's. */
   sourceCaFile: z.string().min(1).optional(),
@@ -324,6 +327,8 @@ export const DEST_KEYS: readonly KeySpec[] = [
     arg: 'PATH',
     help: 'handoff socket (default /run/yabusame/dest.sock); systemd socket activation overrides it',
   },
+  { key: 'socketMode', kind: 'string', arg: 'OCTAL', help: 'its permission bits (default 0660)' },
+  { key: 'socketGroup', kind: 'string', arg: 'GROUP', help: 'its group: the VMMs (default ours)' },
   {
     key: 'metricsListen',
     kind: 'string',
@@ -416,7 +421,7 @@ export const DEST_KEYS: readonly KeySpec[] = [
     key: 'progressIntervalMs',
     kind: 'int',
     arg: 'MS',
-    help: 'progress replies and logs (default 1000)',
+    help: 'progress replies to the VMM (default 1000; logs every 10 s)',
   },
   {
     key: 'sourceCaFile',
@@ -598,6 +603,8 @@ function readJson(file: string): Record<string, unknown> {
   } catch (err) {
     throw new ConfigError('CONFIG_NOT_FOUND', `config ${file}: cannot read`, file, { cause: err });
   }
+  // Comments are allowed (the example configs are commented); positions stay those of the file.
+  text = blankComments(text);
   let json: unknown;
   try {
     json = JSON.parse(text);
@@ -711,4 +718,29 @@ export function parseMigrationSpec(spec: string): z.input<typeof MigrationSchema
     frozen: out['frozen'] === true,
     ...(typeof out['secret-file'] === 'string' ? { secretFile: resolve(out['secret-file']) } : {}),
   };
+}
+
+/**
+ * A loaded config as a config file would say it (host:port strings, octal modes), for
+ * --check-config and the start-up log line: what an operator can paste back.
+ */
+export function configText(config: DestConfig | SourceConfig): string {
+  return JSON.stringify(
+    config,
+    (key, value: unknown) => {
+      if (value && typeof value === 'object' && 'host' in value && 'port' in value) {
+        return formatHostPort(value as HostPort);
+      }
+      if (key.endsWith('Mode') && typeof value === 'number') {
+        return `0${value.toString(8)}`;
+      }
+      return value;
+    },
+    2,
+  );
+}
+
+/** `host:port`, IPv6 in brackets. */
+export function formatHostPort(hp: HostPort): string {
+  return hp.host.includes(':') ? `[${hp.host}]:${hp.port}` : `${hp.host}:${hp.port}`;
 }

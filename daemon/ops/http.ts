@@ -3,10 +3,9 @@
  * Prometheus), and migration details on a UNIX socket whose mode and group decide who may read
  * them. GET only (405 otherwise); JSON errors `{error: {code, message}}`.
  */
-import { chmodSync, chownSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { claimSocketPath, releaseSocketPath } from './unix-socket.js';
+import { claimSocketPath, listenError, ownSocketPath, releaseSocketPath } from './unix-socket.js';
 
 export type HttpListen =
   | { host: string; port: number }
@@ -29,10 +28,11 @@ function sendError(res: http.ServerResponse, status: number, code: string, messa
   res.writeHead(status, { 'content-type': 'application/json' }).end(body);
 }
 
-/** Serves `routes` (exact paths, GET only) on `listen`. */
+/** Serves `routes` (exact paths, GET only) on `listen`; `what` names the option in errors. */
 export async function serveHttp(
   listen: HttpListen,
   routes: Record<string, Route>,
+  what = 'listen',
 ): Promise<HttpEndpoint> {
   const server = http.createServer((req, res) => {
     const path = (req.url ?? '/').split('?')[0]!;
@@ -52,25 +52,24 @@ export async function serveHttp(
   });
   const isUnix = 'path' in listen;
   if (isUnix) await claimSocketPath(listen.path);
+  const where = isUnix ? listen.path : `${listen.host}:${listen.port}`;
   await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
+    const failed = (err: Error): void => reject(listenError(what, where, err));
+    server.once('error', failed);
     const done = (): void => {
-      server.off('error', reject);
+      server.off('error', failed);
       resolve();
     };
     if (isUnix) server.listen(listen.path, done);
     else server.listen(listen.port, listen.host, done);
   });
-  if (isUnix) {
-    chmodSync(listen.path, listen.mode);
-    if (listen.gid !== undefined) chownSync(listen.path, -1, listen.gid);
-  }
+  const ino = isUnix ? ownSocketPath(listen.path, listen.mode, listen.gid) : 0;
   return {
     port: isUnix ? 0 : (server.address() as AddressInfo).port,
     async close() {
       server.closeAllConnections();
       await new Promise<void>((r) => server.close(() => r()));
-      if (isUnix) releaseSocketPath(listen.path);
+      if (isUnix) releaseSocketPath(listen.path, ino);
     },
   };
 }

@@ -137,3 +137,55 @@ export function jsonErrorAt(text: string): JsonErrorAt | null {
     return { line, column, message: err.message };
   }
 }
+
+/**
+ * `text` with its comments (`// …` to the end of the line, `/* … *\/`) blanked out, so config
+ * files can explain themselves. Comments become spaces and newlines stay, so the line and
+ * column of a later syntax error are those of the file. An unterminated block comment is left
+ * for the parser to refuse.
+ */
+export function blankComments(text: string): string {
+  let out = '';
+  let i = 0;
+  let inString = false;
+  while (i < text.length) {
+    const c = text[i]!;
+    if (inString) {
+      out += c;
+      if (c === '\\' && i + 1 < text.length) {
+        out += text[i + 1];
+        i += 2;
+        continue;
+      }
+      if (c === '"') inString = false;
+      i++;
+      continue;
+    }
+    if (c === '"') {
+      inString = true;
+      out += c;
+      i++;
+      continue;
+    }
+    if (c === '/' && text[i + 1] === '/') {
+      while (i < text.length && text[i] !== '\n') {
+        out += ' ';
+        i++;
+      }
+      continue;
+    }
+    if (c === '/' && text[i + 1] === '*') {
+      const end = text.indexOf('*/', i + 2);
+      if (end < 0) {
+        out += text.slice(i);
+        break;
+      }
+      out += text.slice(i, end + 2).replace(/[^\n]/g, ' ');
+      i = end + 2;
+      continue;
+    }
+    out += c;
+    i++;
+  }
+  return out;
+}

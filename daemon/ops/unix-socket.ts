@@ -3,7 +3,7 @@
  * taken over only from a dead socket. A live daemon's socket is never unlinked, nor is anything
  * that is not a socket (a regular file at the path is an operator's mistake, not ours to delete).
  */
-import { lstatSync, unlinkSync } from 'node:fs';
+import { chmodSync, chownSync, lstatSync, unlinkSync } from 'node:fs';
 import { connect } from 'node:net';
 import { CodedError } from '../../protocol/errors.js';
 
@@ -47,11 +47,37 @@ export async function claimSocketPath(path: string): Promise<void> {
   unlinkSync(path);
 }
 
-/** Removes our socket at `path` (after closing it); nothing else. */
-export function releaseSocketPath(path: string): void {
+/**
+ * Gives the socket we just bound at `path` its permission bits and group; returns its inode,
+ * which releaseSocketPath checks so that we never remove a socket another daemon made there.
+ */
+export function ownSocketPath(path: string, mode: number, gid?: number): number {
+  chmodSync(path, mode);
+  if (gid !== undefined) chownSync(path, -1, gid);
+  return lstatSync(path).ino;
+}
+
+/** Removes our socket at `path` (after closing it): only a socket, and only ours (`ino`). */
+export function releaseSocketPath(path: string, ino?: number): void {
   try {
-    if (lstatSync(path).isSocket()) unlinkSync(path);
+    const st = lstatSync(path);
+    if (st.isSocket() && (ino === undefined || st.ino === ino)) unlinkSync(path);
   } catch {
     // already gone
   }
+}
+
+/** Why binding failed, for an operator: which option, which address, what to do. */
+export function listenError(what: string, where: string, err: unknown): Error {
+  const code = (err as { code?: string }).code ?? 'LISTEN_FAILED';
+  const hint =
+    code === 'EADDRINUSE'
+      ? 'another process listens there (another yabusame daemon?); choose another address'
+      : code === 'EACCES' || code === 'EPERM'
+        ? 'permission denied (ports below 1024 need privileges; check the folder of a socket)'
+        : code === 'EADDRNOTAVAIL'
+          ? 'no interface of this host has that address'
+          : (err as Error).message;
+  const out = new Error(`${what} ${where}: ${hint}`, { cause: err });
+  return Object.assign(out, { code });
 }

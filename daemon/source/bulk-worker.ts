@@ -246,7 +246,7 @@ if (data.tls) {
 port.on('message', (m: ToSourceBulk) => {
   switch (m.t) {
     case 'open': {
-      const lane = new Lane(m.init, log.child({ migration: m.init.id }));
+      const lane = new Lane(m.init, log.child({ migrationId: m.init.id }));
       lanes.set(m.init.key, lane);
       byId.set(m.init.id, lane);
       break;

@@ -13,13 +13,17 @@
  * A registration without a secret gets one generated, returned in the answer this once.
  */
 import { timingSafeEqual } from 'node:crypto';
-import { chmodSync, chownSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { z } from 'zod';
 import { validMigrationId } from '../../protocol/page-codec.js';
 import type { Logger } from '../ops/log.js';
-import { claimSocketPath, releaseSocketPath } from '../ops/unix-socket.js';
+import {
+  claimSocketPath,
+  listenError,
+  ownSocketPath,
+  releaseSocketPath,
+} from '../ops/unix-socket.js';
 import { SourceError } from './errors.js';
 import type { MigrationRegistry } from './registry.js';
 
@@ -203,21 +207,24 @@ export async function startControlServer(
   const servers: http.Server[] = [];
   const listen = (server: http.Server, ...args: [string] | [number, string]): Promise<void> =>
     new Promise((resolve, reject) => {
-      server.once('error', reject);
+      const where = args.length === 1 ? String(args[0]) : `${String(args[1])}:${String(args[0])}`;
+      const what = args.length === 1 ? 'controlSocket' : 'controlListen';
+      const failed = (err: Error): void => reject(listenError(what, where, err));
+      server.once('error', failed);
       server.listen(...(args as [number, string]), () => {
-        server.off('error', reject);
+        server.off('error', failed);
         resolve();
       });
     });
   let tcpPort: number | null = null;
+  let ino: number | undefined;
   try {
     if (opts.socket) {
       await claimSocketPath(opts.socket.path);
       const server = http.createServer(controlApi(registry, log));
       await listen(server, opts.socket.path);
       servers.push(server);
-      chmodSync(opts.socket.path, opts.socket.mode);
-      if (opts.socket.gid !== undefined) chownSync(opts.socket.path, -1, opts.socket.gid);
+      ino = ownSocketPath(opts.socket.path, opts.socket.mode, opts.socket.gid);
     }
     if (opts.tcp) {
       const server = http.createServer(controlApi(registry, log, opts.tcp.token));
@@ -227,7 +234,7 @@ export async function startControlServer(
     }
   } catch (err) {
     await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
-    if (opts.socket && servers.length > 0) releaseSocketPath(opts.socket.path);
+    if (opts.socket && ino !== undefined) releaseSocketPath(opts.socket.path, ino);
     throw err;
   }
   return {
@@ -235,7 +242,7 @@ export async function startControlServer(
     async close() {
       for (const s of servers) s.closeAllConnections();
       await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
-      if (opts.socket) releaseSocketPath(opts.socket.path);
+      if (opts.socket) releaseSocketPath(opts.socket.path, ino);
     },
   };
 }

@@ -314,7 +314,7 @@ export class PageConnections {
       log.info('page connection accepted', {
         conn: connName,
         remote,
-        migration: hello.migrationId,
+        migrationId: hello.migrationId,
         channel: channelName(hello.channel),
       });
       acceptance.attach(channel);
