@@ -171,3 +171,24 @@ export function onSignals(
     reload();
   });
 }
+
+/**
+ * systemd's view of a running daemon: STATUS= from `line` every few seconds (what `systemctl
+ * status` shows), and WATCHDOG=1 at half the WatchdogSec= period, from the event loop, so a
+ * wedged loop stops the pings and systemd restarts the daemon. No-ops without systemd.
+ */
+export function liveStatus(line: () => string, everyMs = 5000): void {
+  const update = (): void => {
+    try {
+      sd.status(line());
+    } catch {
+      // the manager went away; nothing to tell
+    }
+  };
+  update();
+  setInterval(update, everyMs).unref();
+  const watchdogMs = sd.watchdogIntervalMs();
+  if (watchdogMs !== null) {
+    setInterval(() => sd.watchdog(), Math.max(watchdogMs / 2, 100)).unref();
+  }
+}

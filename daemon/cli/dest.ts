@@ -3,12 +3,20 @@
  * before anything is bound), then runs the destination daemon until a signal stops it.
  */
 import { createLogger } from '../ops/log.js';
-import { DEST_KEYS, keyOptions, keysHelp, loadDestConfig, type DestConfig } from '../ops/config.js';
+import {
+  configText,
+  DEST_KEYS,
+  keyOptions,
+  keysHelp,
+  loadDestConfig,
+  type DestConfig,
+} from '../ops/config.js';
 import { createDestMetrics, createMetricsRegistry, metricsText } from '../ops/metrics.js';
 import * as sd from '../ops/sdnotify.js';
 import { startDestDaemon, type DestDaemonOptions } from '../dest/daemon.js';
 import type { ClientTls } from '../transport/client.js';
-import { onSignals, parse, readConfigFile, resolveGroup, str } from './common.js';
+import { liveStatus, onSignals, parse, readConfigFile, resolveGroup, str } from './common.js';
+import { fdStoreParking, parkedSessions } from '../dest/fd-store.js';
 import { VERSION } from './version.js';
 
 export const DEST_USAGE = `Usage: yabusame dest [options]
@@ -45,6 +53,8 @@ export function destOptions(
   const gid = process.getgid?.() ?? 0;
   return {
     socketPath: config.socket,
+    socketMode: config.socketMode,
+    socketGid: resolveGroup(config.socketGroup, 'socketGroup'),
     http: config.metricsListen,
     control: config.controlSocket
       ? {
@@ -97,29 +107,38 @@ export async function runDest(args: string[]): Promise<void> {
   const config = loadDestConfig(input);
   const options = destOptions(config);
   if (v['check-config']) {
-    process.stdout.write(`yabusame dest: configuration ok\n${JSON.stringify(config, null, 2)}\n`);
+    process.stdout.write(`yabusame dest: configuration ok\n${configText(config)}\n`);
     return;
   }
   const log = createLogger(config.logLevel, { service: 'yabusame-dest' });
-  log.info('yabusame dest starting', { version: VERSION, config: { ...config } });
+  log.info('yabusame dest starting', { version: VERSION, config: JSON.parse(configText(config)) });
   if (config.insecureNoAuth) {
     log.warn(
       'INSECURE: running without migration secrets (--insecure-no-auth); loopback sources only',
     );
   }
   const registry = createMetricsRegistry();
-  const activated = sd.listenFds().find((f) => f.name === 'handoff') ?? sd.listenFds()[0];
+  // From systemd: the handoff socket (socket activation), and sessions a previous daemon parked.
+  const fds = sd.listenFds();
+  const activated = fds.find((f) => f.name === 'handoff') ?? fds.find((f) => f.name === 'unknown');
+  const parking = fdStoreParking(log);
+  const parked = parkedSessions(fds, log, parking);
+  if (parked.length > 0) log.info('resuming parked sessions', { sessions: parked.length });
   const daemon = await startDestDaemon({
     ...options,
     ...(activated ? { listenFd: activated.fd } : {}),
     log,
     metrics: createDestMetrics(registry),
     metricsText: () => metricsText(registry),
-    onSessionEnd: (s) =>
-      sd.status(`${s.migrationId} ${s.state}; serving ${daemon.sessions().length}`),
+    parking,
+    parked,
   });
   sd.ready();
-  sd.status('serving 0 migrations');
+  liveStatus(() => {
+    const sessions = daemon.sessions();
+    const left = sessions.reduce((n, s) => n + s.totalPages - s.presentPages, 0);
+    return `${sessions.length} migrations running, ${left} pages to place`;
+  });
   onSignals(
     () => daemon.close(),
     log,

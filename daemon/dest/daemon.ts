@@ -19,6 +19,7 @@ import * as sys from '../linux/sys.js';
 import type { PeerCred } from '../linux/sys.js';
 import { Session, SessionError, type SessionConfig, type SessionStats } from './session.js';
 import { BulkThread } from './bulk.js';
+import type { ParkedSession, SessionParking } from './fd-store.js';
 
 /** Who may hand over, and how much each may hold. */
 export interface PeerPolicy {
@@ -35,6 +36,9 @@ export interface PeerPolicy {
 export interface DestDaemonOptions {
   /** Handoff socket path to create, unless `listenFd` (socket activation) is given. */
   socketPath?: string;
+  /** Its permission bits (default 0660) and group. */
+  socketMode?: number;
+  socketGid?: number | undefined;
   listenFd?: number;
   /** Where /metrics and /healthz are served; null to disable. */
   http?: { host: string; port: number } | null;
@@ -56,6 +60,10 @@ export interface DestDaemonOptions {
   metricsText?: () => Promise<{ contentType: string; body: string }>;
   /** Called when a session ends (tests, status). */
   onSessionEnd?: (s: SessionStats) => void;
+  /** Where sessions park their descriptors at their ack (default: nowhere). */
+  parking?: SessionParking;
+  /** Sessions a previous daemon parked (fd-store.ts), resumed once the daemon is up. */
+  parked?: ParkedSession[];
 }
 
 export interface DestDaemon {
@@ -102,7 +110,7 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
           `uid ${peer.uid} (gid ${peer.gid}) may not hand over to this daemon`,
         );
 
-  const accept = (h: ReceivedHandoff): void => {
+  const accept = (h: ReceivedHandoff, parked?: string): void => {
     const id = h.request.migrationId;
     const uid = h.conn.peer.uid;
     if (live.size >= opts.maxSessions) {
@@ -121,6 +129,8 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
       metrics,
       connect: connectPageChannel,
       bulk,
+      ...(opts.parking ? { parking: opts.parking } : {}),
+      ...(parked ? { parked } : {}),
       // Decided at the ack, not at the handoff: a handoff that names a migration it cannot prove
       // the secret of never gets that far, so squatting an id gains nothing.
       claim: () => {
@@ -161,7 +171,9 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
   let listener: HandoffListener | null = null;
   try {
     listener = await startHandoffListener({
-      ...(opts.listenFd !== undefined ? { listenFd: opts.listenFd } : { path: opts.socketPath! }),
+      ...(opts.listenFd !== undefined
+        ? { listenFd: opts.listenFd }
+        : { path: opts.socketPath!, mode: opts.socketMode ?? 0o660, gid: opts.socketGid }),
       timeoutMs: opts.handoffTimeoutMs,
       log,
       maxPending: peers.maxPending,
@@ -177,30 +189,38 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
     if (opts.http) {
       const metricsText = opts.metricsText;
       endpoints.push(
-        await serveHttp(opts.http, {
-          '/healthz': healthz,
-          ...(metricsText
-            ? {
-                '/metrics': async () => {
-                  const m = await metricsText();
-                  return { type: m.contentType, body: m.body };
-                },
-              }
-            : {}),
-        }),
+        await serveHttp(
+          opts.http,
+          {
+            '/healthz': healthz,
+            ...(metricsText
+              ? {
+                  '/metrics': async () => {
+                    const m = await metricsText();
+                    return { type: m.contentType, body: m.body };
+                  },
+                }
+              : {}),
+          },
+          'metricsListen',
+        ),
       );
     }
     if (opts.control) {
       endpoints.push(
-        await serveHttp(opts.control, {
-          '/healthz': healthz,
-          '/v1/sessions': () =>
-            json({
-              active: [...live].map((s) => s.stats()),
-              ended,
-              process: processStats(),
-            }),
-        }),
+        await serveHttp(
+          opts.control,
+          {
+            '/healthz': healthz,
+            '/v1/sessions': () =>
+              json({
+                active: [...live].map((s) => s.stats()),
+                ended,
+                process: processStats(),
+              }),
+          },
+          'controlSocket',
+        ),
       );
     }
   } catch (err) {
@@ -208,6 +228,21 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
     await Promise.all(endpoints.map((e) => e.close()));
     await bulk.stop();
     throw err;
+  }
+  // Sessions a previous daemon parked go through the same checks as a handoff, as `resume`.
+  for (const p of opts.parked ?? []) {
+    try {
+      const refusal = admit(p.conn.peer);
+      if (refusal) throw refusal;
+      accept(p, p.name);
+    } catch (err) {
+      const e = err as ProtocolError;
+      log.warn('a parked session is refused', { name: p.name, code: e.code, message: e.message });
+      p.conn.reply({ type: 'error', code: e.code, message: e.message });
+      p.conn.close();
+      sys.close(p.uffd);
+      opts.parking?.unpark(p.name);
+    }
   }
   const httpPort = opts.http ? endpoints[0]!.port : null;
   log.info('yabusame dest ready', {

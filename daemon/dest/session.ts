@@ -28,6 +28,7 @@ import type { Logger } from '../ops/log.js';
 import type { DestMetrics } from '../ops/metric-ports.js';
 import type { BulkLaneFactory } from './bulk.js';
 import { FaultTracker } from './faults.js';
+import type { SessionParking } from './fd-store.js';
 import { Placement, type Run } from './placement.js';
 import { RegionTable } from './regions.js';
 import { RemoteSource } from './remote-source.js';
@@ -36,6 +37,9 @@ import { checkSource, type SourcePolicy } from './source-policy.js';
 import type { ClientTls } from '../transport/client.js';
 import { parseSecret } from '../../protocol/auth.js';
 import { parseSourceUrl } from '../../protocol/source-url.js';
+
+/** Progress log lines of one session come at most this often (the VMM's replies more often). */
+const PROGRESS_LOG_MS = 10_000;
 
 export { SessionError } from './session-error.js';
 
@@ -72,6 +76,13 @@ export interface SessionDeps {
    * same migration id already does).
    */
   claim?: () => SessionError | null;
+  /** Where the session parks its descriptors at its ack (systemd's fd store; fd-store.ts). */
+  parking?: SessionParking;
+  /**
+   * The fd-store name of a session a previous daemon parked: it resumes without an ack (its VMM
+   * was acked already and never saw the restart) and stays parked under that name.
+   */
+  parked?: string;
 }
 
 export interface SessionStats {
@@ -101,6 +112,9 @@ export class Session {
   private readonly source: RemoteSource;
   private faultCount = 0;
   private progressTimer: NodeJS.Timeout | null = null;
+  private lastProgressLog = Date.now();
+  /** This session's name in the fd store, once parked (or handed back parked). */
+  private parkedName: string | null = null;
   private backgroundTimer: NodeJS.Timeout | null = null;
   private readonly log: Logger;
   private readonly startedAt = Date.now();
@@ -120,6 +134,7 @@ export class Session {
     private readonly deps: SessionDeps,
   ) {
     this.migrationId = request.migrationId;
+    this.parkedName = deps.parked ?? null;
     const config = deps.config;
     // The codec checked both parse; policy decides whether this daemon may use them.
     const source = parseSourceUrl(request.source);
@@ -253,16 +268,20 @@ export class Session {
       throw taken;
     }
     this.stateValue = 'running';
-    this.conn.reply({
-      type: 'ack',
-      migrationId: this.migrationId,
-      totalPages: this.placement.map.totalPages,
-    });
-    this.log.info('migration started', {
+    if (this.parkedName === null) {
+      this.conn.reply({
+        type: 'ack',
+        migrationId: this.migrationId,
+        totalPages: this.placement.map.totalPages,
+      });
+      this.parkedName = this.deps.parking?.park(this.request, this.uffdFd, this.conn.fd) ?? null;
+    }
+    this.log.info(this.deps.parked ? 'migration resumed from the fd store' : 'migration started', {
       source: this.request.source,
       pages: this.placement.map.totalPages,
       queuedFaults: this.faults.size,
       resume: this.request.resume ?? false,
+      parked: this.parkedName !== null,
     });
     this.source.start();
     this.flushRequests();
@@ -377,6 +396,10 @@ export class Session {
 
   private teardown(): void {
     this.finishedAt = Date.now();
+    // A stopping daemon leaves the session parked: the next one resumes it. Any other end is final.
+    if (this.parkedName !== null && this.error?.code !== 'DAEMON_STOPPING') {
+      this.deps.parking?.unpark(this.parkedName);
+    }
     if (this.progressTimer) clearInterval(this.progressTimer);
     if (this.backgroundTimer) clearTimeout(this.backgroundTimer);
     this.deps.bulk.faultsAwaited(-this.faults.clear());
@@ -401,6 +424,19 @@ export class Session {
       type: 'progress',
       presentPages: map.settledPages,
       totalPages: map.totalPages,
+    });
+    // A log line too, at most every PROGRESS_LOG_MS: 64 sessions must not write 64 lines a second.
+    const now = Date.now();
+    if (now - this.lastProgressLog < PROGRESS_LOG_MS) return;
+    this.lastProgressLog = now;
+    const c = map.counts();
+    this.log.info('migration progress', {
+      present: map.settledPages,
+      total: map.totalPages,
+      demand: c.demand,
+      background: c.background,
+      faultsWaiting: this.faults.size,
+      reconnects: this.source.reconnects,
     });
   }
 }

@@ -103,6 +103,7 @@ const c = {
     'int getsockopt(int fd, int level, int name, _Out_ ucred *val, _Inout_ uint32_t *len)',
   ),
   getpid: libc.func('int getpid()'),
+  memfdCreate: libc.func('int memfd_create(const char *name, unsigned int flags)'),
   gettid: libc.func('int gettid()'),
   setpriority: libc.func('int setpriority(int which, unsigned int who, int prio)'),
   mallopt: libc.func('int mallopt(int param, int value)'),
@@ -151,6 +152,11 @@ export function tryOpenat2(dirfd: number, path: string, flags: number, resolve: 
 
 export function close(fd: number): void {
   check('close', c.close(fd) as number);
+}
+
+/** memfd_create(2) with MFD_CLOEXEC: an anonymous file (the dest's parked session state). */
+export function memfdCreate(name: string): number {
+  return check('memfd_create', c.memfdCreate(name, abi.MFD_CLOEXEC) as number, name);
 }
 
 export function dup(fd: number): number {

@@ -12,6 +12,7 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { call, requestJson } from '../../daemon/cli/common.js';
+import type { FakeSystemd } from './fake-systemd.js';
 
 export const CLI = fileURLToPath(new URL('../../daemon/cli.js', import.meta.url));
 
@@ -51,15 +52,21 @@ export interface Daemon {
   stop(): Promise<void>;
 }
 
-function spawnCli(args: string[], logPath: string, onStdoutLine?: (line: string) => void) {
+function spawnCli(
+  args: string[],
+  logPath: string,
+  onStdoutLine?: (line: string) => void,
+  systemd?: FakeSystemd,
+) {
   // YABUSAME_DAEMON_NODE_ARGS passes node flags to the daemons (e.g. --cpu-prof for profiling).
   const nodeArgs = (process.env['YABUSAME_DAEMON_NODE_ARGS'] ?? '').split(' ').filter(Boolean);
   // The flags and environment of bin/yabusame.js's shebang, which this bypasses.
   const flags = ['--enable-source-maps', '--max-semi-space-size=1'];
-  const child = spawn(process.execPath, [...flags, ...nodeArgs, CLI, ...args], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, MALLOC_ARENA_MAX: '2' },
-  });
+  const argv = [...flags, ...nodeArgs, CLI, ...args];
+  const env = { ...process.env, MALLOC_ARENA_MAX: '2' };
+  const child = systemd
+    ? systemd.spawn(process.execPath, argv, { env })
+    : spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'], env });
   child.stderr!.pipe(createWriteStream(logPath));
   let partial = '';
   child.stdout!.setEncoding('utf8').on('data', (s: string) => {
@@ -217,13 +224,14 @@ export async function startSource(
  * `yabusame dest` with its handoff socket in `dir` (`<dir>/<name>.sock`), its sessions socket
  * (`<dir>/<name>.control`) and its log in `<dir>/<name>.log`. `opts.socket` and `opts.port`
  * restart a dest where its VMMs and clients expect it (same socket path, same metrics port)
- * under a new name, so each life keeps its log.
+ * under a new name, so each life keeps its log. With `opts.systemd` it runs as systemd would
+ * start it (NOTIFY_SOCKET, the fd store's descriptors).
  */
 export async function startDest(
   dir: string,
   args: string[] = [],
   name = 'dest',
-  opts: { port?: number; socket?: string } = {},
+  opts: { port?: number; socket?: string; systemd?: FakeSystemd } = {},
 ): Promise<Daemon & { socket: string; port: number }> {
   const port = opts.port ?? (await freePort());
   const socket = opts.socket ?? join(dir, `${name}.sock`);
@@ -241,6 +249,8 @@ export async function startDest(
       ...args,
     ],
     logPath,
+    undefined,
+    opts.systemd,
   );
   const http = `http://127.0.0.1:${port}`;
   try {
