@@ -9,6 +9,7 @@ import { runDest } from './cli/dest.js';
 import { runSource } from './cli/source.js';
 import { runFreeze, runRegister, runStatus, runUnregister } from './cli/client.js';
 import { VERSION } from './cli/version.js';
+import { runInstall } from './cli/install.js';
 
 const USAGE = `yabusame ${VERSION}: post-copy live migration of VM memory
 
@@ -22,6 +23,7 @@ Commands:
   register    register a migration with a source (prints its secret when generated)
   freeze      mark a migration frozen on a source (its VM stopped): requests are served
   unregister  abort a migration on a source and forget it
+  install     install the systemd units, sysusers/tmpfiles files and example configs
   demo        generate a 1 GiB image and migrate a simulated VM of it end to end (see README)
 
 Run 'yabusame <command> --help' for a command's options; 'yabusame --version' for the version.
@@ -43,6 +45,8 @@ async function main(argv: string[]): Promise<void> {
       return runFreeze(rest);
     case 'unregister':
       return runUnregister(rest);
+    case 'install':
+      return runInstall(rest);
     case 'demo': {
       const { main: demo } = await import('../scripts/demo.js');
       return demo(rest);
@@ -62,6 +66,12 @@ async function main(argv: string[]): Promise<void> {
       throw new UsageError(`unknown command "${cmd}"\n\n${USAGE}`);
   }
 }
+
+// `yabusame status | head`: a reader that went away is not an error.
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code === 'EPIPE') process.exit(0);
+  throw err;
+});
 
 main(process.argv.slice(2)).catch((err: unknown) => {
   if (err instanceof UsageError) {

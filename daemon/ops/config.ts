@@ -731,6 +731,7 @@ export function configText(config: DestConfig | SourceConfig): string {
       if (value && typeof value === 'object' && 'host' in value && 'port' in value) {
         return formatHostPort(value as HostPort);
       }
+      if (value === null && /(Listen|Socket)$/.test(key)) return 'off';
       if (key.endsWith('Mode') && typeof value === 'number') {
         return `0${value.toString(8)}`;
       }
