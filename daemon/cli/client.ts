@@ -20,6 +20,9 @@ const CONTROL_HELP = `  --control PATH         the source's control socket (defa
 function sourceTarget(v: Record<string, unknown>): Target {
   const url = str(v['control-url']);
   if (url) {
+    if (!URL.canParse(url) || !/^https?:$/.test(new URL(url).protocol)) {
+      throw new UsageError(`--control-url: expected http://host:port, got "${url}"`);
+    }
     const tokenFile = str(v['token-file']);
     const token = tokenFile ? readFileSync(tokenFile, 'utf8').trim() : undefined;
     return { url, token };

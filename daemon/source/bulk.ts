@@ -11,6 +11,7 @@
  * after the bulk thread confirmed it let go of it: a reused fd number must never be read as
  * another migration's image.
  */
+import { listenError } from '../ops/unix-socket.js';
 import { closeSync, fstatSync } from 'node:fs';
 import type https from 'node:https';
 import { Worker } from 'node:worker_threads';
@@ -266,7 +267,11 @@ export class SourceBulkThread {
     worker.on('message', (m: FromSourceBulk) => {
       if (m.t === 'log') bulkLog[m.level](m.msg, m.fields);
       else if (m.t === 'listening') this.listening(m.port, null);
-      else if (m.t === 'listenFailed') this.listening(0, Object.assign(new Error(m.message), m));
+      else if (m.t === 'listenFailed') {
+        const where = `${opts.tls?.listen.host ?? ''}:${opts.tls?.listen.port ?? 0}`;
+        const err = Object.assign(new Error(m.message), { code: m.code });
+        this.listening(0, listenError('backgroundListen', where, err));
+      }
       else if (m.t === 'adopted') this.handed.delete(m.fd);
       else if (m.t === 'error') opts.metrics.error(m.code);
       else if (m.t === 'connected') opts.metrics.connectionOpened('background');

@@ -8,6 +8,7 @@
  * table, so a dup of the fd moves it. A TLS connection cannot move (its session lives in this
  * thread), so with TLS the other thread listens on a port of its own, which WELCOME names.
  */
+import { listenError } from '../ops/unix-socket.js';
 import { randomBytes } from 'node:crypto';
 import http from 'node:http';
 import https from 'node:https';
@@ -359,9 +360,11 @@ export async function listenPageServer(opts: PageServerOptions): Promise<PageSer
   });
 
   await new Promise<void>((resolve, reject) => {
-    httpServer.once('error', reject);
+    const failed = (err: Error): void =>
+      reject(listenError('listen', `${opts.host}:${opts.port}`, err));
+    httpServer.once('error', failed);
     httpServer.listen(opts.port, opts.host, () => {
-      httpServer.off('error', reject);
+      httpServer.off('error', failed);
       resolve();
     });
   });
