@@ -84,6 +84,8 @@ export interface SourceDoneMessage {
 }
 
 export type FromBulk =
+  /** The thread is up (its nice value set): sent once, first. */
+  | { t: 'ready' }
   | { t: 'opened'; key: number; regions: RegionInfo[] }
   | { t: 'openFailed'; key: number; code: HandoffErrorCode; message: string }
   | {
@@ -204,12 +206,26 @@ export class BulkThread implements BulkLaneFactory {
   private deferredSince = 0;
   /** When the last awaited fault was served (performance.now()). */
   private lastServed = 0;
+  /** Settles when the current thread reports it is up, or fails if it exits before. */
+  private started!: Promise<void>;
 
   constructor(private readonly opts: BulkThreadOptions) {
     this.spawn();
   }
 
+  /** Resolves once the thread runs (the daemon waits for it before it accepts handoffs). */
+  ready(): Promise<void> {
+    return this.started;
+  }
+
   private spawn(): Worker {
+    let up: () => void = () => {};
+    let down: (err: Error) => void = () => {};
+    this.started = new Promise<void>((resolve, reject) => {
+      up = resolve;
+      down = reject;
+    });
+    this.started.catch(() => undefined); // awaited by ready(); a late failure is logged below
     const worker = new Worker(this.opts.workerUrl ?? new URL('./bulk-worker.js', import.meta.url), {
       workerData: {
         nice: this.opts.nice,
@@ -221,9 +237,14 @@ export class BulkThread implements BulkLaneFactory {
       stderr: false,
     });
     worker.unref();
-    worker.on('message', (m: FromBulk) => this.onMessage(m));
+    worker.on('message', (m: FromBulk) => (m.t === 'ready' ? up() : this.onMessage(m)));
     worker.on('error', (err) => this.opts.log.error('the bulk thread failed', { err }));
     worker.on('exit', (code) => {
+      down(
+        Object.assign(new Error(`the bulk thread exited with code ${code}`), {
+          code: 'INTERNAL_ERROR',
+        }),
+      );
       if (this.worker === worker) this.worker = null;
       if (!this.stopped) this.opts.log.error('the bulk thread exited', { exitCode: code });
       // Nothing of a dead thread is placed; the next one starts with an empty ring.
@@ -249,7 +270,7 @@ export class BulkThread implements BulkLaneFactory {
     (this.worker ?? this.spawn()).postMessage(m);
   }
 
-  private onMessage(m: FromBulk): void {
+  private onMessage(m: Exclude<FromBulk, { t: 'ready' }>): void {
     const e = this.entries.get(m.key);
     if (!e || (e.closing && m.t !== 'closed')) return;
     switch (m.t) {

@@ -101,6 +101,12 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
     log,
     ...(opts.bulkWorkerUrl ? { workerUrl: opts.bulkWorkerUrl } : {}),
   });
+  try {
+    await bulk.ready();
+  } catch (err) {
+    await bulk.stop();
+    throw err;
+  }
 
   const admit = (peer: PeerCred): ProtocolError | null =>
     peers.allowedUids.includes(peer.uid) || peers.allowedGids.includes(peer.gid)

@@ -46,8 +46,9 @@ t.test(
       [...threadNices()].filter(([, n]) => n === 10).map(([tid]) => tid);
     t.same(niced(), [], 'no niced thread before the daemon');
     const dir = mkdtempSync(join(tmpdir(), 'yabusame-bulk-'));
+    // The daemon is up once its bulk thread is (it reported ready after taking its nice value).
     const dest = await startTestDest(join(dir, 'dest.sock'), { bulkNice: 10 });
-    t.ok(await waitFor(() => niced().length === 1), `one thread at nice 10 (${niced().join(',')})`);
+    t.same(niced().length, 1, `one thread at nice 10 (${niced().join(',')})`);
     t.equal(threadNices().get(process.pid), 0, 'the main thread keeps nice 0');
     await dest.close();
     t.ok(await waitFor(() => niced().length === 0), 'the bulk thread ended with the daemon');
@@ -63,6 +64,7 @@ t.test(
     writeFileSync(
       script,
       "import { parentPort } from 'node:worker_threads';\n" +
+        "parentPort.postMessage({ t: 'ready' });\n" +
         "parentPort.on('message', () => process.exit(7));\n",
     );
     const bulk = new BulkThread({
@@ -128,6 +130,7 @@ t.test('faults never wait on the bulk thread: served while it is wedged at nice 
     `import { parentPort } from 'node:worker_threads';
 import { setThreadNice } from ${JSON.stringify(sysUrl)};
 setThreadNice(19);
+parentPort.postMessage({ t: 'ready' });
 parentPort.on('message', (m) => {
   if (m.t === 'open') parentPort.postMessage({ t: 'opened', key: m.key, regions: ${JSON.stringify(regions)} });
   if (m.t === 'start') for (;;);
