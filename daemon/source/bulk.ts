@@ -271,8 +271,7 @@ export class SourceBulkThread {
         const where = `${opts.tls?.listen.host ?? ''}:${opts.tls?.listen.port ?? 0}`;
         const err = Object.assign(new Error(m.message), { code: m.code });
         this.listening(0, listenError('backgroundListen', where, err));
-      }
-      else if (m.t === 'adopted') this.handed.delete(m.fd);
+      } else if (m.t === 'adopted') this.handed.delete(m.fd);
       else if (m.t === 'error') opts.metrics.error(m.code);
       else if (m.t === 'connected') opts.metrics.connectionOpened('background');
       else this.onReleased(m.key);
