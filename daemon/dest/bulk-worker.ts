@@ -55,6 +55,7 @@ try {
 }
 
 const post = (m: FromBulk, transfer?: ArrayBuffer[]): void => port.postMessage(m, transfer ?? []);
+post({ t: 'ready' });
 
 /**
  * Faults go first: while any fault in the daemon awaits its page, a background connection stops
@@ -116,6 +117,18 @@ class BulkSession {
   /** The current connection's HAVE sync went out (credit may follow). */
   private synced = false;
   private creditOwed = 0;
+  /**
+   * Credit granted on each connection and not spent yet by its DATA and ZERO frames: a frame
+   * beyond it is BAD_STATE (protocol/README.md), so a source that ignores credit cannot keep
+   * the daemon-wide placement queue full.
+   */
+  private readonly balance = new WeakMap<PageChannel, number>();
+  /**
+   * A PROGRESS DONE went to the main thread and no run since. Another one would change nothing
+   * there (it resyncs once until a run comes): it is not queued, so a source repeating DONE
+   * cannot grow the daemon-wide queue that every session's runs wait in.
+   */
+  private doneQueued = false;
   private closed = false;
 
   constructor(
@@ -182,7 +195,15 @@ class BulkSession {
   /** The window opens now (if the current connection is synced), or with its HAVE sync. */
   openWindow(): void {
     this.windowOpen = true;
-    if (this.synced && this.channel) this.link.send(encodeCredit(this.init.windowBytes));
+    if (this.synced && this.channel) this.grant(this.init.windowBytes);
+  }
+
+  /** Sends CREDIT on the current connection, and counts it in that connection's balance. */
+  private grant(bytes: number): void {
+    const ch = this.channel;
+    if (ch && this.link.send(encodeCredit(bytes))) {
+      this.balance.set(ch, (this.balance.get(ch) ?? 0) + bytes);
+    }
   }
 
   private serialOf(ch: PageChannel): number {
@@ -206,7 +227,7 @@ class BulkSession {
     if (!this.synced) {
       this.synced = true;
       this.creditOwed = 0;
-      if (this.windowOpen) this.link.send(encodeCredit(this.init.windowBytes));
+      if (this.windowOpen) this.grant(this.init.windowBytes);
     }
   }
 
@@ -217,7 +238,7 @@ class BulkSession {
     this.creditOwed += bytes;
     // Batch grants: a CREDIT frame per quarter window keeps the stream full without chatter.
     if (this.creditOwed >= this.init.windowBytes / 4) {
-      this.link.send(encodeCredit(this.creditOwed));
+      this.grant(this.creditOwed);
       this.creditOwed = 0;
     }
   }
@@ -236,6 +257,7 @@ class BulkSession {
     if (this.closed) return;
     this.channel = ch;
     this.synced = false;
+    this.doneQueued = false;
     post({
       t: 'connected',
       key: this.key,
@@ -255,6 +277,17 @@ class BulkSession {
           // Frames that came right behind WELCOME arrive before opened(): check and count them
           // by their own connection.
           const region = ch.welcome.regions[checkRun(ch.welcome.regions, frame.offset, length)]!;
+          // What the source's balance paid for it: the payload, or a ZERO frame's header.
+          const cost = frame.type === FrameType.DATA ? length : HeaderSize.ZERO;
+          const balance = this.balance.get(ch) ?? 0;
+          if (cost > balance) {
+            throw new ProtocolError(
+              'BAD_STATE',
+              `a background frame costing ${cost} bytes of credit, with ${balance} left`,
+            );
+          }
+          this.balance.set(ch, balance - cost);
+          this.doneQueued = false;
           const base = {
             t: 'run' as const,
             key: this.key,
@@ -280,7 +313,10 @@ class BulkSession {
           break;
         }
         case FrameType.PROGRESS:
-          if (frame.flags & ProgressFlag.DONE) post({ t: 'sourceDone', key: this.key });
+          if (frame.flags & ProgressFlag.DONE && !this.doneQueued) {
+            this.doneQueued = true;
+            post({ t: 'sourceDone', key: this.key });
+          }
           break;
         default:
           throw new ProtocolError(

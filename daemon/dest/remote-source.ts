@@ -41,6 +41,13 @@ import type { BackgroundRun, BulkLane, BulkLaneFactory } from './bulk.js';
 import type { Run } from './placement.js';
 import { SessionError } from './session-error.js';
 
+/**
+ * Resyncs of one session go out at most this often. Each lists every settled page (work on the
+ * main thread in proportion to the guest's size), and a source that alternates a run and a
+ * PROGRESS DONE would otherwise get one for every such pair.
+ */
+const RESYNC_INTERVAL_MS = 1000;
+
 export interface RemoteSourceOptions {
   /** Where the source is (its demand port; WELCOME names the background one). */
   source: SourceAddress;
@@ -234,6 +241,7 @@ export class RemoteSource {
    * DAEMON_STOPPING...). Resolves once no background run can reach the session any more.
    */
   close(code?: string, message?: string): Promise<void> {
+    this.cancelResync();
     this.demand.close(code, message);
     return this.background.close(code, message);
   }
@@ -317,6 +325,8 @@ export class RemoteSource {
   ): void {
     this.backgroundSerial = serial;
     this.resyncSent = false;
+    // The sync below lists everything: a resync waiting for its turn has nothing to add.
+    this.cancelResync();
     if (reconnect) {
       const why = this.hooks.mismatch(regions);
       if (why) {
@@ -335,14 +345,38 @@ export class RemoteSource {
 
   /** A resync went out and no run came since: another PROGRESS DONE changes nothing. */
   private resyncSent = false;
+  /** When the last resync went out (performance.now()). */
+  private lastResyncAt = -Infinity;
+  /** A resync deferred to the end of RESYNC_INTERVAL_MS. */
+  private resyncTimer: NodeJS.Timeout | null = null;
 
   private onSourceDone(): void {
     this.sourceDone = true;
-    // The source sent everything, yet pages are missing: frames were lost in a cut. Resync,
-    // once: a source repeating DONE with nothing in between gets no second sync to send back.
-    if (!this.hooks.complete() && !this.resyncSent) {
-      this.resyncSent = true;
-      this.background.have(this.backgroundSerial, this.hooks.settledRanges());
+    this.resync();
+  }
+
+  /**
+   * The source sent everything, yet pages are missing: frames were lost in a cut. Resync, once:
+   * a source repeating DONE with nothing in between gets no second sync to send back. And at
+   * most once per RESYNC_INTERVAL_MS: a DONE sooner is answered by one deferred resync.
+   */
+  private resync(): void {
+    if (this.hooks.complete() || this.resyncSent || this.resyncTimer) return;
+    const waitMs = this.lastResyncAt + RESYNC_INTERVAL_MS - performance.now();
+    if (waitMs > 0) {
+      this.resyncTimer = setTimeout(() => {
+        this.resyncTimer = null;
+        this.resync();
+      }, waitMs);
+      return;
     }
+    this.resyncSent = true;
+    this.lastResyncAt = performance.now();
+    this.background.have(this.backgroundSerial, this.hooks.settledRanges());
+  }
+
+  private cancelResync(): void {
+    if (this.resyncTimer) clearTimeout(this.resyncTimer);
+    this.resyncTimer = null;
   }
 }

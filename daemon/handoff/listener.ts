@@ -156,6 +156,14 @@ export async function startHandoffListener(opts: HandoffListenerOptions): Promis
   // connection at the head of the queue, which would otherwise stay there and wake the loop
   // again and again (a busy loop at 100% CPU).
   let reserve = sys.open('/dev/null', O_RDONLY);
+  /** The reserve again, or -1 if another thread took the descriptor meanwhile (retried later). */
+  const reopenReserve = (): number => {
+    try {
+      return sys.open('/dev/null', O_RDONLY);
+    } catch {
+      return -1;
+    }
+  };
   const refuseNow = (fd: number, peer: sys.PeerCred, err: ProtocolError): void => {
     limitedLog('warn', err.code, 'handoff refused', {
       code: err.code,
@@ -168,6 +176,7 @@ export async function startHandoffListener(opts: HandoffListenerOptions): Promis
     sys.close(fd);
   };
   const watch = sys.watchReadable(listenFd, () => {
+    if (reserve < 0) reserve = reopenReserve();
     for (;;) {
       const fd = sys.tryAccept(listenFd);
       if (fd < 0) {
@@ -177,7 +186,11 @@ export async function startHandoffListener(opts: HandoffListenerOptions): Promis
           sys.close(reserve);
           const dropped = sys.tryAccept(listenFd);
           if (dropped >= 0) sys.close(dropped);
-          reserve = sys.open('/dev/null', O_RDONLY);
+          reserve = reopenReserve();
+          // accept(2) takes a descriptor before it looks at the queue: out of fds it fails
+          // with EMFILE even when nothing is queued. Nothing was: wait for the next one
+          // (continuing would loop here for ever, the event loop blocked).
+          if (dropped < 0) return;
           limitedLog('error', 'EMFILE', 'out of file descriptors: dropped a handoff connection', {
             errno: errnoName(errno),
           });
