@@ -243,16 +243,23 @@ export async function runChaos(opts: ChaosOptions): Promise<ChaosResult> {
     const tickMs = 50;
     const started = Date.now();
     let chaosOn = true;
-    p.setRandom({
-      cutPerSec: rates.cutPerSec,
-      stallPerSec: rates.stallPerSec,
-      corruptPerSec: rates.corruptPerSec,
-      stallMs: [200, 1500],
-    });
+    // Random faults start once the handoff is acked (the session running): a handoff whose
+    // source cannot be reached fails at once by design, so the VMM can still choose what to do.
+    // Chaos is about recovery afterwards.
+    let randomOn = false;
     let lastLog = 0;
     while (!finished) {
       const s = await view();
       const fraction = s ? s.presentPages / s.totalPages : 0;
+      if (chaosOn && !randomOn && s && s.state !== 'connecting') {
+        randomOn = true;
+        p.setRandom({
+          cutPerSec: rates.cutPerSec,
+          stallPerSec: rates.stallPerSec,
+          corruptPerSec: rates.corruptPerSec,
+          stallMs: [200, 1500],
+        });
+      }
       if (chaosOn && (Date.now() - started > opts.durationMs || fraction >= 1)) {
         chaosOn = false;
         p.setRandom(null);
@@ -273,7 +280,7 @@ export async function runChaos(opts: ChaosOptions): Promise<ChaosResult> {
           continue;
         }
       }
-      if (chaosOn && s && fraction < 1) {
+      if (chaosOn && randomOn && s && fraction < 1) {
         if (killSource && rand() < (rates.sourceKillPerSec * tickMs) / 1000) await restartSource();
         else if (killDest && rand() < (rates.destKillPerSec * tickMs) / 1000) await restartDest();
       }

@@ -59,12 +59,15 @@ async function snapshot(): Promise<Snapshot> {
  */
 async function waitIdle(endedAtLeast: number): Promise<Snapshot> {
   let prev = '';
-  const deadline = Date.now() + 15_000;
+  // Settled: no session, no connection to a source, no timer, and the same fds twice running.
+  // The deadline only bounds a wait that never settles (the asserts below then report why).
+  const deadline = Date.now() + 60_000;
   for (let delayMs = 5; ; delayMs = Math.min(delayMs * 2, 200)) {
     const s = await snapshot();
     const key = JSON.stringify([s.process.fds, s.process.resources]);
     const idle = s.active.length === 0 && s.ended.length >= endedAtLeast;
-    if (idle && key === prev && !s.process.resources['Timeout']) return s;
+    const quiet = !s.process.resources['Timeout'] && !s.process.resources['TCPSocketWrap'];
+    if (idle && quiet && key === prev) return s;
     if (Date.now() > deadline) return s;
     prev = idle ? key : '';
     await new Promise((r) => setTimeout(r, delayMs));

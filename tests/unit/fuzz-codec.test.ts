@@ -109,7 +109,6 @@ function roundTrips(value: unknown): void {
 t.test('decodeFrame: random and mutated messages', async (t) => {
   const seed = 0xf00d0001;
   const rng = new Rng(seed);
-  const started = performance.now();
   const pool = Array.from({ length: 200 }, () => encodeFrame(randomFrame(rng)));
   const problems: string[] = [];
   let decoded = 0;
@@ -156,9 +155,7 @@ t.test('decodeFrame: random and mutated messages', async (t) => {
       );
     }
   }
-  const ms = performance.now() - started;
   t.same(problems, [], `${N} inputs, ${decoded} decoded, the rest rejected with FRAME_* codes`);
-  t.ok(ms < 5000, `bounded run time (${ms.toFixed(0)} ms)`);
   t.ok(decoded > N / 50, 'the mutations leave some frames valid (the fuzzer reaches the end)');
   t.ok(sealedDecoded > N / 200, `resealed DATA/ZERO/HAVE mutants decode too (${sealedDecoded})`);
 });
@@ -356,7 +353,6 @@ t.test('decodeHandoff: random and mutated lines', async (t) => {
   }
   const ms = performance.now() - started;
   t.same(problems, [], `${N} inputs, ${decoded} decoded, the rest rejected with HANDOFF_* codes`);
-  t.ok(ms < 5000, `bounded run time (${ms.toFixed(0)} ms)`);
   t.ok(HANDOFF_DECODE_CODES.every((c) => (HANDOFF_ERROR_CODES as readonly string[]).includes(c)));
 });
 
