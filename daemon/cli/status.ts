@@ -197,7 +197,10 @@ async function watch(o: StatusOptions, out: NodeJS.WriteStream): Promise<never> 
             l.slice(0, cols),
           )
         : [`# ${new Date().toISOString()} ${why}`];
-      if (o.json) frame = [JSON.stringify({ error: { code: code ?? 'ERROR', message: why } })];
+      if (o.json) {
+        const message = (err as Error).message;
+        frame = [JSON.stringify({ error: { code: code ?? 'ERROR', message } })];
+      }
     }
     if (tty) {
       // Every line fits the width (renderTerminal), so each took one row of the screen.

@@ -3,6 +3,11 @@
 // code), rates and ETAs, the source's `pages.total`, the table for pipes, and a terminal frame
 // that never wraps and never outgrows the screen.
 import t from 'tap';
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import {
   bytes,
   destModel,
@@ -16,6 +21,7 @@ import {
 import { statusOptions } from '../../daemon/cli/status.js';
 import { UsageError } from '../../daemon/cli/common.js';
 
+const CLI = fileURLToPath(new URL('../../daemon/cli.js', import.meta.url));
 const NOW = 1_700_000_100_000;
 const link = (state: string, since = NOW - 3000) => ({ state, since });
 
@@ -261,5 +267,43 @@ t.test('options', async (t) => {
       thrown = err;
     }
     t.ok(thrown instanceof UsageError, `${bad.join(' ')}: a usage error (exit 2)`);
+  }
+});
+
+t.test('the command without a terminal: one shot, --watch, an unreachable daemon', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'yabusame-status-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const missing = join(dir, 'nothing.sock');
+  const once = spawnSync(process.execPath, [CLI, 'status', '--dest', missing], {
+    encoding: 'utf8',
+  });
+  t.equal(once.status, 1, 'one shot: exit 1 when the daemon cannot be reached');
+  t.match(once.stderr, /UNREACHABLE: cannot reach .*nothing\.sock/);
+
+  // --watch keeps trying, one timestamped line per poll, until SIGINT ends it with 0.
+  for (const json of [false, true]) {
+    const args = ['status', '--watch', '-n', '0.1', '--dest', missing, ...(json ? ['--json'] : [])];
+    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout.setEncoding('utf8');
+    const twoPolls = new Promise<void>((resolve) =>
+      child.stdout.on('data', (s: string) => {
+        out += s;
+        if (out.split('\n').length > 2) resolve();
+      }),
+    );
+    await twoPolls;
+    const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+    child.kill('SIGINT');
+    t.equal(await exited, 0, `${args.join(' ')}: SIGINT exits 0`);
+    const lines = out.trimEnd().split('\n');
+    t.ok(lines.length >= 2, 'polled more than once');
+    t.notOk(out.includes(ESC), 'no escape codes without a terminal');
+    if (json) {
+      for (const l of lines)
+        t.match(JSON.parse(l), { error: { code: 'UNREACHABLE', message: /^cannot reach / } });
+    } else {
+      for (const l of lines) t.match(l, /^# \d{4}-\d\d-\d\dT\S+ UNREACHABLE: cannot reach /);
+    }
   }
 });
