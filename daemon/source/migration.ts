@@ -187,7 +187,6 @@ export class Migration {
 
   freeze(): void {
     this.transition('frozen');
-    this.frozenAt = Date.now();
     // The VM stopped: the image cannot change any more, so its holes are final now. Without
     // the scan every page is read (holes read as zeros): slower, never wrong.
     try {
@@ -246,6 +245,8 @@ export class Migration {
       throw new SourceError('BAD_STATE', `migration ${this.id}: ${from} cannot become ${to}`);
     }
     this.stateValue = to;
+    // Before the event, so its listeners see when.
+    if (to === 'frozen') this.frozenAt = Date.now();
     this.log.info('migration state', { from, to });
     this.metrics.migrationEvent(to);
     this.onEvent({ type: to, id: this.id });
