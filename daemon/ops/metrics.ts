@@ -24,7 +24,7 @@ import type {
 
 /**
  * Buckets for page service times, in seconds: 10 µs to 5 min. The measured floor is about
- * 35-90 µs per fault on loopback (../shared/DESIGN.md), a LAN round trip adds 50-500 µs, and
+ * 35-90 µs per fault on loopback (the design notes), a LAN round trip adds 50-500 µs, and
  * anything past 100 ms is a stall a guest feels. Past 1 s the buckets follow reconnects: a
  * fault waits through a lost source for up to reconnectTimeoutMs (default 2 min), so 2 and
  * 5 minutes are buckets of their own and only a wait beyond any reconnect lands in +Inf.
