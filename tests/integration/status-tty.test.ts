@@ -139,14 +139,18 @@ t.test('status --watch in a terminal during a migration', { skip: noTmux }, asyn
     () => (finished = true),
   );
   try {
-    const s = await waitScreen('watch', 'a running migration with pages present', (s) => {
-      const row = rowOf(s, 'tty-vm');
-      return row !== null && row.state === 'running' && row.pct > 0;
-    });
+    // Pages arrive on the demand channel before the background one is up: wait for both.
+    const s = await waitScreen(
+      'watch',
+      'a running migration, pages present, both links up',
+      (s) => {
+        const row = rowOf(s, 'tty-vm');
+        return row?.state === 'running' && row.pct > 0 && /links: demand up, background up/.test(s);
+      },
+    );
     const row = rowOf(s, 'tty-vm')!;
     t.ok(row.pct > 0 && row.pct < 100, `mid-migration: ${row.pct}%`);
     t.match(row.bar, /^█*░+$/, 'a bar, partly filled');
-    t.match(s, /links: demand up, background up/, 'both links up');
     t.match(s, /faults waiting \d+/, 'faults waiting shown');
     t.match(s, /every 0\.2s · Ctrl-C to quit/, 'the watch footer');
     t.comment(`mid-migration screen:\n${s}`);
@@ -163,11 +167,15 @@ t.test('status --watch in a terminal during a migration', { skip: noTmux }, asyn
 
     // The source becomes unreachable: both connections cut, new ones refused.
     await proxy.close();
-    const down = await waitScreen('watch', 'reconnecting', (s) => {
-      return rowOf(s, 'tty-vm')?.state === 'reconnecting';
+    // One lost link is enough for `reconnecting`; the dest notices each channel's loss on its
+    // own, so wait for the screen that shows both.
+    const down = await waitScreen('watch', 'both links reconnecting', (s) => {
+      return (
+        rowOf(s, 'tty-vm')?.state === 'reconnecting' &&
+        /links: demand reconnecting \S+, background reconnecting/.test(s)
+      );
     });
-    t.match(down, /links: demand reconnecting/, 'the demand link is down');
-    t.match(down, /background reconnecting/, 'and the background link');
+    t.equal(rowOf(down, 'tty-vm')?.state, 'reconnecting', 'shown as reconnecting');
     t.comment(`during the outage:\n${down}`);
     const during = await destSessions<{ active: Array<{ state: string; links: unknown }> }>(dest);
     t.equal(during.active[0]?.state, 'running', '/v1/sessions: the session state is running...');
