@@ -284,6 +284,7 @@ t.test('the command without a terminal: one shot, --watch, an unreachable daemon
   for (const json of [false, true]) {
     const args = ['status', '--watch', '-n', '0.1', '--dest', missing, ...(json ? ['--json'] : [])];
     const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
     let out = '';
     child.stdout.setEncoding('utf8');
     const twoPolls = new Promise<void>((resolve) =>
@@ -292,8 +293,9 @@ t.test('the command without a terminal: one shot, --watch, an unreachable daemon
         if (out.split('\n').length > 2) resolve();
       }),
     );
-    await twoPolls;
-    const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+    // A watch that exits on its own is a failure, not a wait for the test's timeout.
+    const first = await Promise.race([twoPolls.then(() => 'polled'), exited.then(() => 'exited')]);
+    t.equal(first, 'polled', `${args.join(' ')}: still watching after two polls`);
     child.kill('SIGINT');
     t.equal(await exited, 0, `${args.join(' ')}: SIGINT exits 0`);
     const lines = out.trimEnd().split('\n');
