@@ -1,10 +1,13 @@
 /**
- * The client commands: `status` (a dest's sessions or a source's migrations), `register`,
- * `freeze` and `unregister` (a source's control API). They speak to the daemons' UNIX sockets
- * (or a source's TCP control listener, with its bearer token).
+ * The client commands: `status` (a dest's sessions or a source's migrations: status.ts),
+ * `register`, `freeze` and `unregister` (a source's control API). They speak to the daemons'
+ * UNIX sockets (or a source's TCP control listener, with its bearer token).
  */
 import { readFileSync } from 'node:fs';
 import { call, parse, str, UsageError, type Target } from './common.js';
+
+// `status` has a file of its own (status.ts, with its rendering in status-view.ts).
+export { runStatus, STATUS_USAGE } from './status.js';
 
 const CONTROL_OPTIONS = {
   control: { type: 'string' },
@@ -28,70 +31,6 @@ function sourceTarget(v: Record<string, unknown>): Target {
     return { url, token };
   }
   return { socketPath: str(v['control']) ?? '/run/yabusame/source.sock' };
-}
-
-export const STATUS_USAGE = `Usage: yabusame status [--dest PATH | --source PATH] [--json]
-
-  --dest PATH     a dest's control socket (default /run/yabusame/dest-control.sock)
-  --source PATH   a source's control socket (e.g. /run/yabusame/source.sock)
-  --json          print the raw JSON
-`;
-
-interface Row {
-  id: string;
-  state: string;
-  present: number;
-  total: number;
-  error?: { code: string; message: string } | undefined;
-}
-
-export async function runStatus(args: string[]): Promise<void> {
-  const v = parse(
-    args,
-    { dest: { type: 'string' }, source: { type: 'string' }, json: { type: 'boolean' } },
-    STATUS_USAGE,
-  );
-  const source = str(v['source']);
-  const target: Target = {
-    socketPath: source ?? str(v['dest']) ?? '/run/yabusame/dest-control.sock',
-  };
-  const body = await call(target, 'GET', source ? '/v1/migrations' : '/v1/sessions');
-  if (v['json']) {
-    process.stdout.write(JSON.stringify(body, null, 2) + '\n');
-    return;
-  }
-  let rows: Row[];
-  if (source) {
-    const list = (body as { migrations: Array<Record<string, unknown>> }).migrations;
-    rows = list.map((m) => {
-      const pages = m['pages'] as { total: number; sent: number };
-      return {
-        id: String(m['id']),
-        state: String(m['state']),
-        present: pages.sent,
-        total: pages.total,
-      };
-    });
-  } else {
-    const b = body as {
-      active: Array<Record<string, unknown>>;
-      ended: Array<Record<string, unknown>>;
-    };
-    // Failed sessions stay listed: a migration that ended badly is what an operator looks for.
-    rows = [...b.active, ...b.ended.filter((s) => s['state'] === 'failed')].map((s) => ({
-      id: String(s['migrationId']),
-      state: String(s['state']),
-      present: Number(s['presentPages']),
-      total: Number(s['totalPages']),
-      error: s['error'] as Row['error'],
-    }));
-  }
-  if (rows.length === 0) process.stdout.write('no migrations\n');
-  for (const r of rows) {
-    const pct = r.total ? ((100 * r.present) / r.total).toFixed(1) : '-';
-    const err = r.error ? `\t${r.error.code}: ${r.error.message}` : '';
-    process.stdout.write(`${r.id}\t${r.state}\t${r.present}/${r.total} pages (${pct}%)${err}\n`);
-  }
 }
 
 export const REGISTER_USAGE = `Usage: yabusame register --id ID --image PATH [--frozen] [--secret-file FILE] [control]

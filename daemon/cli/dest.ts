@@ -117,7 +117,7 @@ export async function runDest(args: string[]): Promise<void> {
       'INSECURE: running without migration secrets (--insecure-no-auth); loopback sources only',
     );
   }
-  const registry = createMetricsRegistry();
+  const registry = createMetricsRegistry({ version: VERSION });
   // From systemd: the handoff socket (socket activation), and sessions a previous daemon parked.
   const fds = sd.listenFds();
   const activated = fds.find((f) => f.name === 'handoff') ?? fds.find((f) => f.name === 'unknown');

@@ -188,7 +188,7 @@ export async function runSource(args: string[]): Promise<void> {
       'serving pages in plaintext off loopback (--allow-plaintext): anyone on the path reads guest memory',
     );
   }
-  const registry = createMetricsRegistry();
+  const registry = createMetricsRegistry({ version: VERSION });
   const server = await startSourceServer({
     ...resolved.server,
     metrics: createSourceMetrics(registry),

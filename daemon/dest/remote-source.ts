@@ -81,6 +81,17 @@ export interface SourceHooks {
   fail(code: HandoffErrorCode, message: string): void;
 }
 
+/**
+ * A channel as status shows it: connecting (the first connection), up, reconnecting (lost,
+ * being re-established), closed (on purpose: the last page is in, or the session ended).
+ */
+export type LinkState = 'connecting' | 'up' | 'reconnecting' | 'closed';
+export interface LinkStatus {
+  state: LinkState;
+  /** When it entered that state, ms since the epoch. */
+  since: number;
+}
+
 export interface RemoteSourceDeps {
   connect(opts: ConnectOptions): Promise<PageChannel>;
   bulk: BulkLaneFactory;
@@ -97,6 +108,12 @@ export class RemoteSource {
   private completing = false;
   /** The source sent PROGRESS DONE at least once. */
   sourceDone = false;
+  /** Frame bytes received on both channels. */
+  receivedBytes = 0;
+  private readonly linkStatus: Record<'demand' | 'background', LinkStatus> = {
+    demand: { state: 'connecting', since: Date.now() },
+    background: { state: 'connecting', since: Date.now() },
+  };
 
   constructor(
     private readonly opts: RemoteSourceOptions,
@@ -126,14 +143,17 @@ export class RemoteSource {
         opened: (ch, reconnect) => this.onDemandOpened(ch, reconnect),
         frame: (ch, frame, message) => this.onDemandFrame(ch, frame, message),
         lost: (info) => {
+          this.setLink('demand', 'reconnecting');
           deps.metrics.reconnect('demand');
           deps.metrics.error(info.code);
         },
-        gaveUp: (info) =>
+        gaveUp: (info) => {
+          this.setLink('demand', 'closed');
           hooks.fail(
             codeOf(info.code, HANDOFF_ERROR_CODES, 'SOURCE_UNREACHABLE'),
             `no working demand connection to the source for ${opts.reconnectTimeoutMs} ms; last: ${info.message}`,
-          ),
+          );
+        },
       },
     );
     this.background = deps.bulk.lane(
@@ -153,6 +173,7 @@ export class RemoteSource {
           this.onBackgroundConnected(serial, regions, reconnect),
         run: (r) => this.onBackgroundRun(r),
         lost: (code) => {
+          this.setLink('background', 'reconnecting');
           this.backgroundReconnects++;
           deps.metrics.reconnect('background');
           deps.metrics.error(code);
@@ -169,6 +190,16 @@ export class RemoteSource {
     return this.demand.reconnects + this.backgroundReconnects;
   }
 
+  /** Each channel's state (status, per-migration metrics). */
+  get links(): Readonly<Record<'demand' | 'background', LinkStatus>> {
+    return this.linkStatus;
+  }
+
+  private setLink(channel: 'demand' | 'background', state: LinkState): void {
+    if (this.linkStatus[channel].state === state) return;
+    this.linkStatus[channel] = { state, since: Date.now() };
+  }
+
   /**
    * Opens the demand channel, then the background channel where its WELCOME says, and checks
    * the source's regions. Rejects with a SessionError (SOURCE_UNREACHABLE, SOURCE_MISMATCH,
@@ -183,9 +214,11 @@ export class RemoteSource {
       );
     };
     const demand = await this.demand.open().catch(coded);
+    this.setLink('demand', 'up');
     const regions = await this.background
       .open(this.backgroundAddress(demand.welcome.backgroundPort))
       .catch(coded);
+    this.setLink('background', 'up');
     for (const r of [demand.welcome.regions, regions]) {
       const why = this.hooks.mismatch(r);
       if (why) throw new SessionError('SOURCE_MISMATCH', why);
@@ -225,6 +258,7 @@ export class RemoteSource {
    */
   async complete(totalPages: number, timeoutMs: number): Promise<boolean> {
     this.completing = true;
+    this.setLink('background', 'closed');
     await this.background.close();
     return new Promise<boolean>((resolve) => {
       const timer = setTimeout(() => resolve(false), timeoutMs);
@@ -242,6 +276,8 @@ export class RemoteSource {
    */
   close(code?: string, message?: string): Promise<void> {
     this.cancelResync();
+    this.setLink('demand', 'closed');
+    this.setLink('background', 'closed');
     this.demand.close(code, message);
     return this.background.close(code, message);
   }
@@ -253,6 +289,7 @@ export class RemoteSource {
   }
 
   private onDemandOpened(ch: PageChannel, reconnect: boolean): void {
+    this.setLink('demand', 'up');
     if (reconnect) {
       const why = this.hooks.mismatch(ch.welcome.regions);
       if (why) {
@@ -271,6 +308,7 @@ export class RemoteSource {
   /** A frame on the demand channel (the background channel's come through the bulk thread). */
   private onDemandFrame(ch: PageChannel, frame: Frame, message: Buffer): void {
     this.deps.metrics.bytesReceived('demand', message.byteLength);
+    this.receivedBytes += message.byteLength;
     try {
       switch (frame.type) {
         case FrameType.DATA:
@@ -327,6 +365,7 @@ export class RemoteSource {
     this.resyncSent = false;
     // The sync below lists everything: a resync waiting for its turn has nothing to add.
     this.cancelResync();
+    this.setLink('background', 'up');
     if (reconnect) {
       const why = this.hooks.mismatch(regions);
       if (why) {
@@ -340,6 +379,7 @@ export class RemoteSource {
   private onBackgroundRun(r: BackgroundRun): void {
     this.resyncSent = false;
     this.deps.metrics.bytesReceived('background', r.bytes);
+    this.receivedBytes += r.bytes;
     this.hooks.run({ offset: r.offset, length: r.length, data: r.data, path: 'background' });
   }
 

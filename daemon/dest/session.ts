@@ -25,13 +25,13 @@ import type { HandoffRequest } from '../../protocol/handoff.js';
 import type { ConnectOptions, PageChannel } from '../transport/client.js';
 import type { HandoffConnection } from '../handoff/listener.js';
 import type { Logger } from '../ops/log.js';
-import type { DestMetrics } from '../ops/metric-ports.js';
+import type { DestMetrics, DestMigrationSample } from '../ops/metric-ports.js';
 import type { BulkLaneFactory } from './bulk.js';
 import { FaultTracker } from './faults.js';
 import type { SessionParking } from './fd-store.js';
 import { Placement, type Run } from './placement.js';
 import { RegionTable } from './regions.js';
-import { RemoteSource } from './remote-source.js';
+import { RemoteSource, type LinkStatus } from './remote-source.js';
 import { SessionError } from './session-error.js';
 import { checkSource, type SourcePolicy } from './source-policy.js';
 import type { ClientTls } from '../transport/client.js';
@@ -99,6 +99,12 @@ export interface SessionStats {
   /** Faults whose page has not arrived yet. */
   faultsWaiting: number;
   reconnects: number;
+  /** Each channel to the source: connecting, up, reconnecting or closed, and since when. */
+  links: { demand: LinkStatus; background: LinkStatus };
+  /** Bytes of the guest memory handed over (every region). */
+  totalBytes: number;
+  /** Frame bytes received from the source, both channels. */
+  receivedBytes: number;
   startedAt: number;
   elapsedMs: number;
   error?: { code: string; message: string };
@@ -120,6 +126,9 @@ export class Session {
   private readonly startedAt = Date.now();
   private finishedAt = 0;
   private error: { code: string; message: string } | undefined;
+  private readonly totalBytes: number;
+  /** Ends this session's per-migration series (set while it runs). */
+  private untrackMetrics: (() => void) | null = null;
   private resolveDone!: (s: SessionStats) => void;
   /** Settles when the session ends, completed or failed. Never rejects. */
   readonly done: Promise<SessionStats>;
@@ -156,6 +165,7 @@ export class Session {
     this.log = deps.log.child({ migrationId: request.migrationId });
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
     const table = new RegionTable(request.regions);
+    this.totalBytes = request.regions.reduce((n, r) => n + r.sizeBytes, 0);
     this.placement = new Placement(
       uffdFd,
       table,
@@ -223,6 +233,9 @@ export class Session {
       faults: this.faultCount,
       faultsWaiting: this.faults.size,
       reconnects: this.source.reconnects,
+      links: { ...this.source.links },
+      totalBytes: this.totalBytes,
+      receivedBytes: this.source.receivedBytes,
       startedAt: this.startedAt,
       elapsedMs: (this.finishedAt || Date.now()) - this.startedAt,
       ...(this.error ? { error: this.error } : {}),
@@ -268,6 +281,9 @@ export class Session {
       throw taken;
     }
     this.stateValue = 'running';
+    this.untrackMetrics = this.deps.metrics.trackMigration(this.migrationId, () =>
+      this.metricsSample(),
+    );
     if (this.parkedName === null) {
       this.conn.reply({
         type: 'ack',
@@ -394,12 +410,33 @@ export class Session {
     this.fail('DAEMON_STOPPING', reason);
   }
 
+  /** What the per-migration series show at a scrape. */
+  private metricsSample(): DestMigrationSample {
+    const map = this.placement.map;
+    const links: DestMigrationSample['links'] = {};
+    for (const channel of ['demand', 'background'] as const) {
+      const { state } = this.source.links[channel];
+      if (state !== 'closed') links[channel] = state === 'up';
+    }
+    return {
+      totalPages: map.totalPages,
+      presentPages: map.settledPages,
+      faultsWaiting: this.faults.size,
+      receivedBytes: this.source.receivedBytes,
+      reconnects: this.source.reconnects,
+      links,
+      startedAtMs: this.startedAt,
+    };
+  }
+
   private teardown(): void {
     this.finishedAt = Date.now();
     // A stopping daemon leaves the session parked: the next one resumes it. Any other end is final.
     if (this.parkedName !== null && this.error?.code !== 'DAEMON_STOPPING') {
       this.deps.parking?.unpark(this.parkedName);
     }
+    this.untrackMetrics?.();
+    this.untrackMetrics = null;
     if (this.progressTimer) clearInterval(this.progressTimer);
     if (this.backgroundTimer) clearTimeout(this.backgroundTimer);
     this.deps.bulk.faultsAwaited(-this.faults.clear());

@@ -1,11 +1,46 @@
 /**
  * The narrow metric ports the cores depend on. daemon/ops/metrics.ts implements them with
  * prom-client (the only importer); tests pass the no-op versions below or a counting fake.
- * Units are base units (seconds, bytes). No label ever carries an address or a migration id.
+ * Units are base units (seconds, bytes). No label ever carries an address. The migration id is
+ * a label only of the per-migration series (trackMigration): sampled at each scrape, removed
+ * when the migration ends, and capped in number by the implementation.
  */
 export type PagePath = 'demand' | 'background';
 export type PageKind = 'data' | 'zero';
 export type ChannelName = 'demand' | 'background';
+
+/** What a dest session reports about itself at each scrape (its per-migration series). */
+export interface DestMigrationSample {
+  totalPages: number;
+  /** Pages settled: placed, found present, or discarded by the guest. */
+  presentPages: number;
+  /** Faults whose page has not arrived yet (vCPUs waiting). */
+  faultsWaiting: number;
+  /** Frame bytes received from the source, both channels (only ever grows). */
+  receivedBytes: number;
+  /** Connections lost and restored (only ever grows). */
+  reconnects: number;
+  /**
+   * Each channel that should be connected: true when it is, false while it (re)connects.
+   * A channel closed on purpose (the background after the last page) is absent.
+   */
+  links: Partial<Record<ChannelName, boolean>>;
+  /** When the session started, ms since the epoch. */
+  startedAtMs: number;
+}
+
+/** What a source migration reports about itself at each scrape. */
+export interface SourceMigrationSample {
+  state: 'registered' | 'frozen';
+  totalPages: number;
+  /** Pages the dest was sent or said it holds (may drop after a background reconnect). */
+  sentPages: number;
+  /** Pages sent by either path, counting repeats (only ever grows). */
+  pagesSent: number;
+  connections: Record<ChannelName, boolean>;
+  /** REQUEST frames held until the freeze. */
+  heldRequests: number;
+}
 
 export interface SourceMetrics {
   /** Pages sent, by why (demand answer or background stream) and how (DATA or ZERO run). */
@@ -20,6 +55,11 @@ export interface SourceMetrics {
   error(code: string): void;
   /** A migration reached a state: registered, frozen, complete, aborted. */
   migrationEvent(event: 'registered' | 'frozen' | 'complete' | 'aborted'): void;
+  /**
+   * Exports per-migration series for `migrationId`, read from `sample` at each scrape, until
+   * the returned function is called (the migration completed, was aborted or disposed).
+   */
+  trackMigration(migrationId: string, sample: () => SourceMigrationSample): () => void;
 }
 
 export interface DestMetrics {
@@ -45,6 +85,11 @@ export interface DestMetrics {
   reconnect(channel: ChannelName): void;
   /** A coded error. */
   error(code: string): void;
+  /**
+   * Exports per-migration series for `migrationId`, read from `sample` at each scrape, until
+   * the returned function is called (the session ended).
+   */
+  trackMigration(migrationId: string, sample: () => DestMigrationSample): () => void;
 }
 
 const noop = (): void => {};
@@ -55,6 +100,7 @@ export const noopSourceMetrics: SourceMetrics = {
   connectionOpened: noop,
   error: noop,
   migrationEvent: noop,
+  trackMigration: () => noop,
 };
 export const noopDestMetrics: DestMetrics = {
   fault: noop,
@@ -68,4 +114,5 @@ export const noopDestMetrics: DestMetrics = {
   sessionsActive: noop,
   reconnect: noop,
   error: noop,
+  trackMigration: () => noop,
 };

@@ -4,29 +4,51 @@
  * registry, so tests and several daemons in one process never collide).
  *
  * Naming follows https://prometheus.io/docs/practices/naming/: a `yabusame_dest_` or
- * `yabusame_source_` prefix, base units in the name (`_seconds`, `_bytes`), `_total` on counters.
- * Labels come only from bounded sets: the PagePath/PageKind/ChannelName unions, and result or
- * error codes, which are stable strings; boundedLabel() caps them anyway so a bug that puts an
- * address or an id in a code cannot grow the series count without limit.
+ * `yabusame_source_` prefix, base units in the name (`_seconds`, `_bytes`), `_total` on counters
+ * only (`promtool check metrics` is clean on the whole exposition). Labels come from bounded
+ * sets: the PagePath/PageKind/ChannelName unions, result or error codes (stable strings, capped
+ * anyway by boundedLabel(), so a bug that puts an address or an id in a code cannot grow the
+ * series count without limit), and the migration id of the per-migration series, which exist
+ * only while their migration runs and for at most `maxMigrationSeries` migrations at once.
  */
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type {
   ChannelName,
   DestMetrics,
+  DestMigrationSample,
   PageKind,
   PagePath,
   SourceMetrics,
+  SourceMigrationSample,
 } from './metric-ports.js';
 
 /**
- * Buckets for page service times, in seconds: 10 µs to 1 s in roughly 1-2.5-5 steps. The
- * measured floor is about 35-90 µs per fault on loopback (../shared/DESIGN.md), a LAN round
- * trip adds 50-500 µs, and anything past 100 ms is a stall a guest feels; 1 s and +Inf catch
- * reconnects.
+ * Buckets for page service times, in seconds: 10 µs to 5 min. The measured floor is about
+ * 35-90 µs per fault on loopback (the design notes), a LAN round trip adds 50-500 µs, and
+ * anything past 100 ms is a stall a guest feels. Past 1 s the buckets follow reconnects: a
+ * fault waits through a lost source for up to reconnectTimeoutMs (default 2 min), so 2 and
+ * 5 minutes are buckets of their own and only a wait beyond any reconnect lands in +Inf.
  */
 export const SERVICE_SECONDS_BUCKETS: readonly number[] = [
   0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-  0.25, 0.5, 1,
+  0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+];
+
+/**
+ * Migrations with per-migration series at once (the dest's default maxSessions). Beyond it a
+ * migration has none until an earlier one ends; `_migrations_untracked` counts those waiting.
+ */
+export const DEFAULT_MAX_MIGRATION_SERIES = 64;
+
+/**
+ * prom-client's default gauges whose names end in `_total`, which the naming rules reserve for
+ * counters (promtool: 'non-counter metrics should not have "_total" suffix'). Dropped: the same
+ * numbers by type are in nodejs_active_handles, nodejs_active_requests, nodejs_active_resources.
+ */
+export const DROPPED_DEFAULT_METRICS: readonly string[] = [
+  'nodejs_active_handles_total',
+  'nodejs_active_requests_total',
+  'nodejs_active_resources_total',
 ];
 
 const PATHS: readonly PagePath[] = ['demand', 'background'];
@@ -49,15 +71,76 @@ function boundedLabel(max = MAX_CODE_LABEL_VALUES): (value: string) => string {
   };
 }
 
-/** A registry with the process and Node.js default metrics (cpu, memory, fds, event loop lag). */
-export function createMetricsRegistry(): Registry {
+/** What `yabusame_build_info` says. */
+export interface BuildInfo {
+  /** The package's version. */
+  version: string;
+}
+
+/** Work to do right before each scrape of a registry (sampling the per-migration series). */
+const beforeScrape = new WeakMap<Registry, Array<() => void>>();
+function onScrape(registry: Registry, refresh: () => void): void {
+  const list = beforeScrape.get(registry) ?? [];
+  list.push(refresh);
+  beforeScrape.set(registry, list);
+}
+
+/**
+ * A registry with `yabusame_build_info` and the process and Node.js default metrics (cpu,
+ * memory, fds, event loop lag), less DROPPED_DEFAULT_METRICS.
+ */
+export function createMetricsRegistry(build: BuildInfo): Registry {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry });
+  for (const name of DROPPED_DEFAULT_METRICS) registry.removeSingleMetric(name);
+  new Gauge({
+    name: 'yabusame_build_info',
+    help: 'Always 1; the labels say which yabusame and which Node.js serve this endpoint.',
+    labelNames: ['version', 'node'] as const,
+    registers: [registry],
+  }).set({ version: build.version, node: process.version }, 1);
   return registry;
 }
 
+/**
+ * The migrations that export per-migration series: each with a sampler read at every scrape.
+ * The first `max` tracked (in order) have series; the others wait, counted, until one ends.
+ */
+class MigrationTracker<S> {
+  private readonly samplers = new Map<string, { sample: () => S }>();
+  constructor(private readonly max: number) {}
+
+  track(id: string, sample: () => S): () => void {
+    const entry = { sample };
+    // A later session of the same id (a resumed handoff) takes the series over.
+    this.samplers.delete(id);
+    this.samplers.set(id, entry);
+    return () => {
+      if (this.samplers.get(id) === entry) this.samplers.delete(id);
+    };
+  }
+
+  /** The samples of the migrations with series, and how many more have none. */
+  sample(): { samples: Array<[string, S]>; untracked: number } {
+    const samples: Array<[string, S]> = [];
+    for (const [id, { sample }] of this.samplers) {
+      if (samples.length >= this.max) break;
+      samples.push([id, sample()]);
+    }
+    return { samples, untracked: this.samplers.size - samples.length };
+  }
+}
+
+export interface MigrationSeriesOptions {
+  /** Migrations with per-migration series at once (default DEFAULT_MAX_MIGRATION_SERIES). */
+  maxMigrationSeries?: number;
+}
+
 /** The destination daemon's metrics, registered in `registry`. Call once per registry. */
-export function createDestMetrics(registry: Registry): DestMetrics {
+export function createDestMetrics(
+  registry: Registry,
+  opts: MigrationSeriesOptions = {},
+): DestMetrics {
   const p = 'yabusame_dest_';
   const registers = [registry];
   const faults = new Counter({
@@ -123,6 +206,77 @@ export function createDestMetrics(registry: Registry): DestMetrics {
     registers,
   });
 
+  const m = `${p}migration_`;
+  const migration = ['migration'] as const;
+  const mPages = new Gauge({
+    name: `${m}pages`,
+    help: "Pages of the migration's guest memory, by migration (while it runs).",
+    labelNames: migration,
+    registers,
+  });
+  const mPresent = new Gauge({
+    name: `${m}present_pages`,
+    help: 'Pages present in guest memory (placed, found present or discarded), by migration.',
+    labelNames: migration,
+    registers,
+  });
+  const mWaiting = new Gauge({
+    name: `${m}faults_waiting`,
+    help: 'Faults whose page has not arrived yet (vCPUs waiting), by migration.',
+    labelNames: migration,
+    registers,
+  });
+  const mLinkUp = new Gauge({
+    name: `${m}link_up`,
+    help: 'Whether a channel to the source is connected (1) or being re-established (0), by migration; a channel closed on purpose has no series.',
+    labelNames: ['migration', 'channel'] as const,
+    registers,
+  });
+  const mBytes = new Counter({
+    name: `${m}received_bytes_total`,
+    help: 'Frame bytes received from the source, both channels, by migration.',
+    labelNames: migration,
+    registers,
+  });
+  const mReconnects = new Counter({
+    name: `${m}reconnects_total`,
+    help: 'Connections to the source lost and restored, by migration.',
+    labelNames: migration,
+    registers,
+  });
+  const mStart = new Gauge({
+    name: `${m}start_time_seconds`,
+    help: 'When the migration started on this host, seconds since the epoch, by migration.',
+    labelNames: migration,
+    registers,
+  });
+  const untracked = new Gauge({
+    name: `${p}migrations_untracked`,
+    help: 'Running migrations without per-migration series (beyond the cap) until others end.',
+    registers,
+  });
+  const tracker = new MigrationTracker<DestMigrationSample>(
+    opts.maxMigrationSeries ?? DEFAULT_MAX_MIGRATION_SERIES,
+  );
+  onScrape(registry, () => {
+    const { samples, untracked: n } = tracker.sample();
+    for (const g of [mPages, mPresent, mWaiting, mLinkUp, mBytes, mReconnects, mStart]) g.reset();
+    for (const [id, x] of samples) {
+      const l = { migration: id };
+      mPages.set(l, x.totalPages);
+      mPresent.set(l, x.presentPages);
+      mWaiting.set(l, x.faultsWaiting);
+      mBytes.inc(l, x.receivedBytes);
+      mReconnects.inc(l, x.reconnects);
+      mStart.set(l, x.startedAtMs / 1000);
+      for (const channel of CHANNELS) {
+        const up = x.links[channel];
+        if (up !== undefined) mLinkUp.set({ migration: id, channel }, up ? 1 : 0);
+      }
+    }
+    untracked.set(n);
+  });
+
   // Every bounded combination is exported from the start (at 0), so rate() sees the first page.
   for (const path of PATHS) for (const kind of KINDS) pagesPlaced.inc({ path, kind }, 0);
   for (const channel of CHANNELS) bytesReceived.inc({ channel }, 0);
@@ -145,11 +299,15 @@ export function createDestMetrics(registry: Registry): DestMetrics {
     sessionEnded: (result) => sessionsEnded.inc({ result: sessionResult(result) }),
     sessionsActive: (n) => sessionsActive.set(n),
     error: (code) => errors.inc({ code: errorCode(code) }),
+    trackMigration: (id, sample) => tracker.track(id, sample),
   };
 }
 
 /** The source daemon's metrics, registered in `registry`. Call once per registry. */
-export function createSourceMetrics(registry: Registry): SourceMetrics {
+export function createSourceMetrics(
+  registry: Registry,
+  opts: MigrationSeriesOptions = {},
+): SourceMetrics {
   const p = 'yabusame_source_';
   const registers = [registry];
   const pagesSent = new Counter({
@@ -189,6 +347,71 @@ export function createSourceMetrics(registry: Registry): SourceMetrics {
     registers,
   });
 
+  const m = `${p}migration_`;
+  const migration = ['migration'] as const;
+  const mPages = new Gauge({
+    name: `${m}pages`,
+    help: "Pages of the migration's memory image, by migration (while registered or frozen).",
+    labelNames: migration,
+    registers,
+  });
+  const mSent = new Gauge({
+    name: `${m}sent_pages`,
+    help: 'Pages the dest was sent or said it holds, by migration (may drop after a reconnect).',
+    labelNames: migration,
+    registers,
+  });
+  const mPagesSent = new Counter({
+    name: `${m}pages_sent_total`,
+    help: 'Pages sent by either path, counting repeats, by migration.',
+    labelNames: migration,
+    registers,
+  });
+  const mConnected = new Gauge({
+    name: `${m}connected`,
+    help: 'Whether the dest of the migration is connected on a channel (1) or not (0).',
+    labelNames: ['migration', 'channel'] as const,
+    registers,
+  });
+  const mState = new Gauge({
+    name: `${m}state`,
+    help: 'The migration state (1 for the current one): registered, frozen.',
+    labelNames: ['migration', 'state'] as const,
+    registers,
+  });
+  const mHeld = new Gauge({
+    name: `${m}held_requests`,
+    help: 'REQUEST frames held until the freeze, by migration.',
+    labelNames: migration,
+    registers,
+  });
+  const untracked = new Gauge({
+    name: `${p}migrations_untracked`,
+    help: 'Live migrations without per-migration series (beyond the cap) until others end.',
+    registers,
+  });
+  const tracker = new MigrationTracker<SourceMigrationSample>(
+    opts.maxMigrationSeries ?? DEFAULT_MAX_MIGRATION_SERIES,
+  );
+  onScrape(registry, () => {
+    const { samples, untracked: n } = tracker.sample();
+    for (const g of [mPages, mSent, mPagesSent, mConnected, mState, mHeld]) g.reset();
+    for (const [id, x] of samples) {
+      const l = { migration: id };
+      mPages.set(l, x.totalPages);
+      mSent.set(l, x.sentPages);
+      mPagesSent.inc(l, x.pagesSent);
+      mHeld.set(l, x.heldRequests);
+      for (const state of ['registered', 'frozen'] as const) {
+        mState.set({ migration: id, state }, x.state === state ? 1 : 0);
+      }
+      for (const channel of CHANNELS) {
+        mConnected.set({ migration: id, channel }, x.connections[channel] ? 1 : 0);
+      }
+    }
+    untracked.set(n);
+  });
+
   for (const path of PATHS) for (const kind of KINDS) pagesSent.inc({ path, kind }, 0);
   for (const channel of CHANNELS) {
     bytesSent.inc({ channel }, 0);
@@ -206,6 +429,7 @@ export function createSourceMetrics(registry: Registry): SourceMetrics {
     connectionOpened: (channel) => connections.inc({ channel }),
     error: (code) => errors.inc({ code: errorCode(code) }),
     migrationEvent: (event) => migrationEvents.inc({ event }),
+    trackMigration: (id, sample) => tracker.track(id, sample),
   };
 }
 
@@ -215,8 +439,9 @@ export interface MetricsText {
   body: string;
 }
 
-/** The registry rendered for a scrape (GET /metrics). */
+/** The registry rendered for a scrape (GET /metrics), per-migration series sampled first. */
 export async function metricsText(registry: Registry): Promise<MetricsText> {
+  for (const refresh of beforeScrape.get(registry) ?? []) refresh();
   return { contentType: registry.contentType, body: await registry.metrics() };
 }
 

@@ -81,6 +81,9 @@ export interface MigrationStatus {
   connections: { demand: boolean; background: boolean };
   /** REQUEST frames waiting for the freeze. */
   pendingRequests: number;
+  /** When it was registered, and frozen (null until then), ms since the epoch. */
+  registeredAt: number;
+  frozenAt: number | null;
 }
 
 export type MigrationEvent = { type: MigrationState; id: string };
@@ -97,6 +100,10 @@ export class Migration {
   private readonly counts = { demand: 0, zero: 0 };
   /** Resolves once the image is closed (after the bulk thread let go of it). */
   private closedImage: Promise<void> | null = null;
+  private readonly registeredAt = Date.now();
+  private frozenAt: number | null = null;
+  /** Ends the per-migration series (complete, aborted, disposed). */
+  private readonly untrackMetrics: () => void;
 
   constructor(
     readonly id: string,
@@ -138,6 +145,17 @@ export class Migration {
       progressIntervalMs: opts.progressIntervalMs ?? 500,
     });
     metrics.migrationEvent('registered');
+    this.untrackMetrics = metrics.trackMigration(id, () => {
+      const st = this.status();
+      return {
+        state: this.stateValue === 'registered' ? 'registered' : 'frozen',
+        totalPages: st.pages.total,
+        sentPages: st.pages.sent,
+        pagesSent: st.pages.demand + st.pages.background,
+        connections: st.connections,
+        heldRequests: st.pendingRequests,
+      };
+    });
   }
 
   get state(): MigrationState {
@@ -216,6 +234,8 @@ export class Migration {
         background: this.background.connected,
       },
       pendingRequests: this.demand.pendingRequests,
+      registeredAt: this.registeredAt,
+      frozenAt: this.frozenAt,
     };
   }
 
@@ -225,6 +245,8 @@ export class Migration {
       throw new SourceError('BAD_STATE', `migration ${this.id}: ${from} cannot become ${to}`);
     }
     this.stateValue = to;
+    // Before the event, so its listeners see when.
+    if (to === 'frozen') this.frozenAt = Date.now();
     this.log.info('migration state', { from, to });
     this.metrics.migrationEvent(to);
     this.onEvent({ type: to, id: this.id });
@@ -282,6 +304,7 @@ export class Migration {
    */
   private shutdown(code: EndCode, message: string): void {
     if (this.closedImage) return;
+    this.untrackMetrics();
     this.demand.clear();
     endChannel(this.channels[Channel.DEMAND], code, message);
     this.closedImage = this.background.release(code, message).then(() => this.image.close());

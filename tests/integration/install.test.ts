@@ -45,6 +45,8 @@ t.test('npm pack gives a tarball with the built code, and it installs globally',
     'package/dist/scripts/demo.js',
     'package/systemd/yabusame-dest.service',
     'package/examples/dest.json',
+    'package/ops/grafana/yabusame-dashboard.json',
+    'package/ops/prometheus/yabusame-rules.yml',
     'package/LICENSE',
   ]) {
     t.ok(files.includes(f), `the tarball holds ${f}`);

@@ -1,13 +1,17 @@
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
 import {
+  DROPPED_DEFAULT_METRICS,
   MAX_CODE_LABEL_VALUES,
   SERVICE_SECONDS_BUCKETS,
   createDestMetrics,
-  createMetricsRegistry,
+  createMetricsRegistry as createRegistry,
   createSourceMetrics,
   metricsText,
 } from '../../daemon/ops/metrics.js';
+import type { DestMigrationSample, SourceMigrationSample } from '../../daemon/ops/metric-ports.js';
+
+const createMetricsRegistry = () => createRegistry({ version: '9.8.7-test' });
 
 interface Family {
   help?: string;
@@ -53,11 +57,15 @@ function parseExposition(text: string): Exposition {
 
 const hasPromtool = !spawnSync('promtool', ['--version']).error;
 
-t.test('buckets span 10 µs to 1 s, increasing', async (t) => {
-  t.equal(SERVICE_SECONDS_BUCKETS[0], 0.00001);
-  t.equal(SERVICE_SECONDS_BUCKETS.at(-1), 1);
-  t.ok(SERVICE_SECONDS_BUCKETS.every((b, i) => i === 0 || b > SERVICE_SECONDS_BUCKETS[i - 1]!));
-});
+t.test(
+  'buckets span 10 µs to 5 min, increasing, with 2 min (a wait through a reconnect)',
+  async (t) => {
+    t.equal(SERVICE_SECONDS_BUCKETS[0], 0.00001);
+    t.equal(SERVICE_SECONDS_BUCKETS.at(-1), 300);
+    t.ok(SERVICE_SECONDS_BUCKETS.includes(120));
+    t.ok(SERVICE_SECONDS_BUCKETS.every((b, i) => i === 0 || b > SERVICE_SECONDS_BUCKETS[i - 1]!));
+  },
+);
 
 t.test('dest metrics: every port method shows up in the exposition', async (t) => {
   const registry = createMetricsRegistry();
@@ -65,7 +73,9 @@ t.test('dest metrics: every port method shows up in the exposition', async (t) =
   m.fault();
   m.fault();
   m.faultServiceSeconds(0.00004); // falls in the 50 µs bucket
-  m.faultServiceSeconds(2); // past the last bucket: only +Inf
+  m.faultServiceSeconds(2); // past 1 s: the 2.5 s bucket
+  m.faultServiceSeconds(121); // a 2-minute stall behind a reconnect: the 5-minute bucket
+  m.faultServiceSeconds(301); // past the last bucket: only +Inf
   m.pagesPlaced('demand', 'data', 3);
   m.pagesPlaced('background', 'zero', 512);
   m.bytesReceived('background', 1 << 20);
@@ -87,8 +97,11 @@ t.test('dest metrics: every port method shows up in the exposition', async (t) =
   t.equal(s('yabusame_dest_fault_service_seconds_bucket{le="0.000025"}'), 0);
   t.equal(s('yabusame_dest_fault_service_seconds_bucket{le="0.00005"}'), 1);
   t.equal(s('yabusame_dest_fault_service_seconds_bucket{le="1"}'), 1);
-  t.equal(s('yabusame_dest_fault_service_seconds_bucket{le="+Inf"}'), 2);
-  t.equal(s('yabusame_dest_fault_service_seconds_count'), 2);
+  t.equal(s('yabusame_dest_fault_service_seconds_bucket{le="2.5"}'), 2);
+  t.equal(s('yabusame_dest_fault_service_seconds_bucket{le="120"}'), 2);
+  t.equal(s('yabusame_dest_fault_service_seconds_bucket{le="300"}'), 3, 'not only in +Inf');
+  t.equal(s('yabusame_dest_fault_service_seconds_bucket{le="+Inf"}'), 4);
+  t.equal(s('yabusame_dest_fault_service_seconds_count'), 4);
   t.equal(s('yabusame_dest_pages_placed_total{path="demand",kind="data"}'), 3);
   t.equal(s('yabusame_dest_pages_placed_total{path="background",kind="zero"}'), 512);
   t.equal(s('yabusame_dest_pages_placed_total{path="demand",kind="zero"}'), 0, 'pre-created');
@@ -104,8 +117,9 @@ t.test('dest metrics: every port method shows up in the exposition', async (t) =
   t.equal(s('yabusame_dest_reconnects_total{channel="demand"}'), 1);
   t.equal(s('yabusame_dest_reconnects_total{channel="background"}'), 0, 'pre-created');
 
-  const ours = [...families].filter(([name]) => name.startsWith('yabusame_'));
-  t.equal(ours.length, 11, 'one family per DestMetrics method');
+  const ours = [...families].filter(([name]) => name.startsWith('yabusame_dest_'));
+  // One per DestMetrics method, 7 per-migration families and migrations_untracked.
+  t.equal(ours.length, 11 + 7 + 1, 'the families of the dest');
   for (const [name, f] of ours) {
     t.ok(f.help, `${name} has HELP`);
     if (f.type === 'counter') t.match(name, /_total$/, `${name}: counters end in _total`);
@@ -138,9 +152,14 @@ t.test('source metrics: every port method shows up in the exposition', async (t)
   t.equal(s('yabusame_source_errors_total{code="FRAME_BAD_VALUE"}'), 1);
   t.equal(s('yabusame_source_migration_events_total{event="frozen"}'), 1);
   t.equal(s('yabusame_source_migration_events_total{event="complete"}'), 0, 'pre-created');
-  const ours = [...families.keys()].filter((n) => n.startsWith('yabusame_'));
-  t.equal(ours.length, 6, 'one family per SourceMetrics method');
-  t.ok(ours.every((n) => n.startsWith('yabusame_source_')));
+  const ours = [...families.keys()].filter((n) => n.startsWith('yabusame_source_'));
+  // One per SourceMetrics method, 6 per-migration families and migrations_untracked.
+  t.equal(ours.length, 6 + 6 + 1, 'the families of the source');
+  t.same(
+    [...families.keys()].filter((n) => n.startsWith('yabusame_') && !ours.includes(n)),
+    ['yabusame_build_info'],
+    'and build_info',
+  );
 });
 
 t.test('free-form code labels stay bounded', async (t) => {
@@ -168,28 +187,159 @@ t.test('registries are independent (no global registry)', async (t) => {
   t.throws(() => createDestMetrics(a), 'a second factory call on one registry is refused');
 });
 
+t.test('build_info carries the version and the Node.js version', async (t) => {
+  const { samples, families } = parseExposition((await metricsText(createMetricsRegistry())).body);
+  t.equal(families.get('yabusame_build_info')?.type, 'gauge');
+  t.equal(samples.get(`yabusame_build_info{version="9.8.7-test",node="${process.version}"}`), 1);
+});
+
+t.test('default gauges named like counters are dropped, their by-type twins kept', async (t) => {
+  const { families } = parseExposition((await metricsText(createMetricsRegistry())).body);
+  for (const name of DROPPED_DEFAULT_METRICS) {
+    t.notOk(families.has(name), `${name} dropped`);
+    t.equal(families.get(name.replace(/_total$/, ''))?.type, 'gauge', 'the twin stays');
+  }
+});
+
+function destSample(over: Partial<DestMigrationSample> = {}): DestMigrationSample {
+  return {
+    totalPages: 1000,
+    presentPages: 250,
+    faultsWaiting: 3,
+    receivedBytes: 1 << 20,
+    reconnects: 1,
+    links: { demand: true, background: false },
+    startedAtMs: 1_700_000_000_000,
+    ...over,
+  };
+}
+
+t.test('dest per-migration series: sampled at each scrape, removed when untracked', async (t) => {
+  const registry = createMetricsRegistry();
+  const m = createDestMetrics(registry);
+  let present = 250;
+  const untrackA = m.trackMigration('vm-a', () => destSample({ presentPages: present }));
+  const untrackB = m.trackMigration('vm-b', () =>
+    destSample({ totalPages: 8, presentPages: 8, links: { demand: true } }),
+  );
+  let s = parseExposition((await metricsText(registry)).body).samples;
+  t.equal(s.get('yabusame_dest_migration_pages{migration="vm-a"}'), 1000);
+  t.equal(s.get('yabusame_dest_migration_present_pages{migration="vm-a"}'), 250);
+  t.equal(s.get('yabusame_dest_migration_faults_waiting{migration="vm-a"}'), 3);
+  t.equal(s.get('yabusame_dest_migration_received_bytes_total{migration="vm-a"}'), 1 << 20);
+  t.equal(s.get('yabusame_dest_migration_reconnects_total{migration="vm-a"}'), 1);
+  t.equal(s.get('yabusame_dest_migration_start_time_seconds{migration="vm-a"}'), 1_700_000_000);
+  t.equal(s.get('yabusame_dest_migration_link_up{migration="vm-a",channel="demand"}'), 1);
+  t.equal(s.get('yabusame_dest_migration_link_up{migration="vm-a",channel="background"}'), 0);
+  t.equal(s.get('yabusame_dest_migration_pages{migration="vm-b"}'), 8);
+  t.notOk(
+    s.has('yabusame_dest_migration_link_up{migration="vm-b",channel="background"}'),
+    'a channel closed on purpose has no link_up series',
+  );
+  t.equal(s.get('yabusame_dest_migrations_untracked'), 0);
+
+  present = 600;
+  s = parseExposition((await metricsText(registry)).body).samples;
+  t.equal(s.get('yabusame_dest_migration_present_pages{migration="vm-a"}'), 600, 'sampled again');
+
+  untrackA();
+  untrackA(); // idempotent
+  s = parseExposition((await metricsText(registry)).body).samples;
+  const left = [...s.keys()].filter((k) => k.includes('migration="vm-a"'));
+  t.same(left, [], 'every series of an ended migration is gone');
+  t.equal(s.get('yabusame_dest_migration_pages{migration="vm-b"}'), 8, 'the other stays');
+  untrackB();
+  s = parseExposition((await metricsText(registry)).body).samples;
+  t.same(
+    [...s.keys()].filter((k) => k.includes('migration=')),
+    [],
+    'no per-migration series once none runs',
+  );
+});
+
+t.test('per-migration series are capped; the next migration takes a freed place', async (t) => {
+  const registry = createMetricsRegistry();
+  const m = createDestMetrics(registry, { maxMigrationSeries: 2 });
+  const untrack = ['m1', 'm2', 'm3'].map((id) => m.trackMigration(id, () => destSample()));
+  const ids = async (): Promise<string[]> => {
+    const s = parseExposition((await metricsText(registry)).body).samples;
+    return [...s.keys()]
+      .filter((k) => k.startsWith('yabusame_dest_migration_pages{'))
+      .map((k) => /migration="([^"]+)"/.exec(k)![1]!)
+      .sort();
+  };
+  t.same(await ids(), ['m1', 'm2'], 'the first two tracked');
+  let s = parseExposition((await metricsText(registry)).body).samples;
+  t.equal(s.get('yabusame_dest_migrations_untracked'), 1, 'the third is counted');
+  untrack[0]!();
+  t.same(await ids(), ['m2', 'm3'], 'the third gets the freed place');
+  s = parseExposition((await metricsText(registry)).body).samples;
+  t.equal(s.get('yabusame_dest_migrations_untracked'), 0);
+  // A later session of the same id takes its series over; the old one's untrack is then a no-op.
+  const again = m.trackMigration('m2', () => destSample({ presentPages: 999 }));
+  untrack[1]!();
+  s = parseExposition((await metricsText(registry)).body).samples;
+  t.equal(s.get('yabusame_dest_migration_present_pages{migration="m2"}'), 999);
+  again();
+});
+
+t.test('source per-migration series', async (t) => {
+  const registry = createMetricsRegistry();
+  const m = createSourceMetrics(registry);
+  const sample: SourceMigrationSample = {
+    state: 'frozen',
+    totalPages: 4096,
+    sentPages: 100,
+    pagesSent: 120,
+    connections: { demand: true, background: false },
+    heldRequests: 0,
+  };
+  const untrack = m.trackMigration('vm42', () => sample);
+  let s = parseExposition((await metricsText(registry)).body).samples;
+  t.equal(s.get('yabusame_source_migration_pages{migration="vm42"}'), 4096);
+  t.equal(s.get('yabusame_source_migration_sent_pages{migration="vm42"}'), 100);
+  t.equal(s.get('yabusame_source_migration_pages_sent_total{migration="vm42"}'), 120);
+  t.equal(s.get('yabusame_source_migration_connected{migration="vm42",channel="demand"}'), 1);
+  t.equal(s.get('yabusame_source_migration_connected{migration="vm42",channel="background"}'), 0);
+  t.equal(s.get('yabusame_source_migration_state{migration="vm42",state="frozen"}'), 1);
+  t.equal(s.get('yabusame_source_migration_state{migration="vm42",state="registered"}'), 0);
+  t.equal(s.get('yabusame_source_migration_held_requests{migration="vm42"}'), 0);
+  untrack();
+  s = parseExposition((await metricsText(registry)).body).samples;
+  t.same(
+    [...s.keys()].filter((k) => k.includes('migration=')),
+    [],
+    'gone once complete or aborted',
+  );
+});
+
 const noPromtool = 'promtool not installed (Debian: apt-get install prometheus)';
 t.test(
-  'promtool check metrics accepts the exposition',
+  'promtool check metrics: the whole exposition of each daemon, clean',
   { skip: !hasPromtool && noPromtool },
   async (t) => {
-    const registry = createMetricsRegistry();
-    const dest = createDestMetrics(registry);
-    createSourceMetrics(registry);
-    dest.faultServiceSeconds(0.001);
-    const { body } = await metricsText(registry);
-    const run = spawnSync('promtool', ['check', 'metrics'], { input: body, encoding: 'utf8' });
-    const r = { status: run.status, output: `${run.stdout}${run.stderr}` };
-    // Exit 1 is a parse error; 3 is lint findings. prom-client's own Node.js gauges
-    // (nodejs_active_handles_total, ...) carry a _total suffix that promtool's linter flags:
-    // tolerated, but nothing of ours may be flagged.
-    t.not(r.status, 1, `promtool parsed the exposition: ${r.output}`);
-    const findings = r.output.split('\n').filter((l) => l.trim() !== '');
-    const ours = findings.filter((l) => l.includes('yabusame_'));
-    t.same(ours, [], 'no promtool findings on yabusame_ metrics');
-    const foreign = findings.filter(
-      (l) => !/^nodejs_\w+ non-counter metrics should not have "_total" suffix$/.test(l),
-    );
-    t.same(foreign, [], 'only the known prom-client findings');
+    for (const daemon of ['dest', 'source'] as const) {
+      const registry = createMetricsRegistry();
+      if (daemon === 'dest') {
+        const dest = createDestMetrics(registry);
+        dest.faultServiceSeconds(0.001);
+        dest.trackMigration('vm-1', () => destSample());
+      } else {
+        createSourceMetrics(registry).trackMigration('vm-1', () => ({
+          state: 'registered',
+          totalPages: 1,
+          sentPages: 0,
+          pagesSent: 0,
+          connections: { demand: false, background: false },
+          heldRequests: 0,
+        }));
+      }
+      const { body } = await metricsText(registry);
+      t.match(body, /migration="vm-1"/, `${daemon}: with per-migration series`);
+      const run = spawnSync('promtool', ['check', 'metrics'], { input: body, encoding: 'utf8' });
+      // Exit 1 is a parse error, 3 lint findings; 0 and no output is clean.
+      t.equal(run.status, 0, `${daemon}: promtool exit status`);
+      t.equal(`${run.stdout}${run.stderr}`, '', `${daemon}: no findings`);
+    }
   },
 );
