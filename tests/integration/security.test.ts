@@ -126,6 +126,18 @@ function track<D extends Daemon>(started: Promise<D>): Promise<D> {
   });
 }
 
+/**
+ * Starts the daemons one after the other: eight node processes starting at once on a busy
+ * 2-core machine each take the CPU the others need to come up.
+ */
+async function inOrder<T extends unknown[]>(starts: {
+  [K in keyof T]: () => Promise<T[K]>;
+}): Promise<T> {
+  const up: unknown[] = [];
+  for (const start of starts) up.push(await start());
+  return up as T;
+}
+
 t.before(async () => {
   pki = makePki(join(dir, 'pki'));
   token = randomBytes(24).toString('hex');
@@ -136,25 +148,27 @@ t.before(async () => {
   const tls = ['--tls-cert-file', pki.server.cert, '--tls-key-file', pki.server.key];
   // With TLS the bulk thread listens on a port of its own (WELCOME names it): any free one.
   const bg = ['--background-listen', '127.0.0.1:0'];
-  const sources = Promise.all([
-    track(startSource(dir)),
-    track(
-      startSource(
-        dir,
-        [
-          '--max-migrations',
-          '4',
-          '--control-listen',
-          `127.0.0.1:${controlPort}`,
-          '--control-token-file',
-          tokenFile,
-        ],
-        'source-capped',
-      ),
-    ),
-    track(startSource(dir, [...tls, ...bg], 'source-tls')),
-    track(startSource(dir, [...tls, ...bg, '--tls-client-ca-file', pki.ca], 'source-mtls')),
-  ]);
+  const sources = () =>
+    inOrder([
+      () => track(startSource(dir)),
+      () =>
+        track(
+          startSource(
+            dir,
+            [
+              '--max-migrations',
+              '4',
+              '--control-listen',
+              `127.0.0.1:${controlPort}`,
+              '--control-token-file',
+              tokenFile,
+            ],
+            'source-capped',
+          ),
+        ),
+      () => track(startSource(dir, [...tls, ...bg], 'source-tls')),
+      () => track(startSource(dir, [...tls, ...bg, '--tls-client-ca-file', pki.ca], 'source-mtls')),
+    ]);
   const clientCert = ['--client-cert-file', pki.client.cert, '--client-key-file', pki.client.key];
   const limits = [
     '--max-sessions-per-uid',
@@ -167,30 +181,30 @@ t.before(async () => {
     '--handoff-timeout-ms',
     '60000',
   ];
-  // Four at a time: each must come up within startSource/startDest's 15 s on a busy machine.
   const dests = () =>
-    Promise.all([
-      track(startDest(dir, ['--source-ca-file', pki.ca, ...clientCert])),
-      track(startDest(dir, [...limits, '--source-ca-file', pki.ca], 'dest-limited')),
-      track(startDest(dir, ['--allowed-sources', '10.0.0.0/8'], 'dest-fenced')),
-      track(
-        startDest(
-          dir,
-          [
-            '--source-ca-file',
-            pki.otherCa,
-            '--max-pending-handoffs',
-            '1000',
-            '--max-pending-handoffs-per-uid',
-            '1000',
-            '--handoff-timeout-ms',
-            '60000',
-          ],
-          'dest-other-ca',
+    inOrder([
+      () => track(startDest(dir, ['--source-ca-file', pki.ca, ...clientCert])),
+      () => track(startDest(dir, [...limits, '--source-ca-file', pki.ca], 'dest-limited')),
+      () => track(startDest(dir, ['--allowed-sources', '10.0.0.0/8'], 'dest-fenced')),
+      () =>
+        track(
+          startDest(
+            dir,
+            [
+              '--source-ca-file',
+              pki.otherCa,
+              '--max-pending-handoffs',
+              '1000',
+              '--max-pending-handoffs-per-uid',
+              '1000',
+              '--handoff-timeout-ms',
+              '60000',
+            ],
+            'dest-other-ca',
+          ),
         ),
-      ),
     ]);
-  [source, capped, tlsSource, mtlsSource] = await sources;
+  [source, capped, tlsSource, mtlsSource] = await sources();
   [dest, limited, fenced, otherCa] = await dests();
 });
 
