@@ -97,6 +97,8 @@ export const UFFD_USER_MODE_ONLY = 1;
 
 export const SYS_userfaultfd = 323; // x86_64 <asm/unistd_64.h>
 export const SYS_openat2 = 437;
+export const SYS_pidfd_open = 434;
+export const SYS_pidfd_send_signal = 424;
 
 // --- files, memory ---
 export const O_RDONLY = 0;

@@ -72,6 +72,10 @@ const c = {
   syscall_openat2: libc.func(
     'long syscall(long nr, int dirfd, const char *path, const open_how *how, size_t size)',
   ),
+  syscall_pidfd_open: libc.func('long syscall(long nr, int pid, unsigned int flags)'),
+  syscall_pidfd_send_signal: libc.func(
+    'long syscall(long nr, int pidfd, int sig, void *info, unsigned int flags)',
+  ),
   open: libc.func('int open(const char *path, int flags, int mode)'),
   close: libc.func('int close(int fd)'),
   dup: libc.func('int dup(int fd)'),
@@ -148,6 +152,23 @@ export function tryOpenat2(dirfd: number, path: string, flags: number, resolve: 
   const how = { flags: flags | abi.O_CLOEXEC, mode: 0, resolve };
   const rc = Number(c.syscall_openat2(abi.SYS_openat2, dirfd, path, how, abi.SIZEOF_open_how));
   return rc < 0 ? negErrno() : rc;
+}
+
+/**
+ * pidfd_open(2): a descriptor that refers to process `pid` itself, not to its number. It becomes
+ * readable when the process exits (watchReadable), and signals sent through it never reach a
+ * later process that reused the number. Returns the fd or a negative errno (ESRCH: no such
+ * process).
+ */
+export function tryPidfdOpen(pid: number): number {
+  const rc = Number(c.syscall_pidfd_open(abi.SYS_pidfd_open, pid, 0));
+  return rc < 0 ? negErrno() : rc | 0;
+}
+
+/** pidfd_send_signal(2): `signal` to the process `pidfd` refers to; 0 or a negative errno. */
+export function tryPidfdSendSignal(pidfd: number, signal: number): number {
+  const rc = Number(c.syscall_pidfd_send_signal(abi.SYS_pidfd_send_signal, pidfd, signal, null, 0));
+  return rc < 0 ? negErrno() : 0;
 }
 
 export function close(fd: number): void {

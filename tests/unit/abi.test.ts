@@ -92,6 +92,8 @@ const NAMES = [
 const EXPRESSIONS: Array<[string, number, string]> = [
   ['SYS_userfaultfd', abi.SYS_userfaultfd, 'SYS_userfaultfd'],
   ['SYS_openat2', abi.SYS_openat2, 'SYS_openat2'],
+  ['SYS_pidfd_open', abi.SYS_pidfd_open, 'SYS_pidfd_open'],
+  ['SYS_pidfd_send_signal', abi.SYS_pidfd_send_signal, 'SYS_pidfd_send_signal'],
   ['SIZEOF_open_how', abi.SIZEOF_open_how, 'sizeof(struct open_how)'],
   ['SIZEOF_uffdio_api', abi.SIZEOF_uffdio_api, 'sizeof(struct uffdio_api)'],
   ['SIZEOF_uffdio_range', abi.SIZEOF_uffdio_range, 'sizeof(struct uffdio_range)'],
