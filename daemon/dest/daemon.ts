@@ -17,9 +17,19 @@ import { json, serveHttp, type HttpEndpoint, type HttpListen } from '../ops/http
 import type { DestMetrics } from '../ops/metric-ports.js';
 import * as sys from '../linux/sys.js';
 import type { PeerCred } from '../linux/sys.js';
-import { Session, SessionError, type SessionConfig, type SessionStats } from './session.js';
+import {
+  Session,
+  SessionError,
+  type SessionConfig,
+  type SessionDeps,
+  type SessionSpec,
+  type SessionStats,
+  type VmmConnection,
+} from './session.js';
 import { BulkThread } from './bulk.js';
 import type { ParkedSession, SessionParking } from './fd-store.js';
+import type { PageSourceFactory } from './page-source.js';
+import { remotePageSource } from './remote-source.js';
 
 /** Who may hand over, and how much each may hold. */
 export interface PeerPolicy {
@@ -116,9 +126,20 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
           `uid ${peer.uid} (gid ${peer.gid}) may not hand over to this daemon`,
         );
 
-  const accept = (h: ReceivedHandoff, parked?: string): void => {
-    const id = h.request.migrationId;
-    const uid = h.conn.peer.uid;
+  /**
+   * Runs a session for a VM whose uffd arrived, and tracks it until it ends. The caps are checked
+   * first: SESSION_LIMIT and HANDOFF_QUOTA are thrown before anything starts.
+   */
+  const runSession = (
+    spec: SessionSpec,
+    uffdFd: number,
+    conn: VmmConnection,
+    peer: PeerCred,
+    source: PageSourceFactory,
+    parking: Pick<SessionDeps, 'park' | 'unpark' | 'parked'> = {},
+  ): Session => {
+    const id = spec.migrationId;
+    const uid = peer.uid;
     if (live.size >= opts.maxSessions) {
       throw new ProtocolError('SESSION_LIMIT', `already serving ${opts.maxSessions} migrations`);
     }
@@ -129,14 +150,13 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
         `uid ${uid} already has ${peers.maxSessionsPerUid} migrations here`,
       );
     }
-    const session = new Session(h.request, h.uffd, h.conn, {
+    const session = new Session(spec, uffdFd, conn, {
       config: opts.session,
       log,
       metrics,
-      connect: connectPageChannel,
+      source,
       bulk,
-      ...(opts.parking ? { parking: opts.parking } : {}),
-      ...(parked ? { parked } : {}),
+      ...parking,
       // Decided at the ack, not at the handoff: a handoff that names a migration it cannot prove
       // the secret of never gets that far, so squatting an id gains nothing.
       claim: () => {
@@ -153,10 +173,11 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
     metrics.sessionsActive(live.size);
     log.info('handoff accepted', {
       migrationId: id,
-      pid: h.conn.peer.pid,
+      pid: peer.pid,
       uid,
-      regions: h.request.regions.length,
-      resume: h.request.resume ?? false,
+      regions: spec.regions.length,
+      resume: spec.resume ?? false,
+      ...(spec.vmm ? { vmm: spec.vmm.kind, socket: spec.vmm.socket } : {}),
     });
     session.start().then(
       () => metrics.handoff('ok'),
@@ -171,6 +192,36 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
       if (ended.length > ENDED_KEPT) ended.shift();
       opts.onSessionEnd?.(stats);
     });
+    return session;
+  };
+
+  const remote = {
+    connectTimeoutMs: opts.session.connectTimeoutMs,
+    heartbeatMs: opts.session.heartbeatMs,
+    reconnectTimeoutMs: opts.session.reconnectTimeoutMs,
+    backgroundWindowBytes: opts.session.backgroundWindowBytes,
+    requireSecret: opts.session.requireSecret,
+    policy: opts.session.sourcePolicy,
+    tls: opts.session.tls,
+  };
+  const accept = (h: ReceivedHandoff, parked?: string): void => {
+    const store = opts.parking;
+    runSession(
+      { migrationId: h.request.migrationId, regions: h.request.regions, resume: h.request.resume },
+      h.uffd,
+      h.conn,
+      h.conn.peer,
+      remotePageSource(h.request, remote, { connect: connectPageChannel, bulk, metrics }),
+      {
+        ...(store
+          ? {
+              park: () => store.park(h.request, h.uffd, h.conn.fd),
+              unpark: (name: string) => store.unpark(name),
+            }
+          : {}),
+        ...(parked ? { parked } : {}),
+      },
+    );
   };
 
   const endpoints: HttpEndpoint[] = [];

@@ -15,12 +15,7 @@
  *    again on every restored demand connection until acknowledged.
  */
 import { encodeComplete, encodeRequest } from '../../protocol/page-codec.js';
-import {
-  codeOf,
-  HANDOFF_ERROR_CODES,
-  ProtocolError,
-  type HandoffErrorCode,
-} from '../../protocol/errors.js';
+import { codeOf, HANDOFF_ERROR_CODES, ProtocolError } from '../../protocol/errors.js';
 import { checkRun } from '../../protocol/ranges.js';
 import {
   Channel,
@@ -32,14 +27,24 @@ import {
   type RegionInfo,
 } from '../../protocol/wire.js';
 import type { ClientTls, ConnectOptions, PageChannel } from '../transport/client.js';
-import type { SourceAddress } from '../../protocol/source-url.js';
-import { policyLookup, type SourcePolicy } from './source-policy.js';
+import { formatHostPort, parseSourceUrl, type SourceAddress } from '../../protocol/source-url.js';
+import { checkSource, policyLookup, type SourcePolicy } from './source-policy.js';
 import type { Logger } from '../ops/log.js';
 import type { DestMetrics } from '../ops/metric-ports.js';
 import { Link } from './link.js';
 import type { BackgroundRun, BulkLane, BulkLaneFactory } from './bulk.js';
-import type { Run } from './placement.js';
 import { SessionError } from './session-error.js';
+import type {
+  LinkState,
+  LinkStatus,
+  PageSource,
+  PageSourceFactory,
+  SourceHooks,
+} from './page-source.js';
+import type { HandoffRequest } from '../../protocol/handoff.js';
+import { parseSecret } from '../../protocol/auth.js';
+
+export type { LinkState, LinkStatus, SourceHooks } from './page-source.js';
 
 /**
  * Resyncs of one session go out at most this often. Each lists every settled page (work on the
@@ -65,33 +70,6 @@ export interface RemoteSourceOptions {
   retryFirst: boolean;
 }
 
-/** What the source needs from its session. */
-export interface SourceHooks {
-  /** A verified run to place (demand answers at once, background runs from the bulk queue). */
-  run(run: Run): void;
-  /** A (new) demand connection is up: request every awaited page again. */
-  demandOpened(reconnect: boolean): void;
-  /** Why these source regions cannot serve the session, or null. */
-  mismatch(regions: readonly RegionInfo[]): string | null;
-  /** The settled pages as image ranges (a HAVE sync). */
-  settledRanges(): PageRange[];
-  /** Every page settled? (a PROGRESS DONE before that means a resync). */
-  complete(): boolean;
-  /** The source cannot serve the session any more. */
-  fail(code: HandoffErrorCode, message: string): void;
-}
-
-/**
- * A channel as status shows it: connecting (the first connection), up, reconnecting (lost,
- * being re-established), closed (on purpose: the last page is in, or the session ended).
- */
-export type LinkState = 'connecting' | 'up' | 'reconnecting' | 'closed';
-export interface LinkStatus {
-  state: LinkState;
-  /** When it entered that state, ms since the epoch. */
-  since: number;
-}
-
 export interface RemoteSourceDeps {
   connect(opts: ConnectOptions): Promise<PageChannel>;
   bulk: BulkLaneFactory;
@@ -99,7 +77,7 @@ export interface RemoteSourceDeps {
   metrics: DestMetrics;
 }
 
-export class RemoteSource {
+export class RemoteSource implements PageSource {
   private readonly demand: Link;
   private readonly background: BulkLane;
   private backgroundSerial = 0;
@@ -114,6 +92,7 @@ export class RemoteSource {
     demand: { state: 'connecting', since: Date.now() },
     background: { state: 'connecting', since: Date.now() },
   };
+  readonly label: string;
 
   constructor(
     private readonly opts: RemoteSourceOptions,
@@ -121,6 +100,7 @@ export class RemoteSource {
     private readonly deps: RemoteSourceDeps,
   ) {
     const { log } = deps;
+    this.label = `${opts.source.scheme}://${formatHostPort(opts.source)}`;
     const lookup = policyLookup(opts.policy);
     this.demand = new Link(
       {
@@ -419,4 +399,63 @@ export class RemoteSource {
     if (this.resyncTimer) clearTimeout(this.resyncTimer);
     this.resyncTimer = null;
   }
+}
+
+/** What remotePageSource needs beyond the request: the daemon's settings and its channels. */
+export interface RemoteSourceSettings {
+  connectTimeoutMs: number;
+  heartbeatMs: number;
+  reconnectTimeoutMs: number;
+  backgroundWindowBytes: number;
+  /** A handoff must carry the migration's secret. */
+  requireSecret: boolean;
+  policy: SourcePolicy;
+  tls: ClientTls | undefined;
+}
+
+/**
+ * The page source of a handoff that names a `yabusame source`: checks that this daemon may use
+ * it (SOURCE_DENIED, HANDOFF_NO_SECRET), then builds its RemoteSource.
+ */
+export function remotePageSource(
+  request: Pick<HandoffRequest, 'source' | 'secret' | 'migrationId' | 'resume'>,
+  settings: RemoteSourceSettings,
+  deps: Omit<RemoteSourceDeps, 'log'>,
+): PageSourceFactory {
+  return (hooks, { table, log }) => {
+    // The codec checked both parse; policy decides whether this daemon may use them.
+    const source = parseSourceUrl(request.source);
+    const secret = request.secret === undefined ? null : parseSecret(request.secret);
+    try {
+      checkSource(source, settings.policy);
+    } catch (err) {
+      if (err instanceof SessionError) throw err;
+      throw new SessionError('SOURCE_DENIED', (err as Error).message);
+    }
+    if (!secret && settings.requireSecret) {
+      throw new SessionError(
+        'HANDOFF_NO_SECRET',
+        'the handoff carries no secret; this daemon proves one to every source',
+      );
+    }
+    // The source sends a page only within credit, and we grant in quarters of the window: a
+    // quarter must hold the largest page, or a huge-page region would stall for want of credit.
+    const largestPage = Math.max(...table.regions.map((r) => r.pageSizeBytes));
+    return new RemoteSource(
+      {
+        source,
+        migrationId: request.migrationId,
+        secret,
+        tls: settings.tls,
+        policy: settings.policy,
+        connectTimeoutMs: settings.connectTimeoutMs,
+        heartbeatMs: settings.heartbeatMs,
+        reconnectTimeoutMs: settings.reconnectTimeoutMs,
+        windowBytes: Math.max(settings.backgroundWindowBytes, 4 * largestPage),
+        retryFirst: request.resume === true,
+      },
+      hooks,
+      { ...deps, log },
+    );
+  };
 }

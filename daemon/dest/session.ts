@@ -3,12 +3,14 @@
  * (each a hop from here):
  *   placement.ts      the uffd and the page map: events, faults, every placement, discards
  *   faults.ts         faults awaiting their page: requests and fault-to-placed latency
- *   remote-source.ts  the source: demand channel (here) and background channel (bulk thread)
+ *   page-source.ts    where pages come from (a port): remote-source.ts, a `yabusame source`
+ *                     (demand channel here, background channel on the bulk thread), or
+ *                     local-source.ts, a memory file on this host (a Firecracker snapshot)
  *
  * States (checked): connecting -> running -> completing -> done, and any -> failed.
  *  - connecting: the regions are checked (placement.check) and the uffd is watched from the
- *    start, so faults that arrive before the channels are up are kept and requested when the
- *    demand channel opens; the VMM is acked only once both channels answered HELLO;
+ *    start, so faults that arrive before the source is open are kept and requested when it is;
+ *    the VMM is acked only once the source is open (a remote one: both channels answered HELLO);
  *  - running: faults are requested, runs placed; a lost connection never wakes a guest thread
  *    (blocked threads wait until their page is placed; after reconnectTimeoutMs without a
  *    source the session fails, and the VMM, which kept its uffd, keeps them blocked);
@@ -21,22 +23,17 @@ import * as sys from '../linux/sys.js';
 import { ERRNO } from '../linux/errors.js';
 import type { HandoffErrorCode } from '../../protocol/errors.js';
 import { codeOf, HANDOFF_ERROR_CODES } from '../../protocol/errors.js';
-import type { HandoffRequest } from '../../protocol/handoff.js';
-import type { ConnectOptions, PageChannel } from '../transport/client.js';
-import type { HandoffConnection } from '../handoff/listener.js';
+import type { HandoffRegion, HandoffReply } from '../../protocol/handoff.js';
 import type { Logger } from '../ops/log.js';
 import type { DestMetrics, DestMigrationSample } from '../ops/metric-ports.js';
 import type { BulkLaneFactory } from './bulk.js';
 import { FaultTracker } from './faults.js';
-import type { SessionParking } from './fd-store.js';
+import type { LinkStatus, PageSource, PageSourceFactory } from './page-source.js';
 import { Placement, type Run } from './placement.js';
 import { RegionTable } from './regions.js';
-import { RemoteSource, type LinkStatus } from './remote-source.js';
 import { SessionError } from './session-error.js';
-import { checkSource, type SourcePolicy } from './source-policy.js';
+import type { SourcePolicy } from './source-policy.js';
 import type { ClientTls } from '../transport/client.js';
-import { parseSecret } from '../../protocol/auth.js';
-import { parseSourceUrl } from '../../protocol/source-url.js';
 
 /** Progress log lines of one session come at most this often (the VMM's replies more often). */
 const PROGRESS_LOG_MS = 10_000;
@@ -63,21 +60,57 @@ export interface SessionConfig {
   tls?: ClientTls | undefined;
 }
 
+/** What a session serves: one VM's regions, under a migration id. */
+export interface SessionSpec {
+  migrationId: string;
+  regions: readonly HandoffRegion[];
+  /** The uffd was handed to a daemon before, which died (see protocol/README.md, Resuming). */
+  resume?: boolean | undefined;
+  /** Who handed it over, for status (e.g. a Firecracker process and its socket). */
+  vmm?: VmmInfo | undefined;
+}
+
+/** The VMM behind a session, as status shows it. */
+export interface VmmInfo {
+  kind: 'firecracker';
+  pid: number;
+  socket: string;
+  /** Which Firecracker releases send the handshake it sent (v1.1, v1.7 or v1.12). */
+  format: string;
+}
+
+/**
+ * The VMM's end of a session: reply lines go there (a handoff connection), or nowhere
+ * (Firecracker reads nothing); `onClose` fires when the VMM is gone.
+ */
+export interface VmmConnection {
+  /** Sends one reply; false when it was not delivered. */
+  reply(msg: HandoffReply): boolean;
+  /** `handler` runs once the VMM is gone; `why` says how it was noticed. */
+  onClose(handler: (why?: string) => void): void;
+  close(): void;
+}
+
 export interface SessionDeps {
   config: SessionConfig;
   log: Logger;
   metrics: DestMetrics;
-  /** The demand channel's connections. */
-  connect(opts: ConnectOptions): Promise<PageChannel>;
-  /** The background channel (on the bulk thread). */
-  bulk: BulkLaneFactory;
+  /** Makes the session's page source (a remote `yabusame source`, or a local file). */
+  source: PageSourceFactory;
+  /** Fault accounting shared with the bulk thread (background placement waits for faults). */
+  bulk: Pick<BulkLaneFactory, 'faultsAwaited'>;
   /**
    * Called right before the ack: null, or why this session may not run (another one of the
    * same migration id already does).
    */
   claim?: () => SessionError | null;
-  /** Where the session parks its descriptors at its ack (systemd's fd store; fd-store.ts). */
-  parking?: SessionParking;
+  /**
+   * Parks the session's descriptors at its ack (a native handoff, in systemd's fd store;
+   * fd-store.ts): the name they are parked under, or null.
+   */
+  park?: () => string | null;
+  /** Drops the parked descriptors (the session ended for good). */
+  unpark?: (name: string) => void;
   /**
    * The fd-store name of a session a previous daemon parked: it resumes without an ack (its VMM
    * was acked already and never saw the restart) and stays parked under that name.
@@ -105,6 +138,9 @@ export interface SessionStats {
   totalBytes: number;
   /** Frame bytes received from the source, both channels. */
   receivedBytes: number;
+  /** Where pages come from: the source URL, or the memory file. */
+  source?: string;
+  vmm?: VmmInfo;
   startedAt: number;
   elapsedMs: number;
   error?: { code: string; message: string };
@@ -115,8 +151,12 @@ export class Session {
   private stateValue: SessionState = 'connecting';
   private readonly placement: Placement;
   private readonly faults = new FaultTracker();
-  private readonly source: RemoteSource;
+  /** Made at start (the factory may refuse the handoff). */
+  private source: PageSource | null = null;
+  private readonly table: RegionTable;
   private faultCount = 0;
+  /** A channel's status before the source exists. */
+  private readonly notYet: LinkStatus = { state: 'connecting', since: Date.now() };
   private progressTimer: NodeJS.Timeout | null = null;
   private lastProgressLog = Date.now();
   /** This session's name in the fd store, once parked (or handed back parked). */
@@ -133,38 +173,17 @@ export class Session {
   /** Settles when the session ends, completed or failed. Never rejects. */
   readonly done: Promise<SessionStats>;
 
-  /** Why the handoff cannot even be tried (source denied, no secret), checked at start. */
-  private readonly refusal: SessionError | null = null;
-
   constructor(
-    private readonly request: HandoffRequest,
+    private readonly request: SessionSpec,
     private readonly uffdFd: number,
-    private readonly conn: HandoffConnection,
+    private readonly conn: VmmConnection,
     private readonly deps: SessionDeps,
   ) {
     this.migrationId = request.migrationId;
     this.parkedName = deps.parked ?? null;
-    const config = deps.config;
-    // The codec checked both parse; policy decides whether this daemon may use them.
-    const source = parseSourceUrl(request.source);
-    const secret = request.secret === undefined ? null : parseSecret(request.secret);
-    try {
-      checkSource(source, config.sourcePolicy);
-      if (!secret && config.requireSecret) {
-        throw new SessionError(
-          'HANDOFF_NO_SECRET',
-          'the handoff carries no secret; this daemon proves one to every source',
-        );
-      }
-    } catch (err) {
-      this.refusal =
-        err instanceof SessionError
-          ? err
-          : new SessionError('SOURCE_DENIED', (err as Error).message);
-    }
     this.log = deps.log.child({ migrationId: request.migrationId });
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
-    const table = new RegionTable(request.regions);
+    const table = (this.table = new RegionTable(request.regions));
     this.totalBytes = request.regions.reduce((n, r) => n + r.sizeBytes, 0);
     this.placement = new Placement(
       uffdFd,
@@ -182,22 +201,12 @@ export class Session {
       this.log,
       deps.metrics,
     );
-    // The source sends a page only within credit, and we grant in quarters of the window: a
-    // quarter must hold the largest page, or a huge-page region would stall for want of credit.
-    const largestPage = Math.max(...table.regions.map((r) => r.pageSizeBytes));
-    this.source = new RemoteSource(
-      {
-        source,
-        migrationId: request.migrationId,
-        secret,
-        tls: config.tls,
-        policy: config.sourcePolicy,
-        connectTimeoutMs: config.connectTimeoutMs,
-        heartbeatMs: config.heartbeatMs,
-        reconnectTimeoutMs: config.reconnectTimeoutMs,
-        windowBytes: Math.max(config.backgroundWindowBytes, 4 * largestPage),
-        retryFirst: request.resume === true,
-      },
+  }
+
+  /** Makes the page source; a refusal (source denied, no secret) throws its SessionError. */
+  private makeSource(): PageSource {
+    const table = this.table;
+    return this.deps.source(
       {
         run: (run) => this.place(run),
         demandOpened: () => {
@@ -209,7 +218,7 @@ export class Session {
         complete: () => this.placement.map.complete,
         fail: (code, message) => this.fail(code, message),
       },
-      { connect: deps.connect, bulk: deps.bulk, log: this.log, metrics: deps.metrics },
+      { table, log: this.log },
     );
   }
 
@@ -232,10 +241,14 @@ export class Session {
       discardedPages: c.discarded,
       faults: this.faultCount,
       faultsWaiting: this.faults.size,
-      reconnects: this.source.reconnects,
-      links: { ...this.source.links },
+      reconnects: this.source?.reconnects ?? 0,
+      links: this.source
+        ? { ...this.source.links }
+        : { demand: this.notYet, background: this.notYet },
       totalBytes: this.totalBytes,
-      receivedBytes: this.source.receivedBytes,
+      receivedBytes: this.source?.receivedBytes ?? 0,
+      ...(this.source ? { source: this.source.label } : {}),
+      ...(this.request.vmm ? { vmm: this.request.vmm } : {}),
       startedAt: this.startedAt,
       elapsedMs: (this.finishedAt || Date.now()) - this.startedAt,
       ...(this.error ? { error: this.error } : {}),
@@ -249,9 +262,12 @@ export class Session {
    * through `done`.
    */
   async start(): Promise<void> {
-    this.conn.onClose(() => this.fail('VMM_GONE', 'the VMM closed its handoff connection'));
+    this.conn.onClose((why) =>
+      this.fail('VMM_GONE', why ?? 'the VMM closed its handoff connection'),
+    );
+    let source: PageSource;
     try {
-      if (this.refusal) throw this.refusal;
+      source = this.source = this.makeSource();
       this.placement.check();
       this.placement.start(() =>
         this.fail('VMM_GONE', 'the userfaultfd reports the address space is gone'),
@@ -259,7 +275,7 @@ export class Session {
       // A previous daemon may have read faults and died: wake every range so the blocked
       // threads retry their access and fault again, to us.
       if (this.request.resume) this.placement.wakeAll();
-      await this.source.open();
+      await source.open();
     } catch (err) {
       const e =
         err instanceof SessionError
@@ -290,26 +306,26 @@ export class Session {
         migrationId: this.migrationId,
         totalPages: this.placement.map.totalPages,
       });
-      this.parkedName = this.deps.parking?.park(this.request, this.uffdFd, this.conn.fd) ?? null;
+      this.parkedName = this.deps.park?.() ?? null;
     }
     this.log.info(this.deps.parked ? 'migration resumed from the fd store' : 'migration started', {
-      source: this.request.source,
+      source: source.label,
       pages: this.placement.map.totalPages,
       queuedFaults: this.faults.size,
       resume: this.request.resume ?? false,
       parked: this.parkedName !== null,
     });
-    this.source.start();
+    source.start();
     this.flushRequests();
     const config = this.deps.config;
     this.progressTimer = setInterval(() => this.reportProgress(), config.progressIntervalMs);
     this.progressTimer.unref();
     const delayMs = config.backgroundDelayMs ?? 0;
     if (delayMs > 0) {
-      this.backgroundTimer = setTimeout(() => this.source.openWindow(), delayMs);
+      this.backgroundTimer = setTimeout(() => source.openWindow(), delayMs);
       this.backgroundTimer.unref();
     } else {
-      this.source.openWindow();
+      source.openWindow();
     }
     this.checkComplete();
   }
@@ -325,7 +341,7 @@ export class Session {
     // While the demand channel is down these are dropped: the next connection asks again for
     // every awaited page (requeueAll).
     const batches = this.faults.takeRequests();
-    if (batches.length > 0) this.source.request(batches);
+    if (batches.length > 0) this.source?.request(batches);
   }
 
   /** Placement settled pages: time the faults they answer, send new requests, maybe complete. */
@@ -348,7 +364,7 @@ export class Session {
   }
 
   private async complete(): Promise<void> {
-    const acked = await this.source.complete(
+    const acked = await this.source!.complete(
       this.placement.map.totalPages,
       this.deps.config.completeTimeoutMs,
     );
@@ -373,7 +389,7 @@ export class Session {
     this.log.info('migration complete', {
       ...s,
       sourceAcked: acked,
-      sourceDone: this.source.sourceDone,
+      sourceDone: this.source!.sourceDone,
     });
     this.deps.metrics.sessionEnded('complete');
     this.teardown();
@@ -415,15 +431,15 @@ export class Session {
     const map = this.placement.map;
     const links: DestMigrationSample['links'] = {};
     for (const channel of ['demand', 'background'] as const) {
-      const { state } = this.source.links[channel];
+      const { state } = this.source!.links[channel];
       if (state !== 'closed') links[channel] = state === 'up';
     }
     return {
       totalPages: map.totalPages,
       presentPages: map.settledPages,
       faultsWaiting: this.faults.size,
-      receivedBytes: this.source.receivedBytes,
-      reconnects: this.source.reconnects,
+      receivedBytes: this.source!.receivedBytes,
+      reconnects: this.source!.reconnects,
       links,
       startedAtMs: this.startedAt,
     };
@@ -433,7 +449,7 @@ export class Session {
     this.finishedAt = Date.now();
     // A stopping daemon leaves the session parked: the next one resumes it. Any other end is final.
     if (this.parkedName !== null && this.error?.code !== 'DAEMON_STOPPING') {
-      this.deps.parking?.unpark(this.parkedName);
+      this.deps.unpark?.(this.parkedName);
     }
     this.untrackMetrics?.();
     this.untrackMetrics = null;
@@ -444,7 +460,8 @@ export class Session {
     this.conn.close();
     // A failed session tells the source why (VMM_GONE, DAEMON_STOPPING...); it keeps its image.
     // The uffd is closed once no background run can reach it (its number could be reused).
-    void this.source.close(this.error?.code, this.error?.message).then(() => {
+    const closed = this.source?.close(this.error?.code, this.error?.message) ?? Promise.resolve();
+    void closed.then(() => {
       try {
         sys.close(this.uffdFd);
       } catch (err) {
@@ -473,7 +490,7 @@ export class Session {
       demand: c.demand,
       background: c.background,
       faultsWaiting: this.faults.size,
-      reconnects: this.source.reconnects,
+      reconnects: this.source?.reconnects ?? 0,
     });
   }
 }
