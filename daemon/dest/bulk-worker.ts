@@ -29,6 +29,7 @@ import { policyLookup } from './source-policy.js';
 import type { SourceAddress } from '../../protocol/source-url.js';
 import { PayloadRing, type SharedRing } from './payload-ring.js';
 import type { BulkSessionInit, FromBulk, ToBulk } from './bulk.js';
+import { FileLane } from './file-lane.js';
 
 /** Longest a background connection stops reading while faults await their pages, ms. */
 const FAULT_PRIORITY_MS = 2;
@@ -336,10 +337,44 @@ class BulkSession {
 }
 
 const sessions = new Map<number, BulkSession>();
+/** Sessions whose pages come from a memory file on this host (file-lane.ts). */
+const files = new Map<number, FileLane>();
 
 port.on('message', (m: ToBulk) => {
   try {
+    const file = files.get(m.key);
+    if (file) {
+      switch (m.t) {
+        case 'start':
+          file.start();
+          break;
+        case 'window':
+          file.openWindow();
+          break;
+        case 'demanded':
+          file.demanded(m.ranges);
+          break;
+        case 'have':
+          file.have(m.ranges);
+          break;
+        case 'credit':
+          file.credit(m.bytes);
+          for (const f of files.values()) f.retry();
+          break;
+        case 'close':
+          file.close();
+          files.delete(m.key);
+          post({ t: 'closed', key: m.key });
+          break;
+      }
+      return;
+    }
+    // Any placed run freed ring space: a file lane that found the ring full tries again.
+    if (m.t === 'credit') for (const f of files.values()) f.retry();
     switch (m.t) {
+      case 'openFile':
+        files.set(m.key, new FileLane(m.key, m.init, { ring, post, faults }));
+        break;
       case 'open': {
         const s = new BulkSession(
           m.key,

@@ -2,7 +2,9 @@
  * The bulk lane of the destination, main-thread side. Every session's background connection
  * lives on one worker thread (bulk-worker.ts), which decodes and checks frames, keeps credit
  * and sends HAVE syncs; the main thread owns every uffd and page map and places every page
- * (placement.ts), so each page has one writer and no lock is needed.
+ * (placement.ts), so each page has one writer and no lock is needed. A session whose pages
+ * come from a memory file on this host (local-source.ts) has a file lane there instead: the
+ * thread reads the file into the same ring and sends the same runs, with the same credit.
  *
  * Verified runs arrive here as messages (a frame's payload moves between the threads without a
  * copy: its ArrayBuffer is transferred) and wait in one queue for all sessions. The queue is
@@ -39,8 +41,25 @@ export interface BulkSessionInit {
   retryFirst: boolean;
 }
 
+/** Everything the bulk thread needs to stream one session's memory file. */
+export interface BulkFileInit {
+  /** The file, open read-only; the session closes it only after the lane closed. */
+  fd: number;
+  /** For logs. */
+  path: string;
+  /** The file's regions (image offset = file offset), sorted, tiling [0, file size). */
+  regions: RegionInfo[];
+  /** Background bytes in flight (placed bytes are granted again), as for a connection. */
+  windowBytes: number;
+  /** Image offsets of pages to stream first, in this order (a recorded working set), or null. */
+  first: Float64Array | null;
+}
+
 export type ToBulk =
   | { t: 'open'; key: number; init: BulkSessionInit; source: SourceAddress }
+  | { t: 'openFile'; key: number; init: BulkFileInit }
+  /** A file lane: these pages were read on demand (they need not be streamed; follow them). */
+  | { t: 'demanded'; key: number; ranges: PageRange[] }
   /** Background connections go to `source` from now on (a restarted source moved them). */
   | { t: 'retarget'; key: number; source: SourceAddress }
   | { t: 'start'; key: number }
@@ -143,8 +162,28 @@ export interface BulkLane {
   close(code?: string, message?: string): Promise<void>;
 }
 
+/** One session's memory file streamed by the bulk thread, seen from the main thread. */
+export interface FileLane {
+  /** Starts streaming (after the session is running). */
+  start(): void;
+  /** The window opens (the stream may start). */
+  openWindow(): void;
+  /** These pages were read on demand: skip them, and continue after them. */
+  demanded(ranges: PageRange[]): void;
+  /** Streams again every page not in `ranges` (what the session holds). */
+  have(ranges: PageRange[]): void;
+  /** Stops; resolves once no run of it can reach the session and the file is not read. */
+  close(): Promise<void>;
+}
+
 export interface BulkLaneFactory {
   lane(init: BulkSessionInit, hooks: BulkHooks): BulkLane;
+  /** A file lane: its runs reach `hooks.run`, then `hooks.sourceDone` once every page was sent. */
+  fileLane(
+    init: BulkFileInit,
+    hooks: Pick<BulkHooks, 'run' | 'sourceDone' | 'fail'>,
+    transfer?: ArrayBuffer[],
+  ): FileLane;
   /** Faults awaiting their page, daemon-wide, went up or down by `delta`. */
   faultsAwaited(delta: number): void;
 }
@@ -266,8 +305,8 @@ export class BulkThread implements BulkLaneFactory {
     return worker;
   }
 
-  private post(m: ToBulk): void {
-    (this.worker ?? this.spawn()).postMessage(m);
+  private post(m: ToBulk, transfer: ArrayBuffer[] = []): void {
+    (this.worker ?? this.spawn()).postMessage(m, transfer);
   }
 
   private onMessage(m: Exclude<FromBulk, { t: 'ready' }>): void {
@@ -383,7 +422,7 @@ export class BulkThread implements BulkLaneFactory {
     }
   }
 
-  lane(init: BulkSessionInit, hooks: BulkHooks): BulkLane {
+  private entry(hooks: BulkHooks): { key: number; entry: Entry; close: BulkLane['close'] } {
     const key = this.nextKey++;
     let resolveClosed!: () => void;
     const entry: Entry = {
@@ -394,6 +433,40 @@ export class BulkThread implements BulkLaneFactory {
       resolveClosed: () => resolveClosed(),
     };
     this.entries.set(key, entry);
+    const close: BulkLane['close'] = (code, message) => {
+      if (!entry.closing && this.entries.has(key)) {
+        entry.closing = true;
+        this.post({
+          t: 'close',
+          key,
+          ...(code !== undefined ? { code } : {}),
+          ...(message !== undefined ? { message } : {}),
+        });
+      }
+      return entry.closed;
+    };
+    return { key, entry, close };
+  }
+
+  fileLane(
+    init: BulkFileInit,
+    hooks: Pick<BulkHooks, 'run' | 'sourceDone' | 'fail'>,
+    transfer: ArrayBuffer[] = [],
+  ): FileLane {
+    const none = (): void => {};
+    const { key, close } = this.entry({ ...hooks, connected: none, lost: none, error: none });
+    this.post({ t: 'openFile', key, init }, transfer);
+    return {
+      start: () => this.post({ t: 'start', key }),
+      openWindow: () => this.post({ t: 'window', key }),
+      demanded: (ranges) => this.post({ t: 'demanded', key, ranges }),
+      have: (ranges) => this.post({ t: 'have', key, serial: 1, ranges }),
+      close: () => close(),
+    };
+  }
+
+  lane(init: BulkSessionInit, hooks: BulkHooks): BulkLane {
+    const { key, entry, close } = this.entry(hooks);
     return {
       open: (source) =>
         new Promise<RegionInfo[]>((resolve, reject) => {
@@ -404,18 +477,7 @@ export class BulkThread implements BulkLaneFactory {
       start: () => this.post({ t: 'start', key }),
       openWindow: () => this.post({ t: 'window', key }),
       have: (serial, ranges) => this.post({ t: 'have', key, serial, ranges }),
-      close: (code, message) => {
-        if (!entry.closing && this.entries.has(key)) {
-          entry.closing = true;
-          this.post({
-            t: 'close',
-            key,
-            ...(code !== undefined ? { code } : {}),
-            ...(message !== undefined ? { message } : {}),
-          });
-        }
-        return entry.closed;
-      },
+      close,
     };
   }
 

@@ -47,17 +47,33 @@ export class PayloadRing {
    */
   put(payload: Uint8Array): number {
     const n = payload.byteLength;
+    const p = this.reserve(n);
+    if (p < 0) return -1;
+    new Uint8Array(this.data, p % this.capacity, n).set(payload);
+    this.commit(p + n);
+    return p;
+  }
+
+  /**
+   * Bulk thread: where `n` bytes would go now (fill them through view(), then commit()), or -1
+   * when they do not fit. Nothing is taken until commit: a reader of a memory file reads pages
+   * straight into the ring this way, and gives back what turned out to be zeros.
+   */
+  reserve(n: number): number {
     const head = Number(Atomics.load(this.pos, HEAD));
     let p = Number(Atomics.load(this.pos, TAIL));
     const off = p % this.capacity;
     if (off + n > this.capacity) p += this.capacity - off;
     if (p + n - head > this.capacity) return -1;
-    new Uint8Array(this.data, p % this.capacity, n).set(payload);
-    Atomics.store(this.pos, TAIL, BigInt(p + n));
     return p;
   }
 
-  /** Main thread: the bytes at position `p` (a view on shared memory). */
+  /** Bulk thread: the bytes before position `end` (from a reserve()) are taken. */
+  commit(end: number): void {
+    Atomics.store(this.pos, TAIL, BigInt(end));
+  }
+
+  /** The bytes at position `p` (a view on shared memory; the bulk thread fills reserved ones). */
   view(p: number, length: number): Buffer {
     return Buffer.from(this.data, p % this.capacity, length);
   }
