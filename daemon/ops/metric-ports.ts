@@ -90,6 +90,11 @@ export interface DestMetrics {
    * the returned function is called (the session ended).
    */
   trackMigration(migrationId: string, sample: () => DestMigrationSample): () => void;
+  /**
+   * A VM the dest cannot serve (a Firecracker whose handshake was refused or whose session
+   * failed): it hangs at its next fault unless killed, which `killed` says was done.
+   */
+  vmUnserved(code: string, killed: boolean): void;
 }
 
 const noop = (): void => {};
@@ -115,4 +120,5 @@ export const noopDestMetrics: DestMetrics = {
   reconnect: noop,
   error: noop,
   trackMigration: () => noop,
+  vmUnserved: noop,
 };

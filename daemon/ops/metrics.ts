@@ -276,6 +276,14 @@ export function createDestMetrics(
     }
     untracked.set(n);
   });
+  const vmsUnserved = new Counter({
+    name: `${p}vms_unserved_total`,
+    help:
+      'VMs the dest could not serve (a refused Firecracker handshake, a failed Firecracker session), ' +
+      'by code and action (killed, or left blocked at its next fault).',
+    labelNames: ['code', 'action'] as const,
+    registers,
+  });
 
   // Every bounded combination is exported from the start (at 0), so rate() sees the first page.
   for (const path of PATHS) for (const kind of KINDS) pagesPlaced.inc({ path, kind }, 0);
@@ -287,6 +295,7 @@ export function createDestMetrics(
   const handoffResult = boundedLabel();
   const sessionResult = boundedLabel();
   const errorCode = boundedLabel();
+  const unservedCode = boundedLabel();
   return {
     fault: () => faults.inc(),
     faultServiceSeconds: (seconds) => faultService.observe(seconds),
@@ -300,6 +309,8 @@ export function createDestMetrics(
     sessionsActive: (n) => sessionsActive.set(n),
     error: (code) => errors.inc({ code: errorCode(code) }),
     trackMigration: (id, sample) => tracker.track(id, sample),
+    vmUnserved: (code, killed) =>
+      vmsUnserved.inc({ code: unservedCode(code), action: killed ? 'killed' : 'left' }),
   };
 }
 

@@ -88,6 +88,7 @@ t.test('dest metrics: every port method shows up in the exposition', async (t) =
   m.sessionsActive(4);
   m.error('SOURCE_GONE');
   m.reconnect('demand');
+  m.vmUnserved('SOURCE_UNREACHABLE', true);
 
   const { contentType, body } = await metricsText(registry);
   t.match(contentType, /^text\/plain; version=0\.0\.4/);
@@ -116,10 +117,11 @@ t.test('dest metrics: every port method shows up in the exposition', async (t) =
   t.equal(s('yabusame_dest_errors_total{code="SOURCE_GONE"}'), 1);
   t.equal(s('yabusame_dest_reconnects_total{channel="demand"}'), 1);
   t.equal(s('yabusame_dest_reconnects_total{channel="background"}'), 0, 'pre-created');
+  t.equal(s('yabusame_dest_vms_unserved_total{code="SOURCE_UNREACHABLE",action="killed"}'), 1);
 
   const ours = [...families].filter(([name]) => name.startsWith('yabusame_dest_'));
   // One per DestMetrics method, 7 per-migration families and migrations_untracked.
-  t.equal(ours.length, 11 + 7 + 1, 'the families of the dest');
+  t.equal(ours.length, 12 + 7 + 1, 'the families of the dest');
   for (const [name, f] of ours) {
     t.ok(f.help, `${name} has HELP`);
     if (f.type === 'counter') t.match(name, /_total$/, `${name}: counters end in _total`);
