@@ -30,6 +30,13 @@ import { BulkThread } from './bulk.js';
 import type { ParkedSession, SessionParking } from './fd-store.js';
 import type { PageSourceFactory } from './page-source.js';
 import { remotePageSource } from './remote-source.js';
+import { localPageSource } from './local-source.js';
+import {
+  startFirecrackerSockets,
+  type FirecrackerSocketConfig,
+  type FirecrackerSocketStatus,
+  type FirecrackerSockets,
+} from './firecracker.js';
 
 /** Who may hand over, and how much each may hold. */
 export interface PeerPolicy {
@@ -50,6 +57,8 @@ export interface DestDaemonOptions {
   socketMode?: number;
   socketGid?: number | undefined;
   listenFd?: number;
+  /** Firecracker sockets (Firecracker's own handshake), each with its page source. */
+  firecracker?: readonly FirecrackerSocketConfig[];
   /** Where /metrics and /healthz are served; null to disable. */
   http?: { host: string; port: number } | null;
   /** Where /v1/sessions (migration details) and /healthz are served; null to disable. */
@@ -81,6 +90,8 @@ export interface DestDaemon {
   sessions(): SessionStats[];
   /** Recently ended sessions, newest last (bounded). */
   ended(): SessionStats[];
+  /** Each Firecracker socket: its state and the last VM it served or refused. */
+  firecracker(): FirecrackerSocketStatus[];
   close(deadlineMs?: number): Promise<void>;
 }
 
@@ -226,6 +237,7 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
 
   const endpoints: HttpEndpoint[] = [];
   let listener: HandoffListener | null = null;
+  let firecracker: FirecrackerSockets | null = null;
   try {
     listener = await startHandoffListener({
       ...(opts.listenFd !== undefined
@@ -241,6 +253,28 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
         metrics.handoff(code);
         metrics.error(code);
       },
+    });
+    firecracker = await startFirecrackerSockets(opts.firecracker ?? [], {
+      log,
+      metrics,
+      handoffTimeoutMs: opts.handoffTimeoutMs,
+      admit,
+      runSession,
+      pageSource: (pages, migrationId) =>
+        pages.kind === 'file'
+          ? localPageSource(
+              {
+                path: pages.memFile,
+                windowBytes: opts.session.backgroundWindowBytes,
+                workingSetFile: pages.workingSetFile,
+              },
+              { bulk },
+            )
+          : remotePageSource({ source: pages.source, secret: pages.secret, migrationId }, remote, {
+              connect: connectPageChannel,
+              bulk,
+              metrics,
+            }),
     });
     const healthz = (): { type: string; body: string } => ({ type: 'text/plain', body: 'ok\n' });
     if (opts.http) {
@@ -273,6 +307,7 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
               json({
                 active: [...live].map((s) => s.stats()),
                 ended,
+                firecracker: firecracker?.status() ?? [],
                 process: processStats(),
               }),
           },
@@ -282,6 +317,7 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
     }
   } catch (err) {
     listener?.close();
+    firecracker?.close();
     await Promise.all(endpoints.map((e) => e.close()));
     await bulk.stop();
     throw err;
@@ -306,6 +342,7 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
     socket: opts.socketPath,
     http: opts.http ? `${opts.http.host}:${httpPort}` : null,
     control: opts.control?.path ?? null,
+    firecracker: (opts.firecracker ?? []).map((f) => f.socket),
     pid: sys.getpid(),
   });
 
@@ -314,9 +351,11 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
     httpPort,
     sessions: () => [...live].map((s) => s.stats()),
     ended: () => [...ended],
+    firecracker: () => firecracker!.status(),
     close(deadlineMs = 5000) {
       closing ??= (async () => {
         listener!.close();
+        firecracker!.close();
         const all = [...live];
         for (const s of all) s.stop();
         await Promise.race([
