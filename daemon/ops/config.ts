@@ -15,6 +15,7 @@ import { z } from 'zod';
 import { CodedError } from '../../protocol/errors.js';
 import { Limits } from '../../protocol/wire.js';
 import { validMigrationId } from '../../protocol/page-codec.js';
+import { parseSourceUrl } from '../../protocol/source-url.js';
 import { blankComments, jsonErrorAt } from './json-error.js';
 
 export type ConfigErrorCode = 'CONFIG_NOT_FOUND' | 'CONFIG_BAD_JSON' | 'CONFIG_INVALID';
@@ -107,6 +108,62 @@ const allowEntry = z
   .string()
   .refine(validAllowEntry, 'expected an address, a CIDR (10.0.0.0/8) or a host name');
 
+/**
+ * One Firecracker socket of the dest: Firecracker restores a snapshot with
+ * `"mem_backend": {"backend_type": "Uffd", "backend_path": <socket>}`, and the dest serves its
+ * memory from a local memory file (`memFile`) or from a `yabusame source` (`source`,
+ * `migrationId`, `secretFile`).
+ */
+export const FirecrackerSocketSchema = z
+  .strictObject({
+    socket: z.string().min(1).max(107),
+    /** The snapshot's memory file on this host. */
+    memFile: z.string().min(1).optional(),
+    /** Or the `yabusame source` serving it (ws:// or wss://, host and port)... */
+    source: z.string().min(1).max(2048).optional(),
+    /** ...its migration id there... */
+    migrationId: z
+      .string()
+      .refine(validMigrationId, 'migration id: 1-128 of [A-Za-z0-9._:-]')
+      .optional(),
+    /** ...and a file holding the migration's secret (hex, mode 0600). */
+    secretFile: z.string().min(1).optional(),
+    /** The sessions' id in logs and status (memFile; default derived from the socket path). */
+    id: z.string().refine(validMigrationId, 'id: 1-128 of [A-Za-z0-9._:-]').optional(),
+    /** SIGKILL a Firecracker whose handshake is refused or whose session fails. */
+    killOnFailure: z.boolean().default(false),
+    /** Record the demand faults of a restore, and stream them first on the next (memFile). */
+    prefetch: z.boolean().default(false),
+    /** Where the working set is kept (default: the memory file's path + `.working-set.json`). */
+    workingSetFile: z.string().min(1).optional(),
+    socketMode: octalMode.default(0o660),
+    /** Group of the socket (a name or a gid); default the daemon's. */
+    socketGroup: z.string().min(1).max(64).optional(),
+  })
+  .superRefine((f, ctx) => {
+    const issue = (path: string, message: string): void =>
+      ctx.addIssue({ code: 'custom', path: [path], message });
+    if ((f.memFile === undefined) === (f.source === undefined)) {
+      issue('memFile', 'give either memFile (a local file) or source (a yabusame source)');
+    }
+    if (f.source !== undefined) {
+      try {
+        parseSourceUrl(f.source);
+      } catch (err) {
+        issue('source', (err as Error).message);
+      }
+      if (f.migrationId === undefined) issue('migrationId', 'source needs migrationId');
+      for (const k of ['prefetch', 'workingSetFile', 'id'] as const) {
+        if (f[k] !== undefined && f[k] !== false) issue(k, `${k} goes with memFile`);
+      }
+    } else {
+      for (const k of ['migrationId', 'secretFile'] as const) {
+        if (f[k] !== undefined) issue(k, `${k} goes with source`);
+      }
+    }
+  });
+export type FirecrackerSocketEntry = z.output<typeof FirecrackerSocketSchema>;
+
 export const DestConfigSchema = z.strictObject({
   /** The handoff socket (ignored when systemd passes it by socket activation). */
   socket: z.string().min(1).max(107).default('/run/yabusame/dest.sock'),
@@ -162,6 +219,8 @@ export const DestConfigSchema = z.strictObject({
   /** No migration secrets: handoffs need none, sources must be on loopback. */
   insecureNoAuth: z.boolean().default(false),
   logLevel: logLevel.default('info'),
+  /** Firecracker sockets, one Firecracker process at a time each (also: --firecracker-socket). */
+  firecracker: z.array(FirecrackerSocketSchema).max(256).default([]),
 });
 
 const regionName = z.string().min(1).max(Limits.MAX_REGION_NAME_BYTES);
@@ -646,6 +705,8 @@ export interface ConfigInput {
   env?: Readonly<Record<string, string | undefined>>;
   /** Values the CLI computed itself (e.g. --migration specs), laid over the rest. */
   extra?: Record<string, unknown>;
+  /** List entries the CLI built from flags, appended to the file's list of that key. */
+  append?: Record<string, unknown[]>;
 }
 
 /** Defaults < file < environment < flags < extra, then the schema. */
@@ -667,11 +728,27 @@ function load<S extends z.ZodType>(
     if (value !== undefined) merged[spec.key] = convert(spec, value, flagOf(spec.key));
   }
   Object.assign(merged, input.extra ?? {});
+  for (const [key, items] of Object.entries(input.append ?? {})) {
+    const before = merged[key];
+    merged[key] = [...(Array.isArray(before) ? before : []), ...items];
+  }
   return validate(schema, merged, keys, input.file);
 }
 
+/** The paths of Firecracker entries in a config file are relative to its folder. */
 export function loadDestConfig(input: ConfigInput = {}): DestConfig {
-  return load(DestConfigSchema, DEST_KEYS, input);
+  return load(DestConfigSchema, DEST_KEYS, input, (json, file) => {
+    if (!Array.isArray(json['firecracker'])) return;
+    const dir = dirname(resolve(file));
+    json['firecracker'] = json['firecracker'].map((f: unknown) => {
+      if (!f || typeof f !== 'object') return f;
+      const out: Record<string, unknown> = { ...f };
+      for (const k of ['socket', 'memFile', 'secretFile', 'workingSetFile']) {
+        if (typeof out[k] === 'string') out[k] = resolve(dir, out[k]);
+      }
+      return out;
+    });
+  });
 }
 
 /** Secret files named in a config file are relative to its folder (images, to imageRoot). */

@@ -98,7 +98,8 @@ t.test('every key has a flag, and every flag a key', async (t) => {
     const names = keys.map((k) => k.key);
     t.equal(new Set(names).size, names.length, 'no key twice');
     for (const k of Object.keys(schema)) {
-      if (k === 'migrations') continue;
+      // Lists have flags of their own (--migration; --firecracker-socket and its companions).
+      if (k === 'migrations' || k === 'firecracker') continue;
       t.ok(names.includes(k), `${k} can be set by a flag`);
     }
     t.equal(Object.keys(keyOptions(keys)).length, keys.length);
@@ -322,4 +323,62 @@ t.test('--migration specs', async (t) => {
       t.match((err as Error).message, msg, spec);
     }
   }
+});
+
+t.test('Firecracker sockets: from the file (paths beside it) and from flags', async (t) => {
+  const dir = tempDir(t);
+  const file = writeJson(dir, 'dest.json', {
+    firecracker: [
+      { socket: 'fc0.sock', memFile: 'vm.mem', prefetch: true },
+      {
+        socket: '/run/fc1.sock',
+        source: 'wss://src:7070',
+        migrationId: 'vm1',
+        secretFile: 'vm1.secret',
+        killOnFailure: true,
+        socketMode: '0600',
+      },
+    ],
+  });
+  const c = loadDestConfig({
+    file,
+    append: { firecracker: [{ socket: '/run/fc2.sock', memFile: '/snap/vm2.mem' }] },
+  });
+  t.same(
+    c.firecracker.map((f) => [f.socket, f.memFile, f.source, f.secretFile]),
+    [
+      [join(dir, 'fc0.sock'), join(dir, 'vm.mem'), undefined, undefined],
+      ['/run/fc1.sock', undefined, 'wss://src:7070', join(dir, 'vm1.secret')],
+      ['/run/fc2.sock', '/snap/vm2.mem', undefined, undefined],
+    ],
+    "the file's entries, relative paths beside it, then the flags' entry",
+  );
+  t.same(
+    c.firecracker.map((f) => [f.prefetch, f.killOnFailure, f.socketMode]),
+    [
+      [true, false, 0o660],
+      [false, true, 0o600],
+      [false, false, 0o660],
+    ],
+    'defaults: no prefetch, no kill, mode 0660',
+  );
+  const bad = (entry: Record<string, unknown>, what: string, message: RegExp): void => {
+    const e = configError(
+      t,
+      () => loadDestConfig({ append: { firecracker: [{ socket: '/run/x.sock', ...entry }] } }),
+      'CONFIG_INVALID',
+    );
+    t.match(e.message, message, what);
+  };
+  bad({}, 'neither memFile nor source', /either memFile .* or source/);
+  bad({ memFile: '/m', source: 'ws://127.0.0.1:1' }, 'both', /either memFile/);
+  bad({ source: 'ws://127.0.0.1:1' }, 'source without migrationId', /needs migrationId/);
+  bad({ source: 'http://h:1', migrationId: 'a' }, 'not a ws URL', /ws:\/\/ or wss:\/\//);
+  bad(
+    { source: 'ws://127.0.0.1:1', migrationId: 'a', prefetch: true },
+    'prefetch with a source',
+    /prefetch goes with memFile/,
+  );
+  bad({ memFile: '/m', secretFile: '/s' }, 'a secret for a file', /secretFile goes with source/);
+  bad({ memFile: '/m', extra: 1 }, 'an unknown key', /extra/);
 });
