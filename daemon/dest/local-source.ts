@@ -142,7 +142,7 @@ export class LocalFileSource implements PageSource {
       {
         run: (r) => {
           this.receivedBytes += r.data?.length ?? 0;
-          this.hooks.run({ ...r, path: 'background' });
+          this.hooks.run({ offset: r.offset, length: r.length, data: r.data, path: 'background' });
         },
         sourceDone: () => this.onSourceDone(),
         fail: (code, message) => this.fail(code, message),
@@ -184,6 +184,10 @@ export class LocalFileSource implements PageSource {
       recordedAt: ws.recordedAt,
     });
     return Float64Array.from(valid);
+  }
+
+  info(): Record<string, unknown> {
+    return { prefetch: this.prefetch, prefetchPages: this.prefetchPages };
   }
 
   start(): void {

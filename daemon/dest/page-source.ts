@@ -43,6 +43,8 @@ export interface PageSource {
   readonly sourceDone: boolean;
   /** For logs and status: the source URL, or the file. */
   readonly label: string;
+  /** For status: what else this source has to say (a file's prefetch). */
+  info?(): Record<string, unknown>;
   /** Each channel to the source as status shows it (a file: up while it is open). */
   readonly links: Readonly<Record<'demand' | 'background', LinkStatus>>;
   /** Bytes received from the source (frames on both channels), or read from the file. */

@@ -138,8 +138,9 @@ export interface SessionStats {
   totalBytes: number;
   /** Frame bytes received from the source, both channels. */
   receivedBytes: number;
-  /** Where pages come from: the source URL, or the memory file. */
+  /** Where pages come from: the source URL, or the memory file, and what it says of itself. */
   source?: string;
+  sourceInfo?: Record<string, unknown>;
   vmm?: VmmInfo;
   startedAt: number;
   elapsedMs: number;
@@ -248,6 +249,7 @@ export class Session {
       totalBytes: this.totalBytes,
       receivedBytes: this.source?.receivedBytes ?? 0,
       ...(this.source ? { source: this.source.label } : {}),
+      ...(this.source?.info ? { sourceInfo: this.source.info() } : {}),
       ...(this.request.vmm ? { vmm: this.request.vmm } : {}),
       startedAt: this.startedAt,
       elapsedMs: (this.finishedAt || Date.now()) - this.startedAt,
