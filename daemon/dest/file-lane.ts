@@ -9,7 +9,9 @@
  *  1. the pages of `first` (a working set recorded on an earlier restore), in that order;
  *  2. then every other page, in file order from a cursor that follows the demand reads (after
  *     pages [P, P + n) were read on demand, the stream continues from P + n), wrapping once.
- * A page read on demand is never streamed again. Zeros are not read where the file has holes
+ * The working set goes at start(), before the window opens (backgroundDelayMs): it stands for
+ * the demand to come; the sweep waits for openWindow(), as a connection waits for its first
+ * CREDIT. A page read on demand is never streamed again. Zeros are not read where the file has holes
  * (lseek SEEK_DATA/SEEK_HOLE, once) and are sent as zero runs; pages read and found all zero are
  * zero runs too (placed with UFFDIO_ZEROPAGE: no memory), and give their ring space back.
  *
@@ -140,7 +142,8 @@ export class FileLane {
   private waitingForRing = false;
 
   private schedule(): void {
-    if (this.scheduled || this.closed || !this.started || !this.windowOpen) return;
+    if (this.scheduled || this.closed || !this.started) return;
+    if (!this.windowOpen && !this.prefetching()) return;
     this.scheduled = true;
     const awaited = Atomics.load(this.deps.faults, 0);
     if (awaited > 0) {
@@ -202,6 +205,11 @@ export class FileLane {
     if (budget <= 0 && !this.waitingForRing) this.schedule();
   }
 
+  /** Entries of the working set are left to stream. */
+  private prefetching(): boolean {
+    return this.firstAt < (this.init.first?.length ?? 0);
+  }
+
   /** The next run of unsent pages to stream, or null. Changes nothing but skipped entries. */
   private nextRun(): NextRun | null {
     const first = this.init.first;
@@ -228,7 +236,7 @@ export class FileLane {
       }
       return { pos, count, hole, listEntries: count };
     }
-    if (this.unsent === 0) return null;
+    if (this.unsent === 0 || !this.windowOpen) return null;
     const pos = this.findUnsent(this.cursor);
     if (!pos) return null;
     const r = this.regions[pos.region]!;

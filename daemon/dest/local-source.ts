@@ -16,7 +16,8 @@
  *
  * Prefetch (working-set.ts): with a working-set file configured, a restore that finds none for
  * this snapshot records the order of its demand faults and writes it when it completes; a
- * restore that finds one streams those pages first, in that order, and records nothing.
+ * restore that finds one streams those pages first, in that order, from start() on (not held
+ * back by backgroundDelayMs: they stand for the demand to come), and records nothing.
  */
 import { fstatSync } from 'node:fs';
 import { O_NONBLOCK, O_RDONLY } from '../linux/abi.js';

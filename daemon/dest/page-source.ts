@@ -14,7 +14,8 @@
  *  3. request()    fetch these awaited pages, as soon as possible; their runs come with path
  *                  'demand'. False when it cannot now: the pages are then asked for again on
  *                  hooks.demandOpened (every awaited page is re-requested there);
- *  4. openWindow() the background stream may start (after backgroundDelayMs);
+ *  4. openWindow() the background stream may start (after backgroundDelayMs; a local file's
+ *                  recorded working set streams from start() on);
  *  5. complete()   every page is settled: let go of the source (a remote one is told COMPLETE and
  *                  may release its image); true when it acknowledged;
  *  6. close()      stop; resolves once no run can reach the session any more (the uffd and any

@@ -2,8 +2,8 @@
  * The bulk thread's file lane (daemon/dest/file-lane.ts) in this thread, with a real file, a real
  * payload ring and a stand-in for the main thread that "places" each run and grants its credit
  * back: every page is sent exactly once, data as it is in the file, holes and zero pages as zero
- * runs; a working set goes first, in its order; pages read on demand are not streamed; a full
- * ring pauses the lane until space is freed.
+ * runs; a working set goes first, in its order, and does not wait for the window (the sweep
+ * does); pages read on demand are not streamed; a full ring pauses the lane until space is freed.
  */
 import t from 'tap';
 import { closeSync, mkdtempSync, openSync, rmSync, writeSync, ftruncateSync } from 'node:fs';
@@ -54,11 +54,15 @@ async function stream(opts: {
   ringBytes?: number;
   windowBytes?: number;
   before?: (lane: FileLane) => void;
+  /** Open the window only once this many pages were placed (the working set's length). */
+  windowAfter?: number;
 }): Promise<Seen> {
   const fd = openSync(file, 'r');
   const ring = new PayloadRing(opts.ringBytes ?? 1 << 20);
   const seen: Seen = { order: [], zero: [], data: [], bad: [] };
   const faults = new Int32Array(new SharedArrayBuffer(4));
+  const listed = new Set(opts.first ?? []);
+  let windowOpen = false;
   try {
     await new Promise<void>((resolve, reject) => {
       const lanes: FileLane[] = [];
@@ -67,7 +71,12 @@ async function stream(opts: {
         // The main thread places runs later, in order (here, in a later turn), and hears
         // sourceDone behind the runs that came before it.
         if (m.t === 'sourceDone') setImmediate(resolve);
-        if (m.t === 'run') setImmediate(() => place(m));
+        if (m.t === 'run') {
+          for (let p = m.offset / PAGE; p < (m.offset + m.length) / PAGE; p++) {
+            if (!windowOpen && !listed.has(p)) seen.bad.push(`page ${p} sent before the window`);
+          }
+          setImmediate(() => place(m));
+        }
       };
       const place = (m: RunMessage): void => {
         const first = m.offset / PAGE;
@@ -88,6 +97,10 @@ async function stream(opts: {
         if (m.ring >= 0) ring.release(m.ring + m.length);
         lanes[0]!.credit(m.credit);
         lanes[0]!.retry();
+        if (!windowOpen && seen.order.length >= (opts.windowAfter ?? 0)) {
+          windowOpen = true;
+          lanes[0]!.openWindow();
+        }
       };
       const lane = new FileLane(
         1,
@@ -103,7 +116,10 @@ async function stream(opts: {
       lanes.push(lane);
       opts.before?.(lane);
       lane.start();
-      lane.openWindow();
+      if (opts.windowAfter === undefined) {
+        windowOpen = true;
+        lane.openWindow();
+      }
     });
   } finally {
     closeSync(fd);
@@ -143,6 +159,13 @@ t.test('a working set goes first, in its order', async (t) => {
     [0, 1, 2],
     'then the rest, from the start',
   );
+});
+
+t.test('the working set does not wait for the window; the rest does', async (t) => {
+  const first = [450, 451, 452, 17, 3, 310, 311, 200, 201, 199, 511];
+  const seen = await stream({ first, windowAfter: first.length });
+  everyPageOnce(t, seen);
+  t.same(seen.order.slice(0, first.length), first, 'the list streamed with the window shut');
 });
 
 t.test('pages read on demand are not streamed; the stream follows them', async (t) => {
