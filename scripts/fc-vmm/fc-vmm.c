@@ -21,6 +21,9 @@
  * every page of every region byte for byte against the memory file. The result is one JSON
  * object on stdout (--json). It also measures a working set (--ws-pages): a fixed list of pages
  * touched in order, the "first useful work" of a restored function, timed from the handshake.
+ * With --start-on-sigusr1 the guest starts only on SIGUSR1; "atStart" in the result says which
+ * pages were present by then (all of them, and those of the working set): what a handler
+ * streamed ahead of any fault.
  *
  * Exit codes: 0 every page verified; 1 a mismatch or a missing page; 2 usage or setup error;
  * 3 timeout (pages still missing). Build: cc -O2 -g -pthread -Wall -Wextra -Werror -std=gnu11
@@ -87,14 +90,14 @@ struct stamp {
 
 static struct {
   const char *socket_path, *mem_file, *handshake_file, *format;
-  uint64_t split, page;
+  uint64_t split, page, unmap_tail;
   int vcpus;
   double touch_fraction, write_fraction;
   int balloon;
   long ws_pages, ws_cluster;
   uint64_t ws_seed, ws_jitter_seed;
   double ws_jitter;
-  bool wait_complete, json;
+  bool wait_complete, json, start_on_signal;
   int timeout_ms, close_socket_after_ms, hold_ms;
   uint64_t seed;
 } opt = {.format = "v1.12",
@@ -141,6 +144,8 @@ static struct {
   size_t nlat;
   uint64_t elapsed_ms, work_ms;
   long work_faults, work_touches;
+  /* When the guest started: pages present, the working set's distinct pages, those present. */
+  uint64_t present_at_start, ws_distinct, ws_present_at_start;
   bool handler_closed;
 } result = {.outcome = "failed"};
 
@@ -209,6 +214,9 @@ static _Noreturn void finish(int code) {
            p99, max);
     printf(",\"elapsedMs\":%" PRIu64 ",\"work\":{\"touches\":%ld,\"faults\":%ld,\"ms\":%" PRIu64 "}",
            result.elapsed_ms, result.work_touches, result.work_faults, result.work_ms);
+    printf(",\"atStart\":{\"present\":%" PRIu64 ",\"wsPages\":%" PRIu64 ",\"wsPresent\":%" PRIu64
+           "}",
+           result.present_at_start, result.ws_distinct, result.ws_present_at_start);
     printf(",\"discardedPages\":%" PRIu64 ",\"balloonRuns\":%d,\"unexpectedBytes\":%llu", discarded,
            atomic_load(&balloon_done), (unsigned long long)unexpected_bytes);
     printf(",\"handlerClosedSocket\":%s,\"regions\":[", result.handler_closed ? "true" : "false");
@@ -458,6 +466,34 @@ static uint64_t *working_set(size_t *n) {
 static struct vcpu *vcpus;
 static pthread_t balloon_thread;
 
+/* Before the guest runs: which pages are present already (a handler that streamed some ahead,
+ * e.g. a recorded working set), and how many of the working set's pages (ws, n) they are. */
+static void residency_at_start(const uint64_t *ws, size_t n) {
+  uint8_t *present = calloc(total_pages ? total_pages : 1, 1);
+  if (!present) abort();
+  for (int i = 0; i < nregions; i++) {
+    struct region *r = &regions[i];
+    size_t small = r->size / 4096;
+    unsigned char *vec = malloc(small ? small : 1);
+    if (!vec) abort();
+    if (mincore(r->mem, r->size, vec) != 0) memset(vec, 0, small);
+    for (uint64_t p = 0; p < r->pages; p++)
+      present[r->first_global + p] = vec[p * (r->page / 4096)] & 1;
+    free(vec);
+  }
+  for (uint64_t g = 0; g < total_pages; g++) result.present_at_start += present[g];
+  uint8_t *seen = calloc(total_pages ? total_pages : 1, 1);
+  if (!seen) abort();
+  for (size_t k = 0; k < n; k++) {
+    if (seen[ws[k]]) continue;
+    seen[ws[k]] = 1;
+    result.ws_distinct++;
+    result.ws_present_at_start += present[ws[k]];
+  }
+  free(seen);
+  free(present);
+}
+
 static void start_guest(void) {
   vcpus = calloc((size_t)opt.vcpus + 1, sizeof *vcpus);
   if (!vcpus) abort();
@@ -466,7 +502,9 @@ static void start_guest(void) {
   bool ws = opt.ws_pages > 0;
   if (ws) {
     list = working_set(&n);
+    residency_at_start(list, n);
   } else {
+    residency_at_start(NULL, 0);
     n = (size_t)(opt.touch_fraction * (double)total_pages + 0.5);
     list = malloc((total_pages ? total_pages : 1) * sizeof *list);
     if (!list) abort();
@@ -624,6 +662,16 @@ static void setup(void) {
     if (ioctl(uffd, UFFDIO_REGISTER, &reg) != 0)
       setup_error("UFFDIO_REGISTER region %d: %s", i, strerror(errno));
   }
+  /* --unmap-tail: the last region loses its tail after registration, so the handshake names
+   * memory that no longer exists (a handler must refuse it). Less than a thread stack: nothing
+   * this process maps before the handler has read the handshake can fill the hole. */
+  struct region *last = &regions[nregions - 1];
+  if (opt.unmap_tail > 0) {
+    if (opt.unmap_tail >= last->size || opt.unmap_tail % last->page)
+      setup_error("--unmap-tail must be whole pages, less than the last region");
+    if (munmap(last->mem + last->size - opt.unmap_tail, opt.unmap_tail) != 0)
+      setup_error("munmap the tail: %s", strerror(errno));
+  }
 }
 
 static void send_handshake(void) {
@@ -736,14 +784,15 @@ static void usage(void) {
   fputs("usage: fc-vmm --socket PATH --mem-file FILE [--handshake FILE | --format v1.1|v1.7|v1.12\n"
         "  [--split BYTES] [--page 4k|2m]] [--vcpus N] [--touch-fraction F] [--write-fraction F]\n"
         "  [--balloon N] [--ws-pages N --ws-cluster N --ws-seed N --ws-jitter F --ws-jitter-seed N]\n"
-        "  [--no-wait] [--hold-ms MS] [--close-socket-after-ms MS] [--timeout MS] [--seed N] [--json]\n",
+        "  [--no-wait] [--hold-ms MS] [--close-socket-after-ms MS] [--timeout MS] [--seed N]\n"
+        "  [--start-on-sigusr1] [--unmap-tail BYTES] [--json]\n",
         stderr);
 }
 
 static void parse_args(int argc, char **argv) {
   enum { O_SOCKET = 256, O_MEM, O_HS, O_FORMAT, O_SPLIT, O_PAGE, O_VCPUS, O_TOUCH, O_WRITE,
          O_BALLOON, O_WSP, O_WSC, O_WSS, O_WSJ, O_WSJS, O_NOWAIT, O_HOLD, O_CLOSE, O_TIMEOUT,
-         O_SEED, O_JSON };
+         O_SEED, O_JSON, O_START, O_UNMAP };
   static const struct option longopts[] = {
       {"socket", 1, 0, O_SOCKET},        {"mem-file", 1, 0, O_MEM},
       {"handshake", 1, 0, O_HS},         {"format", 1, 0, O_FORMAT},
@@ -755,7 +804,8 @@ static void parse_args(int argc, char **argv) {
       {"ws-jitter-seed", 1, 0, O_WSJS},  {"no-wait", 0, 0, O_NOWAIT},
       {"hold-ms", 1, 0, O_HOLD},         {"close-socket-after-ms", 1, 0, O_CLOSE},
       {"timeout", 1, 0, O_TIMEOUT},      {"seed", 1, 0, O_SEED},
-      {"json", 0, 0, O_JSON},            {0, 0, 0, 0}};
+      {"json", 0, 0, O_JSON},            {"start-on-sigusr1", 0, 0, O_START},
+      {"unmap-tail", 1, 0, O_UNMAP},     {0, 0, 0, 0}};
   int c;
   while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
     switch (c) {
@@ -784,6 +834,8 @@ static void parse_args(int argc, char **argv) {
     case O_TIMEOUT: opt.timeout_ms = atoi(optarg); break;
     case O_SEED: opt.seed = strtoull(optarg, NULL, 10); break;
     case O_JSON: opt.json = true; break;
+    case O_START: opt.start_on_signal = true; break;
+    case O_UNMAP: opt.unmap_tail = strtoull(optarg, NULL, 10); break;
     default: usage(); setup_error("bad arguments");
     }
   }
@@ -799,8 +851,18 @@ int main(int argc, char **argv) {
   for (int i = 1; i < argc; i++)
     if (!strcmp(argv[i], "--json")) opt.json = true;
   parse_args(argc, argv);
+  sigset_t start_signal;
+  sigemptyset(&start_signal);
+  sigaddset(&start_signal, SIGUSR1);
+  /* Blocked before any thread exists, so that only sigwait() takes it. */
+  if (opt.start_on_signal) pthread_sigmask(SIG_BLOCK, &start_signal, NULL);
   setup();
   send_handshake();
+  if (opt.start_on_signal) {
+    logmsg("event waiting-for-start");
+    int sig;
+    sigwait(&start_signal, &sig);
+  }
   start_guest();
   uint64_t deadline = t_handshake_ns + (uint64_t)opt.timeout_ms * 1000000ULL;
   bool closed_socket = false;

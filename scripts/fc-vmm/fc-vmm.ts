@@ -72,6 +72,10 @@ export interface FcVmmOptions {
     jitter?: number;
     jitterSeed?: number;
   };
+  /** Unmap this many bytes at the end of the last region once registered (a bad handshake). */
+  unmapTail?: number;
+  /** Start the guest only on SIGUSR1 (after the handshake; see `atStart` in the result). */
+  startOnSignal?: boolean;
   /** Do not wait for every page: report after the touches (and holdMs). */
   noWait?: boolean;
   holdMs?: number;
@@ -106,6 +110,8 @@ const FcVmmReportSchema = z.strictObject({
   elapsedMs: count,
   /** The working set: touches, how many found their page absent, when the last one was done. */
   work: z.strictObject({ touches: count, faults: count, ms: count }),
+  /** When the guest started: pages present, the working set's distinct pages, those present. */
+  atStart: z.strictObject({ present: count, wsPages: count, wsPresent: count }),
   discardedPages: count,
   balloonRuns: count,
   /** Bytes the handler wrote on the socket (Firecracker reads none: must be 0). */
@@ -141,9 +147,11 @@ function args(o: FcVmmOptions): string[] {
     ['--close-socket-after-ms', o.closeSocketAfterMs],
     ['--timeout', o.timeoutMs],
     ['--seed', o.seed],
+    ['--unmap-tail', o.unmapTail],
   ];
   for (const [flag, value] of flags) if (value !== undefined) a.push(flag, String(value));
   if (o.noWait) a.push('--no-wait');
+  if (o.startOnSignal) a.push('--start-on-sigusr1');
   return [...a, '--json'];
 }
 
