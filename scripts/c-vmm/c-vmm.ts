@@ -4,45 +4,14 @@
  * assumptions. `buildCVmm` compiles it with `cc` into `dist/c-vmm/c-vmm` when that is missing or
  * older than the source; `runCVmm` runs one migration and returns its JSON result, validated.
  */
-import { execFile, spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { mkdir, rename, stat } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
 import { constants } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { promisify } from 'node:util';
 import { z } from 'zod';
-
-/** The repository root: found from dist/scripts/c-vmm/ (compiled) or scripts/c-vmm/ (tsx). */
-function repoRoot(): string {
-  const candidates = [new URL('../../../', import.meta.url), new URL('../../', import.meta.url)];
-  const root = candidates
-    .map((u) => fileURLToPath(u))
-    .find((dir) => existsSync(join(dir, 'scripts/c-vmm/c-vmm.c')));
-  if (!root) throw new Error('scripts/c-vmm/c-vmm.c not found above ' + import.meta.url);
-  return root;
-}
-
-const C_FLAGS = ['-O2', '-g', '-pthread', '-Wall', '-Wextra', '-Werror', '-std=gnu11'];
-
-let building: Promise<string> | undefined;
+import { buildCVmmProgram } from '../lib/build-c.js';
 
 /** Compiles c-vmm when needed; resolves with the binary's path. */
 export function buildCVmm(): Promise<string> {
-  building ??= (async () => {
-    const root = repoRoot();
-    const source = join(root, 'scripts/c-vmm/c-vmm.c');
-    const binary = join(root, 'dist/c-vmm/c-vmm');
-    const [src, bin] = await Promise.all([stat(source), stat(binary).catch(() => undefined)]);
-    if (bin && bin.mtimeMs >= src.mtimeMs) return binary;
-    await mkdir(dirname(binary), { recursive: true });
-    // Compile beside the binary, then rename: a concurrent test process never runs half a file.
-    const tmp = `${binary}.${process.pid}.tmp`;
-    await promisify(execFile)(process.env['CC'] ?? 'cc', [...C_FLAGS, '-o', tmp, source]);
-    await rename(tmp, binary);
-    return binary;
-  })();
-  return building;
+  return buildCVmmProgram('c-vmm');
 }
 
 export interface CVmmRegion {

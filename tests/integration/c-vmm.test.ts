@@ -4,17 +4,7 @@
 // protocol promises, and every migration that completes is verified byte for byte by c-vmm.
 // After the scenarios that make a session fail, the same dests must still migrate a VM.
 import t, { type Test } from 'tap';
-import {
-  closeSync,
-  ftruncateSync,
-  mkdtempSync,
-  openSync,
-  readFileSync,
-  readSync,
-  rmSync,
-  writeFileSync,
-  writeSync,
-} from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { cpuSeconds } from '../../scripts/bench/proc.js';
@@ -32,6 +22,7 @@ import {
   type Daemon,
 } from '../../scripts/lib/daemons.js';
 import { reserveHugePages } from '../../scripts/lib/hugepages.js';
+import { writeHugePageFile } from '../helpers/huge-image.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -59,26 +50,10 @@ async function image(name: string, sizeBytes: number): Promise<string> {
   return path;
 }
 
-/**
- * An image of 2 MiB pages, one letter per page: D a huge page of generated guest memory (data,
- * text and 4 KiB zero runs mixed), Z a huge page of written zeros, H a huge page left as a hole.
- */
+/** An image of 2 MiB pages, one letter per page (tests/helpers/huge-image.ts). */
 async function hugePageImage(name: string, pages: string): Promise<string> {
-  const donor = await image(`${name}-donor`, pages.length * HUGE_PAGE);
   const path = join(dir, `${name}.ram`);
-  const from = openSync(donor, 'r');
-  const to = openSync(path, 'w');
-  const buf = Buffer.alloc(HUGE_PAGE);
-  for (let i = 0; i < pages.length; i++) {
-    if (pages[i] === 'H') continue;
-    if (pages[i] === 'D') readSync(from, buf, 0, HUGE_PAGE, i * HUGE_PAGE);
-    else buf.fill(0);
-    writeSync(to, buf, 0, HUGE_PAGE, i * HUGE_PAGE);
-  }
-  ftruncateSync(to, pages.length * HUGE_PAGE);
-  closeSync(from);
-  closeSync(to);
-  rmSync(donor);
+  await writeHugePageFile(path, pages, seed++);
   return path;
 }
 
