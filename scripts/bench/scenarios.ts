@@ -18,6 +18,7 @@ import {
 } from '../vm-sim/vm-sim.js';
 import { runReference } from './c-ref.js';
 import { runCVmm } from '../c-vmm/c-vmm.js';
+import { FIRECRACKER_SCENARIOS } from './firecracker.js';
 import { reserveHugePages } from '../lib/hugepages.js';
 import { FakeSystemd } from '../lib/fake-systemd.js';
 import { startDest, startSource, writeSourceConfig, type Daemon } from '../lib/daemons.js';
@@ -78,6 +79,7 @@ export const GROUPS = [
   'many-vms',
   'local-floor',
   'upgrade',
+  'firecracker',
 ] as const;
 
 // --- sizes ---
@@ -812,6 +814,7 @@ export const SCENARIOS: Scenario[] = [
   manyVms,
   localFloor,
   upgrade,
+  ...FIRECRACKER_SCENARIOS,
 ];
 
 export function fmtBytes(n: number): string {
