@@ -467,7 +467,7 @@ export const DEST_KEYS: readonly KeySpec[] = [
     key: 'backgroundDelayMs',
     kind: 'int',
     arg: 'MS',
-    help: 'hold the background stream back (default 0)',
+    help: 'hold the background stream back (default 0; not a recorded working set)',
   },
   {
     key: 'reconnectTimeoutMs',
