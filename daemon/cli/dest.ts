@@ -250,7 +250,13 @@ export async function runDest(args: string[]): Promise<void> {
   const activated = fds.find((f) => f.name === 'handoff') ?? fds.find((f) => f.name === 'unknown');
   const parking = fdStoreParking(log);
   const parked = parkedSessions(fds, log, parking);
-  if (parked.length > 0) log.info('resuming parked sessions', { sessions: parked.length });
+  const parkedCount = parked.handoffs.length + parked.firecracker.length;
+  if (parkedCount > 0) {
+    log.info('resuming parked sessions', {
+      sessions: parkedCount,
+      firecracker: parked.firecracker.length,
+    });
+  }
   const daemon = await startDestDaemon({
     ...options,
     ...(activated ? { listenFd: activated.fd } : {}),

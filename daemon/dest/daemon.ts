@@ -27,7 +27,7 @@ import {
   type VmmConnection,
 } from './session.js';
 import { BulkThread } from './bulk.js';
-import type { ParkedSession, SessionParking } from './fd-store.js';
+import type { Parked, SessionParking } from './fd-store.js';
 import type { PageSourceFactory } from './page-source.js';
 import { remotePageSource } from './remote-source.js';
 import { localPageSource } from './local-source.js';
@@ -82,7 +82,7 @@ export interface DestDaemonOptions {
   /** Where sessions park their descriptors at their ack (default: nowhere). */
   parking?: SessionParking;
   /** Sessions a previous daemon parked (fd-store.ts), resumed once the daemon is up. */
-  parked?: ParkedSession[];
+  parked?: Parked;
 }
 
 export interface DestDaemon {
@@ -260,6 +260,7 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
       handoffTimeoutMs: opts.handoffTimeoutMs,
       admit,
       runSession,
+      parking: opts.parking,
       pageSource: (pages, migrationId) =>
         pages.kind === 'file'
           ? localPageSource(
@@ -323,7 +324,7 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
     throw err;
   }
   // Sessions a previous daemon parked go through the same checks as a handoff, as `resume`.
-  for (const p of opts.parked ?? []) {
+  for (const p of opts.parked?.handoffs ?? []) {
     try {
       const refusal = admit(p.conn.peer);
       if (refusal) throw refusal;
@@ -337,6 +338,7 @@ export async function startDestDaemon(opts: DestDaemonOptions): Promise<DestDaem
       opts.parking?.unpark(p.name);
     }
   }
+  firecracker.resume(opts.parked?.firecracker ?? []);
   const httpPort = opts.http ? endpoints[0]!.port : null;
   log.info('yabusame dest ready', {
     socket: opts.socketPath,

@@ -14,19 +14,23 @@
  * that ends because Firecracker itself is gone (VMM_GONE) is reported, not killed.
  */
 import { ProtocolError } from '../../protocol/errors.js';
+import type { FirecrackerFormat } from '../../protocol/firecracker.js';
+import type { HandoffRegion } from '../../protocol/handoff.js';
 import {
+  FirecrackerConnection,
   startFirecrackerListener,
-  type FirecrackerConnection,
   type FirecrackerHandoff,
   type FirecrackerListener,
   type FirecrackerRefusal,
 } from '../handoff/firecracker-listener.js';
+import * as sys from '../linux/sys.js';
 import type { PeerCred } from '../linux/sys.js';
 import type { Logger } from '../ops/log.js';
 import type { DestMetrics } from '../ops/metric-ports.js';
 import { rateLimitedLog } from '../ops/rate-limit.js';
+import type { ParkedFirecracker, SessionParking } from './fd-store.js';
 import type { PageSourceFactory } from './page-source.js';
-import type { Session, SessionSpec, SessionStats, VmmConnection } from './session.js';
+import type { Session, SessionDeps, SessionSpec, SessionStats, VmmConnection } from './session.js';
 
 /** Where one Firecracker socket's pages come from. */
 export type FirecrackerPages =
@@ -99,13 +103,22 @@ export interface FirecrackerDeps {
     conn: VmmConnection,
     peer: PeerCred,
     source: PageSourceFactory,
+    parking?: Pick<SessionDeps, 'park' | 'unpark' | 'parked'>,
   ): Session;
   /** The page source of a socket. */
   pageSource(pages: FirecrackerPages, migrationId: string): PageSourceFactory;
+  /** Where sessions park their descriptors at their ack, to outlive a restart (fd-store.ts). */
+  parking?: SessionParking | undefined;
 }
 
 export interface FirecrackerSockets {
   status(): FirecrackerSocketStatus[];
+  /**
+   * Serves the sessions a previous daemon parked, each by the slot of its socket. One whose
+   * socket is no longer configured, or that is refused, is reported like any VM that cannot be
+   * served (a log line with its pid, the metric), and never killed.
+   */
+  resume(parked: readonly ParkedFirecracker[]): void;
   /** Stops accepting (sessions are the daemon's to stop). */
   close(): void;
 }
@@ -174,28 +187,89 @@ class Slot {
 
   /** A complete handshake: the VM is served by a session (or refused with a thrown code). */
   private accept(h: FirecrackerHandoff): void {
-    const { conn } = h;
-    const pid = conn.peer.pid;
-    const session = this.deps.runSession(
-      {
-        migrationId: this.config.migrationId,
-        regions: h.regions,
-        vmm: { kind: 'firecracker', pid, socket: this.config.socket, format: h.format },
-      },
-      h.uffd,
-      conn,
-      conn.peer,
-      this.deps.pageSource(this.config.pages, this.config.migrationId),
-    );
-    this.session = session;
-    this.current = { pid, format: h.format };
-    void session.done.then((stats) => this.ended(stats, conn));
+    this.serve(h.format, h.regions, h.uffd, h.conn);
   }
 
-  private ended(stats: SessionStats, conn: FirecrackerConnection): void {
+  /**
+   * A session a previous daemon parked on this socket: served again from where it stopped (its
+   * faults woken, so those that waited through the restart come back). Thrown: refused.
+   */
+  resume(p: ParkedFirecracker): void {
+    const conn = new FirecrackerConnection(p.conn, p.state.peer, p.pidfd);
+    try {
+      const refusal = this.deps.admit(p.state.peer);
+      if (refusal) throw refusal;
+      if (this.session) {
+        throw new ProtocolError('HANDOFF_SOCKET_BUSY', `${this.config.socket} already serves a VM`);
+      }
+      conn.follow(p.state.format);
+      this.serve(p.state.format, p.state.regions, p.uffd, conn, p.name);
+    } catch (err) {
+      // Nothing was started: the session's descriptors are closed here, none twice.
+      conn.release();
+      sys.close(p.uffd);
+      throw err;
+    }
+  }
+
+  private serve(
+    format: FirecrackerFormat,
+    regions: HandoffRegion[],
+    uffd: number,
+    conn: FirecrackerConnection,
+    parked?: string,
+  ): void {
+    const pid = conn.peer.pid;
+    const { migrationId, socket } = this.config;
+    const store = this.deps.parking;
+    const session = this.deps.runSession(
+      {
+        migrationId,
+        regions,
+        ...(parked ? { resume: true } : {}),
+        vmm: { kind: 'firecracker', pid, socket, format },
+      },
+      uffd,
+      conn,
+      conn.peer,
+      this.deps.pageSource(this.config.pages, migrationId),
+      {
+        ...(store
+          ? {
+              park: () => {
+                const { socket: fd, pidfd } = conn.descriptors();
+                // Without a pidfd a resumed session could not tell whether Firecracker lives.
+                if (pidfd < 0) return null;
+                const state = { kind: 'firecracker' as const, socket, migrationId, format };
+                return store.parkFirecracker(
+                  { ...state, regions, peer: conn.peer },
+                  uffd,
+                  pidfd,
+                  fd,
+                );
+              },
+              unpark: (name: string) => store.unpark(name),
+            }
+          : {}),
+        ...(parked ? { parked } : {}),
+      },
+    );
+    this.session = session;
+    this.current = { pid, format };
+    void session.done.then((stats) => this.ended(stats, conn, session.parked));
+  }
+
+  private ended(stats: SessionStats, conn: FirecrackerConnection, parked: boolean): void {
     const pid = conn.peer.pid;
     const at = new Date().toISOString();
-    if (stats.state === 'done') {
+    if (parked && stats.error?.code === 'DAEMON_STOPPING') {
+      // Not an end: the next daemon takes the VM over from the fd store.
+      this.deps.log.info('Firecracker VM left in the fd store for the next daemon', {
+        pid,
+        socket: this.config.socket,
+        migrationId: this.config.migrationId,
+      });
+    } else if (stats.state === 'done') {
       this.completed++;
       this.last = { outcome: 'complete', pid, at, elapsedMs: stats.elapsedMs };
     } else {
@@ -268,6 +342,33 @@ export async function startFirecrackerSockets(
   }
   return {
     status: () => slots.map((s) => s.status()),
+    resume: (parked) => {
+      for (const p of parked) {
+        const index = configs.findIndex((c) => c.socket === p.state.socket);
+        try {
+          if (index < 0) {
+            for (const fd of [p.uffd, p.conn, p.pidfd]) if (fd >= 0) sys.close(fd);
+            throw new ProtocolError(
+              'HANDOFF_INVALID',
+              `its Firecracker socket ${p.state.socket} is no longer configured`,
+            );
+          }
+          slots[index]!.resume(p); // closes its descriptors if it throws
+        } catch (err) {
+          const e = err as ProtocolError;
+          deps.log.error('Firecracker VM cannot be served', {
+            pid: p.state.peer.pid,
+            socket: p.state.socket,
+            migrationId: p.state.migrationId,
+            code: e.code,
+            message: `a parked session was not resumed: ${e.message}`,
+            remedy: 'its vCPUs stay blocked at their faults',
+          });
+          deps.metrics.vmUnserved(e.code ?? 'HANDOFF_INVALID', false);
+          deps.parking?.unpark(p.name);
+        }
+      }
+    },
     close: () => {
       for (const s of slots) s.close();
     },

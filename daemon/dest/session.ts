@@ -223,6 +223,11 @@ export class Session {
     );
   }
 
+  /** Its descriptors are in the fd store (a stopping daemon leaves them for the next one). */
+  get parked(): boolean {
+    return this.parkedName !== null;
+  }
+
   get state(): SessionState {
     return this.stateValue;
   }

@@ -40,14 +40,22 @@ export class FirecrackerConnection {
   private socketWatch: sys.FdWatch | null = null;
   private pidWatch: sys.FdWatch | null = null;
   private readonly scratch = Buffer.alloc(512);
-  private fdOpen = true;
+  private fdOpen: boolean;
 
   constructor(
+    /** Firecracker's socket, or -1 (a session resumed after Firecracker had closed it). */
     readonly fd: number,
     readonly peer: sys.PeerCred,
     /** A pidfd of the peer, or -1 (its pid is not visible here: liveness from EOF only). */
     private pidfd: number,
-  ) {}
+  ) {
+    this.fdOpen = fd >= 0;
+  }
+
+  /** What a parked session keeps: the socket while open (else -1), and the pidfd. */
+  descriptors(): { socket: number; pidfd: number } {
+    return { socket: this.fdOpen ? this.fd : -1, pidfd: this.pidfd };
+  }
 
   /**
    * Starts following Firecracker (after its handshake was read): its exit, by the pidfd; for a
@@ -61,6 +69,7 @@ export class FirecrackerConnection {
       );
     }
     const eofMeansGone = keepsSocketOpen(format) || this.pidfd < 0;
+    if (!this.fdOpen) return;
     this.socketWatch = sys.watchReadable(this.fd, () => {
       // Firecracker sends nothing after its handshake: drain whatever comes, up to EOF.
       for (;;) {

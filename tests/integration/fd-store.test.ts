@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { generateImage } from '../../scripts/image/gen-image.js';
 import { runVmSim } from '../../scripts/vm-sim/vm-sim.js';
 import { FakeSystemd } from '../../scripts/lib/fake-systemd.js';
+import { buildFcVmm, startFcVmm } from '../../scripts/fc-vmm/fc-vmm.js';
 import {
   destSessions,
   migrationState,
@@ -147,4 +148,57 @@ t.test('status and watchdog reach the service manager', async (t) => {
   const pings = (): number => systemd.messages.filter((m) => m['WATCHDOG'] === '1').length;
   await systemd.until(() => pings() >= 3);
   t.pass('WATCHDOG=1 keeps coming from the event loop');
+});
+
+t.test('a Firecracker restore outlives a dest upgrade, from the fd store', async (t) => {
+  // Firecracker never hands its uffd over again: the fd store is the only way its VM survives.
+  const systemd = new FakeSystemd(dir);
+  t.teardown(() => systemd.close());
+  const socket = join(dir, 'fc.sock');
+  const fcConfig = join(dir, 'dest-fc.json');
+  // The sweep waits 3 s at each start: the restart lands while pages are still missing.
+  writeFileSync(
+    fcConfig,
+    JSON.stringify({ backgroundDelayMs: 3000, firecracker: [{ socket, memFile: image }] }),
+  );
+  const first = await startDest(dir, ['--config', fcConfig], 'fc-0', { systemd });
+  daemons.push(first);
+  await buildFcVmm();
+  const fc = await startFcVmm({ socket, memFile: image, format: 'v1.12', vcpus: 2 });
+  fc.result.catch(() => undefined);
+  await fc.handshakeSent;
+
+  // Parked at the ack: the uffd, Firecracker's pidfd and socket, and the state.
+  await systemd.until(() => systemd.storedNames().length === 1);
+  const [name] = systemd.storedNames();
+  t.equal(systemd.store.length, 4, `${name}: four descriptors parked`);
+  const exited = new Promise<void>((r) => first.child.once('exit', () => r()));
+  first.child.kill('SIGTERM');
+  await exited;
+  t.same(systemd.storedNames(), [name], 'the session stays parked while no daemon runs');
+  t.ok(
+    logLines(first).some(
+      (l) => l['msg'] === 'Firecracker VM left in the fd store for the next daemon',
+    ),
+    'the old daemon said where the VM went',
+  );
+  t.equal(fc.child.exitCode, null, 'Firecracker still waits for pages (neither killed nor done)');
+
+  const second = await startDest(dir, ['--config', fcConfig], 'fc-1', {
+    systemd,
+    port: first.port,
+  });
+  daemons.push(second);
+  const r = await fc.result;
+  t.equal(r.exitCode, 0, `fc-vmm: ${r.outcome}`);
+  t.equal(r.mismatchCount, 0, 'no page mismatched');
+  t.equal(r.missingPages, 0, 'no page missing');
+  t.equal(r.pagesVerified, r.totalPages, `all ${r.totalPages} pages verified byte for byte`);
+  t.equal(r.unexpectedBytes, 0, 'nothing was written to Firecracker');
+  t.ok(
+    logLines(second).some((l) => l['msg'] === 'migration resumed from the fd store'),
+    'the new dest resumed the parked session',
+  );
+  await systemd.until(() => systemd.storedNames().length === 0);
+  t.pass('the finished session left the fd store');
 });
