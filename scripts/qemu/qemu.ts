@@ -26,9 +26,22 @@ import { createInterface } from 'node:readline';
 import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { connectQmp, type QmpClient } from '../../daemon/qemu/qmp.js';
-import { buildGuest, GUEST_CMDLINE } from './guest/build.js';
+import { aptInstall, buildGuest, GUEST_CMDLINE } from './guest/build.js';
 
 export const QEMU_BINARY = process.env['QEMU'] ?? 'qemu-system-x86_64';
+
+/** Whether `cmd` is on the PATH. */
+export function onPath(cmd: string): boolean {
+  return (process.env['PATH'] ?? '')
+    .split(':')
+    .some((dir) => dir !== '' && fs.existsSync(join(dir, cmd)));
+}
+
+/** Installs Debian's QEMU (qemu-system-x86) with apt-get if QEMU_BINARY is missing. */
+export function ensureQemu(): void {
+  if (QEMU_BINARY.includes('/') ? fs.existsSync(QEMU_BINARY) : onPath(QEMU_BINARY)) return;
+  aptInstall(['qemu-system-x86']);
+}
 
 /** Host wall clock, milliseconds with a sub-millisecond fraction (comparable with QMP stamps). */
 export function nowMs(): number {
