@@ -110,6 +110,8 @@ export interface TryOptions {
   log: (msg: string) => void;
   /** Every line as it comes: the guests' consoles and migrate's JSON lines. */
   onLine?: (who: 'src' | 'dst' | 'migrate', line: SerialLine) => void;
+  /** The arguments `yabusame migrate` runs with. */
+  onMigrate?: (argv: string[]) => void;
 }
 
 /** Quantile from a Prometheus histogram's cumulative buckets (linear inside a bucket). */
@@ -274,6 +276,7 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
       dstLog = new LogTail(logPath, 'dst');
       dstLog.on('line', (l) => o.onLine?.('dst', l));
     }
+    o.onMigrate?.(args);
     const nodeArgs = (process.env['YABUSAME_DAEMON_NODE_ARGS'] ?? '').split(' ').filter(Boolean);
     const migrate = spawn(process.execPath, ['--enable-source-maps', ...nodeArgs, CLI, ...args], {
       stdio: ['ignore', 'pipe', 'pipe'],
