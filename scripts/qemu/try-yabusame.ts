@@ -37,7 +37,15 @@ import { connectQmp } from '../../daemon/qemu/qmp.js';
 import { ChaosProxy } from '../chaos/proxy.js';
 import { CLI, secretFile, startDest, startSource, type Daemon } from '../lib/daemons.js';
 import { buildGuest, type GuestFiles } from './guest/build.js';
-import { summarizeFaults, UserFaultTrace, type FaultSummary } from './kfaults.js';
+import {
+  faultWaits,
+  mappingOf,
+  summarizeFaults,
+  threadsOf,
+  UserFaultTrace,
+  type FaultSummary,
+  type FaultWaits,
+} from './kfaults.js';
 import { guestView, type GuestView } from './measure.js';
 import { buildPreload } from './preload-build.js';
 import {
@@ -77,6 +85,8 @@ export interface YabusameRun {
   destRunning: boolean;
   /** The destination QEMU's user page faults on guest RAM (with kernelTrace). */
   kernelFaults: FaultSummary | null;
+  /** Each fault as the faulting thread waited for it, from the kernel (with kernelTrace). */
+  faultWaits: FaultWaits | null;
   destRestartedAfterMs: number | null;
   /** Page connections cut, and when (ms after RESUME). */
   cuts: { afterMs: number; connections: number } | null;
@@ -96,7 +106,10 @@ export interface TryOptions {
   workloadMiB: number;
   /** Who starts the destination QEMU: `yabusame migrate` (command) or this process (qmp). */
   dest: 'command' | 'qmp';
-  /** Trace the destination's page faults in the kernel (root, tracefs; dest: 'qmp'). */
+  /**
+   * Trace the destination's page faults and its threads' sleeps and wake-ups in the kernel
+   * (root, tracefs; dest: 'qmp').
+   */
   kernelTrace?: boolean;
   /** Kill the dest daemon this long after RESUME and start a new one on the same socket. */
   restartDestAfterMs?: number;
@@ -184,6 +197,9 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
   const followQmp = join(o.workDir, 'src-follow.qmp');
   const migrateQmp = join(o.workDir, 'src-migrate.qmp');
   const destMigrateQmp = join(o.workDir, 'dst-migrate.qmp');
+  // dest: 'qmp': QEMU listens here; migrate is given destMigrateQmp, a link made once this
+  // process is ready (its kernel trace running): migrate retries until it can connect.
+  const destMigrateQmpReal = join(o.workDir, 'dst-migrate.real.qmp');
   let src: Qemu | undefined;
   let dst: Qemu | undefined;
   let dstLog: LogTail | undefined;
@@ -197,7 +213,8 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
   let complete: Record<string, unknown> | null = null;
   let buckets: [number, number][] = [];
   let kernelFaults: FaultSummary | null = null;
-  let ktrace: { trace: UserFaultTrace; base: number } | null = null;
+  let ktrace: { trace: UserFaultTrace; base: number; startedAtMs: number } | null = null;
+  let waits: FaultWaits | null = null;
   let destRestartedAfterMs: number | null = null;
   let cuts: YabusameRun['cuts'] = null;
   let destRunning = false;
@@ -208,7 +225,7 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     name: 'dst',
     ramPath: dstRam,
     incoming: true,
-    extraQmp: [destMigrateQmp],
+    extraQmp: [o.dest === 'qmp' ? destMigrateQmpReal : destMigrateQmp],
   };
   try {
     const source = await startSource(o.workDir, o.sourceArgs ?? [], 'source', {
@@ -330,13 +347,15 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
       dst.on('line', (l) => o.onLine?.('dst', l));
       step('destination QEMU up (RAM handed to the dest daemon, ack received)');
       if (o.kernelTrace) {
-        const ack = dst.stderr.find((l) => l.text.includes('yabusame-preload: ack'));
-        const m = / serves (\d+) bytes at (0x[0-9a-f]+)/.exec(ack?.text ?? '');
-        if (!m)
-          throw new Error('kernel trace: no ack line from the preload to read the range from');
-        const base = Number(m[2]);
-        ktrace = { trace: UserFaultTrace.start(base, Number(m[1])), base };
+        const map = mappingOf(dst.proc.pid!, dstRam);
+        if (!map) throw new Error(`kernel trace: ${dstRam} is not mapped in the destination QEMU`);
+        ktrace = {
+          trace: UserFaultTrace.start(map.base, map.sizeBytes, threadsOf(dst.proc.pid!)),
+          base: map.base,
+          startedAtMs: nowMs(),
+        };
       }
+      fs.symlinkSync(destMigrateQmpReal, destMigrateQmp);
       const completeLine = new Promise<SerialLine>((resolve) => {
         const seen = dstVm.stderr.find((l) => l.text.includes('yabusame-preload: complete'));
         if (seen) resolve(seen);
@@ -407,7 +426,10 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     await dstConsole.waitLine(() => batches() >= n, 120_000, true);
     step(`${o.batchesAfter ?? 3} more workload batches on the destination`);
     if (ktrace) {
-      kernelFaults = summarizeFaults(ktrace.trace.stop(), ktrace.base, stopAtMs, resumeAtMs);
+      const faults = ktrace.trace.stop();
+      kernelFaults = summarizeFaults(faults, ktrace.base, stopAtMs, resumeAtMs);
+      // A trace that started after the STOP may have missed faults: no figure then.
+      if (ktrace.startedAtMs < stopAtMs) waits = faultWaits(faults, ktrace.trace.sched);
       ktrace = null;
     }
     // Whose QMP this is: the harness's own connection, or (command) the first socket, free.
@@ -470,6 +492,7 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     guest,
     destRunning,
     kernelFaults,
+    faultWaits: waits,
     destRestartedAfterMs,
     cuts,
     migrateLines,
@@ -542,6 +565,9 @@ export async function main(argv: string[]): Promise<number> {
             ? `  dest fault service: ${run.faultServiceMs.count} faults, p50 ${f(run.faultServiceMs.p50)} ms, p99 ${f(run.faultServiceMs.p99)} ms`
             : '',
           run.complete ? `  complete: ${JSON.stringify(run.complete)}` : '',
+          run.faultWaits
+            ? `  fault waits (kernel): ${run.faultWaits.waited} of ${run.faultWaits.faults} faults slept, p50 ${run.faultWaits.p50Ms.toFixed(3)} ms, p99 ${run.faultWaits.p99Ms.toFixed(3)} ms`
+            : '',
           run.kernelFaults
             ? `  kernel: ${run.kernelFaults.faults} user faults on ${run.kernelFaults.distinctPages} pages; ` +
               `by thread ${JSON.stringify(run.kernelFaults.byThread)}; before RESUME ` +
