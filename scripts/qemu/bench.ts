@@ -52,6 +52,13 @@ export interface Figures {
   /** The handler's own view: QEMU's trace, or the dest's histogram. */
   serviceP50Ms: number;
   serviceP99Ms: number;
+  /**
+   * Pages actually asked of the source, request → placed: QEMU's trace (postcopy_page_req_add →
+   * _del; faults on a page already on its way are not requests); yabusame: its fault service
+   * (every fault the dest reads is a request, unless the page is already present).
+   */
+  requestP50Ms: number;
+  requestP99Ms: number;
   /** QEMU's postcopy-blocktime (all vCPUs blocked), ms; NaN for yabusame. */
   blocktimeMs: number;
   guestMaxBatchMs: number;
@@ -71,6 +78,8 @@ function fromBaseline(r: BaselineRun): Figures {
     faultsWaited: r.faultWaits?.waited ?? NaN,
     serviceP50Ms: r.faults.p50Ms,
     serviceP99Ms: r.faults.p99Ms,
+    requestP50Ms: r.requests.p50Ms,
+    requestP99Ms: r.requests.p99Ms,
     blocktimeMs: r.blocktimeMs ?? NaN,
     guestMaxBatchMs: r.guest.maxBatchMs,
     guestErrors: r.guest.errors,
@@ -90,6 +99,8 @@ function fromYabusame(r: YabusameRun): Figures {
     faultsWaited: r.faultWaits?.waited ?? NaN,
     serviceP50Ms: r.faultServiceMs?.p50 ?? NaN,
     serviceP99Ms: r.faultServiceMs?.p99 ?? NaN,
+    requestP50Ms: r.faultServiceMs?.p50 ?? NaN,
+    requestP99Ms: r.faultServiceMs?.p99 ?? NaN,
     blocktimeMs: NaN,
     guestMaxBatchMs: r.guest.maxBatchMs,
     guestErrors: r.guest.errors,
@@ -109,6 +120,8 @@ function failedRun(mode: Mode, failure: string): Figures {
     faultsWaited: NaN,
     serviceP50Ms: NaN,
     serviceP99Ms: NaN,
+    requestP50Ms: NaN,
+    requestP99Ms: NaN,
     blocktimeMs: NaN,
     guestMaxBatchMs: NaN,
     guestErrors: NaN,
@@ -132,6 +145,8 @@ export interface Summary {
   faultsWaited: Stat;
   serviceP50Ms: Stat;
   serviceP99Ms: Stat;
+  requestP50Ms: Stat;
+  requestP99Ms: Stat;
   blocktimeMs: Stat;
   guestMaxBatchMs: Stat;
   guestErrors: number;
@@ -151,6 +166,8 @@ export function summarize(mode: Mode, runs: Figures[]): Summary {
     faultsWaited: s((r) => r.faultsWaited),
     serviceP50Ms: s((r) => r.serviceP50Ms),
     serviceP99Ms: s((r) => r.serviceP99Ms),
+    requestP50Ms: s((r) => r.requestP50Ms),
+    requestP99Ms: s((r) => r.requestP99Ms),
     blocktimeMs: s((r) => r.blocktimeMs),
     guestMaxBatchMs: s((r) => r.guestMaxBatchMs),
     guestErrors: runs.reduce((n, r) => n + (Number.isFinite(r.guestErrors) ? r.guestErrors : 1), 0),
@@ -174,6 +191,8 @@ export function table(summaries: Summary[]): string {
     ['faults waited on per run', (s) => fmt(s.faultsWaited)],
     ['fault service p50, ms (handler)', (s) => fmt(s.serviceP50Ms, 3)],
     ['fault service p99, ms (handler)', (s) => fmt(s.serviceP99Ms, 2)],
+    ['page request p50, ms (asked of the source)', (s) => fmt(s.requestP50Ms, 3)],
+    ['page request p99, ms (asked of the source)', (s) => fmt(s.requestP99Ms, 2)],
     ['QEMU postcopy-blocktime, ms', (s) => fmt(s.blocktimeMs)],
     ['guest: slowest batch after resume, ms', (s) => fmt(s.guestMaxBatchMs)],
     ['guest: verification errors / wrong pages', (s) => `${s.guestErrors} / ${s.wrongPages}`],
@@ -230,6 +249,21 @@ export function targets(by: Partial<Record<Mode, Summary>>): TargetCheck[] {
       by.preempt.faultWaitP99Ms.median,
       0.25,
     );
+    // The issue's own reading of "per-fault latency": QEMU's page requests (its trace) against
+    // the dest's fault service (its metrics). QEMU serves most faults from pages already on
+    // their way and never requests them; the kernel's fault wait above counts those too.
+    check(
+      'page request p50 ≤ 1/4 of post-copy-preempt (handlers’ view)',
+      y.requestP50Ms.median,
+      by.preempt.requestP50Ms.median,
+      0.25,
+    );
+    check(
+      'page request p99 ≤ 1/4 of post-copy-preempt (handlers’ view)',
+      y.requestP99Ms.median,
+      by.preempt.requestP99Ms.median,
+      0.25,
+    );
   }
   const qemuStall = Math.min(
     by.postcopy?.guestMaxBatchMs.median ?? Infinity,
@@ -255,7 +289,8 @@ const USAGE = `Usage: npm run bench:qemu -- [options]
   --modes LIST         postcopy,preempt,yabusame (default all three)
   --mem MiB            guest RAM (default 1024)
   --workload-mib N     memory the workload rewrites and verifies (default 512)
-  --json               one JSON document (every run, the summaries, the targets)
+  --json               one JSON document (every run, the summaries, the targets) on stdout;
+                       the table then goes to stderr
   --keep               keep the work folders
   -h, --help
 
@@ -348,39 +383,31 @@ export async function main(argv: string[]): Promise<number> {
     Record<Mode, Summary>
   >;
   const checks = targets(by);
+  const m = machineInfo();
+  const text =
+    `${m.cpuModel}, ${m.cores} cores, ${m.kernel}, node ${m.node}; guest ${memMiB} MiB, ` +
+    `workload ${workloadMiB} MiB, TCG\n\n${table(summaries)}\n\n` +
+    checks
+      .map(
+        (c) =>
+          `${c.met ? 'met    ' : 'MISSED '} ${c.target}` +
+          (Number.isFinite(c.ratio)
+            ? `: ${c.yabusame.toFixed(3)} vs ${c.reference.toFixed(3)} (×${c.ratio.toFixed(2)})`
+            : ''),
+      )
+      .join('\n') +
+    '\n';
   if (values.json) {
+    // The table too, on stderr: one run gives both.
+    process.stderr.write(`\n${text}`);
     process.stdout.write(
       `${JSON.stringify(
-        {
-          machine: machineInfo(),
-          memMiB,
-          workloadMiB,
-          summaries,
-          targets: checks,
-          figures: all,
-          runs: raw,
-        },
+        { machine: m, memMiB, workloadMiB, summaries, targets: checks, figures: all, runs: raw },
         null,
         2,
       )}\n`,
     );
-  } else {
-    const m = machineInfo();
-    process.stdout.write(
-      `${m.cpuModel}, ${m.cores} cores, ${m.kernel}, node ${m.node}; guest ${memMiB} MiB, ` +
-        `workload ${workloadMiB} MiB, TCG\n\n${table(summaries)}\n\n` +
-        checks
-          .map(
-            (c) =>
-              `${c.met ? 'met    ' : 'MISSED '} ${c.target}` +
-              (Number.isFinite(c.ratio)
-                ? `: ${c.yabusame.toFixed(3)} vs ${c.reference.toFixed(3)} (×${c.ratio.toFixed(2)})`
-                : ''),
-          )
-          .join('\n') +
-        '\n',
-    );
-  }
+  } else process.stdout.write(text);
   return summaries.every((s) => s.guestErrors === 0 && s.wrongPages === 0 && s.failed === 0)
     ? 0
     : 1;
