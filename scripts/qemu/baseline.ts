@@ -286,7 +286,15 @@ export function table(summaries: BaselineSummary[]): string {
     ['guest: slowest batch after resume, ms', (s) => fmt(s.guestMaxBatchMs)],
     ['guest: errors / MISMATCH lines', (s) => `${s.guestErrors} / ${s.mismatchLines}`],
   ];
-  const w0 = Math.max(...rows.map((r) => r[0].length));
+  return modeTable(rows, summaries);
+}
+
+/** One column per mode, one row per figure, right-aligned: the medians (ranges) of the runs. */
+export function modeTable<S extends { mode: string }>(
+  rows: [string, (s: S) => string][],
+  summaries: S[],
+): string {
+  const w0 = Math.max(...rows.map((r) => r[0].length), 'median (range)'.length);
   const cols = summaries.map((s) => Math.max(s.mode.length, ...rows.map((r) => r[1](s).length)));
   const line = (a: string, cells: string[]): string =>
     `${a.padEnd(w0)}  ${cells.map((c, i) => c.padStart(cols[i]!)).join('  ')}`;

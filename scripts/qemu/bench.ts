@@ -29,7 +29,7 @@ import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { machineInfo } from '../bench/machine.js';
 import { round, stat, type Stat } from '../bench/stats.js';
-import { runBaseline, type BaselineRun } from './baseline.js';
+import { modeTable, runBaseline, type BaselineRun } from './baseline.js';
 import { buildGuest } from './guest/build.js';
 import { buildPreload } from './preload-build.js';
 import { ensureQemu } from './qemu.js';
@@ -197,17 +197,7 @@ export function table(summaries: Summary[]): string {
     ['guest: slowest batch after resume, ms', (s) => fmt(s.guestMaxBatchMs)],
     ['guest: verification errors / wrong pages', (s) => `${s.guestErrors} / ${s.wrongPages}`],
   ];
-  const w0 = Math.max(...rows.map((r) => r[0].length), 'median (range)'.length);
-  const cols = summaries.map((s) => Math.max(s.mode.length, ...rows.map((r) => r[1](s).length)));
-  const line = (a: string, cells: string[]): string =>
-    `${a.padEnd(w0)}  ${cells.map((c, i) => c.padStart(cols[i]!)).join('  ')}`;
-  return [
-    line(
-      'median (range)',
-      summaries.map((s) => s.mode),
-    ),
-    ...rows.map(([name, f]) => line(name, summaries.map(f))),
-  ].join('\n');
+  return modeTable(rows, summaries);
 }
 
 export interface TargetCheck {

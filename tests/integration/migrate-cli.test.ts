@@ -107,6 +107,16 @@ const common = (src: FakeQemu): string[] => [
   source.ws,
 ];
 
+/** A migration `id` to a destination QEMU already started (`dst`), with the secret it was given. */
+const toStarted = (id: string, dst: FakeQemu, secretFile: string): string[] => [
+  '--id',
+  id,
+  '--dest-qmp',
+  dst.path,
+  '--secret-file',
+  secretFile,
+];
+
 async function migrations(): Promise<unknown[]> {
   const body = (await call({ socketPath: source.control }, 'GET', '/v1/migrations')) as {
     migrations: unknown[];
@@ -167,15 +177,7 @@ t.test('a destination that is not waiting for a migration: undone, source untouc
   const dst = await qemu(t, {});
   const secret = join(dir, 'secret');
   writeFileSync(secret, 'ab'.repeat(32), { mode: 0o600 });
-  const r = await migrate([
-    ...common(src),
-    '--id',
-    'vm-dest',
-    '--dest-qmp',
-    dst.path,
-    '--secret-file',
-    secret,
-  ]);
+  const r = await migrate([...common(src), ...toStarted('vm-dest', dst, secret)]);
   t.equal(r.code, 1);
   t.match(r.lines.at(-1), {
     event: 'error',
@@ -213,12 +215,7 @@ t.test('QEMU refusing to migrate: settings put back, migration unregistered', as
   writeFileSync(secret, 'cd'.repeat(32), { mode: 0o600 });
   const r = await migrate([
     ...common(src),
-    '--id',
-    'vm-refused',
-    '--dest-qmp',
-    dst.path,
-    '--secret-file',
-    secret,
+    ...toStarted('vm-refused', dst, secret),
     '--follow-qmp',
     join(dir, 'follow-absent.qmp'),
   ]);
@@ -227,15 +224,7 @@ t.test('QEMU refusing to migrate: settings put back, migration unregistered', as
   t.match(r.lines.at(-1), { step: 'register', code: 'QMP_CONNECT' });
   t.same(await migrations(), []);
 
-  const r2 = await migrate([
-    ...common(src),
-    '--id',
-    'vm-refused',
-    '--dest-qmp',
-    dst.path,
-    '--secret-file',
-    secret,
-  ]);
+  const r2 = await migrate([...common(src), ...toStarted('vm-refused', dst, secret)]);
   t.equal(r2.code, 1);
   t.match(r2.lines.at(-1), {
     event: 'error',
