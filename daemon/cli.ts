@@ -7,6 +7,7 @@ import * as sys from './linux/sys.js';
 import { UsageError } from './cli/common.js';
 import { runDest } from './cli/dest.js';
 import { runSource } from './cli/source.js';
+import { runMigrate } from './cli/migrate.js';
 import { runFreeze, runRegister, runStatus, runUnregister } from './cli/client.js';
 import { VERSION } from './cli/version.js';
 import { runInstall } from './cli/install.js';
@@ -23,6 +24,7 @@ Commands:
   register    register a migration with a source (prints its secret when generated)
   freeze      mark a migration frozen on a source (its VM stopped): requests are served
   unregister  abort a migration on a source and forget it
+  migrate     live-migrate a running QEMU through yabusame, every step in one command
   install     install the systemd units, sysusers/tmpfiles files and example configs
   demo        generate a 1 GiB image and migrate a simulated VM of it end to end (see README)
 
@@ -45,6 +47,8 @@ async function main(argv: string[]): Promise<void> {
       return runFreeze(rest);
     case 'unregister':
       return runUnregister(rest);
+    case 'migrate':
+      return runMigrate(rest);
     case 'install':
       return runInstall(rest);
     case 'demo': {

@@ -4,6 +4,7 @@
  * UNIX sockets (or a source's TCP control listener, with its bearer token).
  */
 import { readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { call, parse, str, UsageError, type Target } from './common.js';
 
 // `status` has a file of its own (status.ts, with its rendering in status-view.ts).
@@ -33,10 +34,13 @@ function sourceTarget(v: Record<string, unknown>): Target {
   return { socketPath: str(v['control']) ?? '/run/yabusame/source.sock' };
 }
 
-export const REGISTER_USAGE = `Usage: yabusame register --id ID --image PATH [--frozen] [--secret-file FILE] [control]
+export const REGISTER_USAGE = `Usage: yabusame register --id ID --image PATH [--frozen] [--secret-file FILE]
+                         [--qmp SOCKET] [control]
 
 Registers a migration with a source. Without --secret-file the source generates the secret and
-this prints it, once: give it to the destination's VMM (the handoff's "secret").
+this prints it, once: give it to the destination's VMM (the handoff's "secret"). With --qmp the
+source follows that QEMU's QMP socket (an absolute path) and marks the migration frozen when
+QEMU stops the VM for its migration.
 
 ${CONTROL_HELP}
 `;
@@ -50,6 +54,7 @@ export async function runRegister(args: string[]): Promise<void> {
       image: { type: 'string' },
       frozen: { type: 'boolean' },
       'secret-file': { type: 'string' },
+      qmp: { type: 'string' },
     },
     REGISTER_USAGE,
   );
@@ -62,6 +67,7 @@ export async function runRegister(args: string[]): Promise<void> {
     image,
     frozen: v['frozen'] === true,
     ...(secretFile ? { secret: readFileSync(secretFile, 'utf8').trim() } : {}),
+    ...(str(v['qmp']) ? { qmp: resolve(str(v['qmp'])!) } : {}),
   })) as { secret?: string; state: string };
   process.stdout.write(`${id}: ${body.state}\n`);
   if (body.secret) process.stdout.write(`secret ${body.secret}\n`);

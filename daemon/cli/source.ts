@@ -33,12 +33,18 @@ delete migrations.
 ${keysHelp(SOURCE_KEYS, [
   ['--config FILE', 'JSON config (keys as below, in camelCase, and "migrations")'],
   ['--check-config', 'check the configuration and the files it names, print it, exit'],
-  ['--migration SPEC', 'serve id=ID,image=PATH[,frozen][,secret-file=FILE] (repeatable)'],
+  [
+    '--migration SPEC',
+    'serve id=ID,image=PATH[,frozen][,secret-file=FILE][,qmp=SOCKET] (repeatable)',
+  ],
   ['-h, --help', 'this help'],
 ])}
 
 A --migration without a secret file gets a generated secret, printed once on stdout as
 "migration ID secret HEX": the VMM on the destination hands it to the dest with the uffd.
+With qmp=SOCKET the source follows that QEMU's QMP socket and marks the migration frozen when
+QEMU stops the VM for its migration (a VM an operator merely paused is not frozen; one that runs
+again after the freeze aborts the migration).
 
 Every option is also a config key and an environment variable: --image-root is imageRoot and
 YABUSAME_IMAGE_ROOT. A flag wins over the environment, which wins over the file.

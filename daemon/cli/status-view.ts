@@ -189,6 +189,11 @@ export function sourceModel(body: unknown, opts: ModelOptions): StatusModel {
       ? [`dest: demand ${yesNo('demand')}, background ${yesNo('background')}`]
       : [];
     if (state === 'registered') details.push('waiting for the freeze');
+    // A QEMU followed for the freeze (registered with qmp): a follow that failed is why a
+    // migration never froze, so its error is the row's.
+    const qmp = m['qmp'] === undefined ? null : obj(m['qmp']);
+    if (qmp && live) details.push(`QEMU's QMP: ${String(qmp['state'])}`);
+    const qmpError = qmp?.['error'] as StatusRow['error'];
     if (held > 0) details.push(`requests held ${held}`);
     details.push(
       `sent by demand ${num(pages['demand'])}, background ${num(pages['background'])} pages (zero runs ${num(pages['zero'])})`,
@@ -208,6 +213,7 @@ export function sourceModel(body: unknown, opts: ModelOptions): StatusModel {
         HELD: String(held),
       },
       ended: !live,
+      error: qmpError,
     };
     r.etaSeconds = state === 'frozen' ? eta(r) : null;
     return r;

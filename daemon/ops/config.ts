@@ -254,6 +254,11 @@ const MigrationSchema = z
     frozen: z.boolean().default(false),
     /** A file holding the migration's secret (hex); absent: one is generated and printed. */
     secretFile: z.string().min(1).optional(),
+    /**
+     * The source QEMU's QMP socket (a UNIX socket path): the source follows it and marks the
+     * migration frozen when QEMU stops the VM for its migration.
+     */
+    qmp: z.string().min(1).max(107).optional(),
   })
   .superRefine((m, ctx) => {
     const regions = m.regions ?? [];
@@ -751,7 +756,10 @@ export function loadDestConfig(input: ConfigInput = {}): DestConfig {
   });
 }
 
-/** Secret files named in a config file are relative to its folder (images, to imageRoot). */
+/**
+ * Secret files and QMP sockets named in a config file are relative to its folder (images, to
+ * imageRoot).
+ */
 export function loadSourceConfig(input: ConfigInput = {}): SourceConfig {
   return load(SourceConfigSchema, SOURCE_KEYS, input, (json, file) => {
     if (!Array.isArray(json['migrations'])) return;
@@ -761,13 +769,14 @@ export function loadSourceConfig(input: ConfigInput = {}): SourceConfig {
       const out: Record<string, unknown> = { ...m };
       if (typeof out['secretFile'] === 'string')
         out['secretFile'] = resolve(dir, out['secretFile']);
+      if (typeof out['qmp'] === 'string') out['qmp'] = resolve(dir, out['qmp']);
       return out;
     });
   });
 }
 
-/** The keys `--migration` accepts: id=ID,image=PATH[,frozen][,secret-file=FILE]. */
-const MIGRATION_SPEC_KEYS = new Set(['id', 'image', 'frozen', 'secret-file']);
+/** The keys `--migration` accepts: id=ID,image=PATH[,frozen][,secret-file=FILE][,qmp=PATH]. */
+const MIGRATION_SPEC_KEYS = new Set(['id', 'image', 'frozen', 'secret-file', 'qmp']);
 
 /** Parses one `--migration` value; unknown keys are errors (a typo must not pass silently). */
 export function parseMigrationSpec(spec: string): z.input<typeof MigrationSchema> {
@@ -778,7 +787,7 @@ export function parseMigrationSpec(spec: string): z.input<typeof MigrationSchema
     if (!MIGRATION_SPEC_KEYS.has(k)) {
       throw new ConfigError(
         'CONFIG_INVALID',
-        `--migration: unknown key "${k}" in "${spec}" (id=ID,image=PATH[,frozen][,secret-file=FILE])`,
+        `--migration: unknown key "${k}" in "${spec}" (id=ID,image=PATH[,frozen][,secret-file=FILE][,qmp=PATH])`,
       );
     }
     out[k] = eq < 0 ? true : part.slice(eq + 1);
@@ -789,11 +798,17 @@ export function parseMigrationSpec(spec: string): z.input<typeof MigrationSchema
   if (out['frozen'] !== undefined && out['frozen'] !== true) {
     throw new ConfigError('CONFIG_INVALID', `--migration: "frozen" takes no value, in "${spec}"`);
   }
+  for (const k of ['secret-file', 'qmp']) {
+    if (out[k] === true || out[k] === '') {
+      throw new ConfigError('CONFIG_INVALID', `--migration: "${k}" needs a path, in "${spec}"`);
+    }
+  }
   return {
     id: out['id'],
     image: out['image'],
     frozen: out['frozen'] === true,
     ...(typeof out['secret-file'] === 'string' ? { secretFile: resolve(out['secret-file']) } : {}),
+    ...(typeof out['qmp'] === 'string' ? { qmp: resolve(out['qmp']) } : {}),
   };
 }
 

@@ -4,7 +4,7 @@
  * TCP too, where every request needs `Authorization: Bearer <token>` (like QEMU's QMP, which is
  * a local socket, and libvirt's, which authorises local clients by their uid).
  *   GET    /v1/migrations              list
- *   POST   /v1/migrations              register {id, image, regions?, frozen?, secret?}
+ *   POST   /v1/migrations              register {id, image, regions?, frozen?, secret?, qmp?}
  *   GET    /v1/migrations/:id          status
  *   POST   /v1/migrations/:id/freeze   the VM stopped: serve pages
  *   DELETE /v1/migrations/:id          abort (releases the image) and forget
@@ -47,6 +47,13 @@ export const RegisterBody = z.strictObject({
   frozen: z.boolean().default(false),
   /** Hex, 16..64 bytes; generated (and returned once) when absent. */
   secret: z.string().optional(),
+  /** The source QEMU's QMP socket, an absolute path: followed for the freeze (qmp-follow.ts). */
+  qmp: z
+    .string()
+    .min(2)
+    .max(107)
+    .refine((p) => p.startsWith('/'), 'qmp: an absolute path to a UNIX socket')
+    .optional(),
 });
 
 const MAX_BODY_BYTES = 1024 * 1024;
@@ -146,9 +153,14 @@ export function controlApi(
           image: body.image,
           frozen: body.frozen,
           secret: body.secret,
+          qmp: body.qmp,
           regions: body.regions?.map((r) => ({ ...r, fileOffset: r.fileOffset ?? r.offset })),
         });
-        log.info('migration registered', { migrationId: body.id, image: body.image });
+        log.info('migration registered', {
+          migrationId: body.id,
+          image: body.image,
+          ...(body.qmp ? { qmp: body.qmp } : {}),
+        });
         return send(res, 201, {
           ...status,
           ...(generatedSecret ? { secret: generatedSecret } : {}),

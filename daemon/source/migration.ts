@@ -34,6 +34,7 @@ import { DemandServer } from './demand.js';
 import { SourceError } from './errors.js';
 import type { MemoryImage } from './image.js';
 import { PageWriter, type SpanStats } from './page-writer.js';
+import type { QmpFollowStatus } from './qmp-follow.js';
 import { SentMap } from './sent-map.js';
 import { SlabPool } from './slab-pool.js';
 
@@ -84,6 +85,14 @@ export interface MigrationStatus {
   /** When it was registered, and frozen (null until then), ms since the epoch. */
   registeredAt: number;
   frozenAt: number | null;
+  /** The source QEMU this migration follows for its freeze (registered with `qmp`). */
+  qmp?: QmpFollowStatus;
+}
+
+/** What follows the VM for this migration (qmp-follow.ts): shown in status, closed at the end. */
+export interface MigrationWatcher {
+  status(): QmpFollowStatus;
+  close(): void;
 }
 
 export type MigrationEvent = { type: MigrationState; id: string };
@@ -104,6 +113,7 @@ export class Migration {
   private frozenAt: number | null = null;
   /** Ends the per-migration series (complete, aborted, disposed). */
   private readonly untrackMetrics: () => void;
+  private watcher: MigrationWatcher | null = null;
 
   constructor(
     readonly id: string,
@@ -198,9 +208,15 @@ export class Migration {
     this.background.start();
   }
 
-  abort(): void {
+  abort(why?: string): void {
     this.transition('aborted');
-    this.shutdown('MIGRATION_ABORTED', `migration ${this.id} was aborted`);
+    this.shutdown('MIGRATION_ABORTED', `migration ${this.id} was aborted${why ? `: ${why}` : ''}`);
+  }
+
+  /** Shows `watcher` in status() and closes it when the migration ends. */
+  watch(watcher: MigrationWatcher): void {
+    this.watcher = watcher;
+    if (this.closedImage) watcher.close();
   }
 
   /** Resolves once the image is closed (never before complete, abort or dispose). */
@@ -236,6 +252,7 @@ export class Migration {
       pendingRequests: this.demand.pendingRequests,
       registeredAt: this.registeredAt,
       frozenAt: this.frozenAt,
+      ...(this.watcher ? { qmp: this.watcher.status() } : {}),
     };
   }
 
@@ -305,6 +322,7 @@ export class Migration {
   private shutdown(code: EndCode, message: string): void {
     if (this.closedImage) return;
     this.untrackMetrics();
+    this.watcher?.close();
     this.demand.clear();
     endChannel(this.channels[Channel.DEMAND], code, message);
     this.closedImage = this.background.release(code, message).then(() => this.image.close());

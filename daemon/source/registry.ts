@@ -13,6 +13,7 @@ import type { HelloAcceptance, HelloFrame } from '../transport/server.js';
 import type { SourceBulkThread } from './bulk.js';
 import { authenticate } from './auth.js';
 import { SourceError } from './errors.js';
+import { QmpFollower } from './qmp-follow.js';
 import { openImage, type ImageRegionSpec, type ImageRoot } from './image.js';
 import {
   Migration,
@@ -31,6 +32,11 @@ export interface RegisterRequest {
   frozen?: boolean | undefined;
   /** The migration's secret (hex, 16..64 bytes); generated when absent and auth is on. */
   secret?: string | undefined;
+  /**
+   * The source QEMU's QMP socket: followed, and the migration frozen when QEMU stops the VM for
+   * its migration (qmp-follow.ts).
+   */
+  qmp?: string | undefined;
 }
 
 export interface Registered {
@@ -105,6 +111,7 @@ export class MigrationRegistry {
     this.migrations.set(req.id, m);
     this.emit({ type: 'registered', id: req.id });
     if (req.frozen) m.freeze();
+    if (req.qmp !== undefined) this.follow(m, req.qmp);
     return { status: m.status(), ...(generatedSecret ? { generatedSecret } : {}) };
   }
 
@@ -164,6 +171,24 @@ export class MigrationRegistry {
   /** Releases every image (daemon shutdown); states are left as they are. */
   async dispose(): Promise<void> {
     await Promise.all([...this.migrations.values()].map((m) => m.dispose()));
+  }
+
+  /** Follows the source QEMU of `m` over QMP: freezes it on its migration's stop. */
+  private follow(m: Migration, path: string): void {
+    const log = this.log.child({ migrationId: m.id });
+    const follower = new QmpFollower(path, {
+      freeze: () => {
+        if (m.state === 'registered') m.freeze();
+      },
+      abort: (_code, message) => {
+        if (m.state === 'registered' || m.state === 'frozen') m.abort(message);
+      },
+      isFrozen: () => m.state !== 'registered',
+      error: (code) => this.metrics.error(code),
+      log,
+    });
+    m.watch(follower);
+    void follower.start();
   }
 
   private require(id: string): Migration {

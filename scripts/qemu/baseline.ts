@@ -34,6 +34,7 @@ import {
   type RequestLatencies,
   type GuestView,
 } from './measure.js';
+import { faultWaits, mappingOf, threadsOf, UserFaultTrace, type FaultWaits } from './kfaults.js';
 import {
   freePort,
   migrationCapabilities,
@@ -55,6 +56,8 @@ export interface BaselineOptions {
   batchesAfter?: number;
   /** Trace the destination's faults and placements (per-fault latency); default true. */
   trace?: boolean;
+  /** Also each fault as the faulting thread waited for it, from the kernel (kfaults.ts; root). */
+  kernelTrace?: boolean;
   log?: (msg: string) => void;
 }
 
@@ -75,6 +78,8 @@ export interface BaselineRun {
   faults: FaultLatencies;
   /** The page requests sent to the source, request → placement. */
   requests: RequestLatencies;
+  /** Each fault as the faulting thread waited for it, from the kernel (with kernelTrace). */
+  faultWaits: FaultWaits | null;
   guest: GuestView;
   /** Threads of the destination QEMU by tid: name (to read `faults.byThread`). */
   destThreads: Record<string, string>;
@@ -103,6 +108,7 @@ export async function runBaseline(o: BaselineOptions): Promise<BaselineRun> {
   };
   let src: Qemu | undefined;
   let dst: Qemu | undefined;
+  let stopTrace: (() => void) | null = null;
   try {
     src = await Qemu.start({ ...common, name: 'src', ramPath: srcRam });
     const srcEvents = new EventLog(src.qmp);
@@ -120,6 +126,13 @@ export async function runBaseline(o: BaselineOptions): Promise<BaselineRun> {
       traceEvents: o.trace === false ? [] : DEST_TRACE,
     });
     const dstEvents = new EventLog(dst.qmp);
+    let ktrace: UserFaultTrace | null = null;
+    if (o.kernelTrace) {
+      const map = mappingOf(dst.proc.pid!, dstRam);
+      if (!map) throw new Error(`kernel trace: ${dstRam} is not mapped in the destination QEMU`);
+      ktrace = UserFaultTrace.start(map.base, map.sizeBytes, threadsOf(dst.proc.pid!));
+      stopTrace = () => ktrace?.stop();
+    }
     const capabilities = await migrationCapabilities(src);
     const wanted = [
       'events',
@@ -170,6 +183,12 @@ export async function runBaseline(o: BaselineOptions): Promise<BaselineRun> {
     const nAfter = dst.batches().length + (o.batchesAfter ?? 3);
     await dst.waitLine(() => dst!.batches().length >= nAfter, 60_000);
     const guest = guestView(src, dst);
+    let waits: FaultWaits | null = null;
+    if (ktrace) {
+      const faults = ktrace.stop();
+      waits = faultWaits(faults, ktrace.sched);
+      ktrace = null;
+    }
     const trace = parseTrace(dst.tracePath);
     const requests = qemuRequestLatencies(trace);
     const faults = qemuFaultLatencies(trace, 4096, (tid) =>
@@ -187,11 +206,17 @@ export async function runBaseline(o: BaselineOptions): Promise<BaselineRun> {
       vcpuBlocktimeMs: info['postcopy-vcpu-blocktime'] ?? null,
       faults,
       requests,
+      faultWaits: waits,
       guest,
       destThreads: Object.fromEntries([...names].map(([k, v]) => [String(k), v])),
       capabilities,
     };
   } finally {
+    try {
+      stopTrace?.();
+    } catch {
+      // stopped already
+    }
     await Promise.all([src?.stop(), dst?.stop()]);
     fs.rmSync(srcRam, { force: true });
     fs.rmSync(dstRam, { force: true });
@@ -261,7 +286,15 @@ export function table(summaries: BaselineSummary[]): string {
     ['guest: slowest batch after resume, ms', (s) => fmt(s.guestMaxBatchMs)],
     ['guest: errors / MISMATCH lines', (s) => `${s.guestErrors} / ${s.mismatchLines}`],
   ];
-  const w0 = Math.max(...rows.map((r) => r[0].length));
+  return modeTable(rows, summaries);
+}
+
+/** One column per mode, one row per figure, right-aligned: the medians (ranges) of the runs. */
+export function modeTable<S extends { mode: string }>(
+  rows: [string, (s: S) => string][],
+  summaries: S[],
+): string {
+  const w0 = Math.max(...rows.map((r) => r[0].length), 'median (range)'.length);
   const cols = summaries.map((s) => Math.max(s.mode.length, ...rows.map((r) => r[1](s).length)));
   const line = (a: string, cells: string[]): string =>
     `${a.padEnd(w0)}  ${cells.map((c, i) => c.padStart(cols[i]!)).join('  ')}`;

@@ -5,7 +5,7 @@
  */
 import * as fs from 'node:fs';
 import type { QmpClient, QmpEvent } from '../../daemon/qemu/qmp.js';
-import type { BatchLine, Qemu, SerialLine } from './qemu.js';
+import { parseBatch, type BatchLine, type SerialLine } from './qemu.js';
 
 /** The p-th percentile (0..100) by nearest rank; NaN for no values. */
 export function percentile(values: number[], p: number): number {
@@ -198,9 +198,14 @@ export interface GuestView {
   mismatchLines: string[];
 }
 
-export function guestView(src: Qemu, dst: Qemu): GuestView {
-  const after: BatchLine[] = dst.batches();
-  const mismatch = (lines: SerialLine[]): string[] =>
+/** A guest's console: a Qemu's serial lines, or a LogTail of a QEMU's log file. */
+export interface Console {
+  readonly lines: readonly SerialLine[];
+}
+
+export function guestView(src: Console, dst: Console): GuestView {
+  const after = dst.lines.map(parseBatch).filter((b): b is BatchLine => b !== null);
+  const mismatch = (lines: readonly SerialLine[]): string[] =>
     lines.filter((l) => l.text.includes('MISMATCH')).map((l) => l.text);
   return {
     batches: after.length,

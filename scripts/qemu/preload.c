@@ -22,7 +22,10 @@
  *   YABUSAME_MIGRATION_ID  the migration id at the source, required
  *   YABUSAME_SOURCE        ws:// URL of `yabusame source`, required
  *   YABUSAME_SECRET        optional hex; sent as "secret" in the handoff line
- *   YABUSAME_ACK_TIMEOUT_MS  how long to wait for `ack`, default 30000
+ *   YABUSAME_ACK_TIMEOUT_MS  how long to wait for `ack`, default 30000; until then a handoff the
+ *                          daemon refuses as "not yet" (UNKNOWN_MIGRATION: the migration is
+ *                          registered with the source after this QEMU started; SOURCE_UNREACHABLE,
+ *                          HANDOFF_BUSY) or a daemon not listening yet is retried
  *   YABUSAME_EVENT_REMOVE  "1": also ask for UFFD_FEATURE_EVENT_REMOVE (the guest's discards
  *                          then reach the daemon; the madvising thread waits for it to read them)
  *
@@ -234,8 +237,10 @@ static int send_handoff(int resume, char *why, size_t why_cap) {
   struct sockaddr_un sa = {.sun_family = AF_UNIX};
   strcpy(sa.sun_path, cfg.socket_path);
   if (connect(s, (struct sockaddr *)&sa, sizeof sa) < 0) {
-    snprintf(why, why_cap, "connect %s: %s", cfg.socket_path, strerror(errno));
+    int e = errno;
+    snprintf(why, why_cap, "connect %s: %s", cfg.socket_path, strerror(e));
     close(s);
+    errno = e; /* the caller tells "no daemon yet" (ENOENT, ECONNREFUSED) from the rest */
     return -1;
   }
   union {
@@ -342,15 +347,39 @@ static int line_is(const char *line, const char *type) {
   return strstr(line, want) != NULL;
 }
 
-/* Waits for the first reply line: 1 for `ack`, 0 otherwise with `why` filled. */
-static int wait_ack(struct reader *r, char *why, size_t why_cap) {
+/* The `code` of an error reply line, or "" (for retry decisions; the line is logged whole). */
+static void reply_code(const char *line, char *code, size_t cap) {
+  code[0] = '\0';
+  const char *at = strstr(line, "\"code\":\"");
+  if (at == NULL) return;
+  at += strlen("\"code\":\"");
+  size_t n = 0;
+  while (at[n] != '\0' && at[n] != '"' && n + 1 < cap) n++;
+  memcpy(code, at, n);
+  code[n] = '\0';
+}
+
+/* Waits for the first reply line: 1 for `ack`, 0 otherwise with `why` filled (and `code` with
+ * the refusal's code, if there was one). */
+static int wait_ack(struct reader *r, int timeout_ms, char *why, size_t why_cap, char *code,
+                    size_t code_cap) {
   char line[MAX_LINE];
-  int got = read_line(r, line, sizeof line, cfg.ack_timeout_ms, why, why_cap);
+  code[0] = '\0';
+  int got = read_line(r, line, sizeof line, timeout_ms, why, why_cap);
   if (got == 0) snprintf(why, why_cap, "the daemon closed the connection before ack");
   if (got <= 0) return 0;
   if (line_is(line, "ack")) return 1;
+  reply_code(line, code, code_cap);
   snprintf(why, why_cap, "the daemon refused the handoff: %.900s", line);
   return 0;
+}
+
+/* Refusals that say "not yet": the orchestrator registers the migration with the source (or
+ * starts a daemon) after this QEMU started. Retried until YABUSAME_ACK_TIMEOUT_MS runs out;
+ * any other refusal ends QEMU at once. */
+static int retryable(const char *code) {
+  return strcmp(code, "UNKNOWN_MIGRATION") == 0 || strcmp(code, "SOURCE_UNREACHABLE") == 0 ||
+         strcmp(code, "HANDOFF_BUSY") == 0;
 }
 
 static struct reader conn = {.fd = -1};
@@ -387,7 +416,8 @@ static void *reply_thread(void *arg) {
       }
       conn.fd = s;
       conn.len = 0;
-      if (wait_ack(&conn, why, sizeof why)) {
+      char code[80];
+      if (wait_ack(&conn, cfg.ack_timeout_ms, why, sizeof why, code, sizeof code)) {
         note("resume: ack");
         backoff_ms = 100;
         break;
@@ -428,15 +458,35 @@ static void hand_over(void *addr, size_t len, int fd, off_t off) {
   if (!(reg.ioctls & (1ull << _UFFDIO_COPY))) die("UFFDIO_REGISTER: no UFFDIO_COPY on the range");
   region.uffd = uffd;
 
-  char why[1024];
-  int s = send_handoff(0, why, sizeof why);
-  if (s < 0) die("handoff to %s: %s", cfg.socket_path, why);
-  conn.fd = s;
-  conn.len = 0;
-  int64_t t0 = now_ms();
-  if (!wait_ack(&conn, why, sizeof why)) die("handoff to %s: %s", cfg.socket_path, why);
-  note("ack after %lld ms: uffd %d serves %zu bytes at %p (file offset %lld, %llu-byte pages)",
-       (long long)(now_ms() - t0), uffd, len, addr, (long long)off,
+  char why[1024], code[80];
+  int64_t t0 = now_ms(), deadline = t0 + cfg.ack_timeout_ms;
+  int delay_ms = 50, tries = 0;
+  for (;;) {
+    tries++;
+    int left = (int)(deadline - now_ms());
+    int s = left > 0 ? send_handoff(0, why, sizeof why) : -1;
+    /* A daemon not listening yet (ENOENT, ECONNREFUSED) is "not yet" too. */
+    int not_yet = s < 0 && (errno == ENOENT || errno == ECONNREFUSED);
+    if (s >= 0) {
+      conn.fd = s;
+      conn.len = 0;
+      if (wait_ack(&conn, left, why, sizeof why, code, sizeof code)) break;
+      close(s);
+      conn.fd = -1;
+      not_yet = retryable(code);
+    }
+    if (left <= 0 || !not_yet || now_ms() + delay_ms >= deadline) {
+      die("handoff to %s: %s%s", cfg.socket_path, left > 0 ? why : "no ack",
+          tries > 1 ? " (retried until YABUSAME_ACK_TIMEOUT_MS ran out)" : "");
+    }
+    if (tries == 1) note("handoff: %s; retrying until it is accepted", why);
+    struct timespec ts = {.tv_sec = delay_ms / 1000, .tv_nsec = (delay_ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+    if (delay_ms < 1000) delay_ms *= 2;
+  }
+  note("ack after %lld ms (%d tries): uffd %d serves %zu bytes at %p (file offset %lld, "
+       "%llu-byte pages)",
+       (long long)(now_ms() - t0), tries, uffd, len, addr, (long long)off,
        (unsigned long long)region.page_size_bytes);
   pthread_t th;
   int err = pthread_create(&th, NULL, reply_thread, NULL);

@@ -26,9 +26,22 @@ import { createInterface } from 'node:readline';
 import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { connectQmp, type QmpClient } from '../../daemon/qemu/qmp.js';
-import { buildGuest, GUEST_CMDLINE } from './guest/build.js';
+import { aptInstall, buildGuest, GUEST_CMDLINE } from './guest/build.js';
 
 export const QEMU_BINARY = process.env['QEMU'] ?? 'qemu-system-x86_64';
+
+/** Whether `cmd` is on the PATH. */
+export function onPath(cmd: string): boolean {
+  return (process.env['PATH'] ?? '')
+    .split(':')
+    .some((dir) => dir !== '' && fs.existsSync(join(dir, cmd)));
+}
+
+/** Installs Debian's QEMU (qemu-system-x86) with apt-get if QEMU_BINARY is missing. */
+export function ensureQemu(): void {
+  if (QEMU_BINARY.includes('/') ? fs.existsSync(QEMU_BINARY) : onPath(QEMU_BINARY)) return;
+  aptInstall(['qemu-system-x86']);
+}
 
 /** Host wall clock, milliseconds with a sub-millisecond fraction (comparable with QMP stamps). */
 export function nowMs(): number {
@@ -58,6 +71,11 @@ export interface QemuOptions {
   qmpTimeoutMs?: number;
   /** Extra environment (LD_PRELOAD and its settings on a yabusame destination). */
   env?: Record<string, string>;
+  /**
+   * More QMP sockets (`-qmp unix:PATH`), for other clients: QMP serves one client per socket,
+   * and this class keeps the first (`<workDir>/<name>.qmp`) for itself.
+   */
+  extraQmp?: string[];
 }
 
 export interface SerialLine {
@@ -126,6 +144,7 @@ export function qemuArgs(o: QemuOptions, qmpPath: string, tracePath: string): st
     '-D',
     tracePath,
   ];
+  for (const p of o.extraQmp ?? []) args.push('-qmp', `unix:${p},server=on,wait=off`);
   for (const ev of o.traceEvents ?? []) args.push('-trace', `enable=${ev}`);
   if (o.incoming) args.push('-incoming', 'defer');
   return args;
@@ -250,32 +269,7 @@ export class Qemu extends EventEmitter<{
     timeoutMs: number,
     past = false,
   ): Promise<SerialLine> {
-    if (past) {
-      const seen = this.lines.find(match);
-      if (seen) return Promise.resolve(seen);
-    }
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        done();
-        reject(new Error(`${this.options.name}: no matching serial line within ${timeoutMs} ms`));
-      }, timeoutMs);
-      const onLine = (l: SerialLine): void => {
-        if (!match(l)) return;
-        done();
-        resolve(l);
-      };
-      const onExit = (code: number | null): void => {
-        done();
-        reject(new Error(`${this.options.name}: QEMU exited (${code}) while waiting for a line`));
-      };
-      const done = (): void => {
-        clearTimeout(timer);
-        this.off('line', onLine);
-        this.off('exit', onExit);
-      };
-      this.on('line', onLine);
-      this.on('exit', onExit);
-    });
+    return waitForLine(this, this.lines, this.options.name, match, timeoutMs, past);
   }
 
   /** Waits for the workload's first batch line; resolves with it. */
@@ -293,6 +287,117 @@ export class Qemu extends EventEmitter<{
       clearTimeout(timer);
     }
     await this.qmp.close();
+  }
+}
+
+/**
+ * The first line of `source` (from now, or already in `seen` if `past`) that `match` accepts;
+ * rejects after `timeoutMs`, or when the source emits `exit`.
+ */
+export function waitForLine(
+  source: {
+    on(ev: 'line', l: (line: SerialLine) => void): unknown;
+    on(ev: 'exit', l: (code: number | null) => void): unknown;
+    off(ev: 'line', l: (line: SerialLine) => void): unknown;
+    off(ev: 'exit', l: (code: number | null) => void): unknown;
+  },
+  seen: readonly SerialLine[],
+  name: string,
+  match: (l: SerialLine) => boolean,
+  timeoutMs: number,
+  past = false,
+): Promise<SerialLine> {
+  if (past) {
+    const found = seen.find(match);
+    if (found) return Promise.resolve(found);
+  }
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      done();
+      reject(new Error(`${name}: no matching line within ${timeoutMs} ms`));
+    }, timeoutMs);
+    const onLine = (l: SerialLine): void => {
+      if (!match(l)) return;
+      done();
+      resolve(l);
+    };
+    const onExit = (code: number | null): void => {
+      done();
+      reject(new Error(`${name}: QEMU exited (${code}) while waiting for a line`));
+    };
+    const done = (): void => {
+      clearTimeout(timer);
+      source.off('line', onLine);
+      source.off('exit', onExit);
+    };
+    source.on('line', onLine);
+    source.on('exit', onExit);
+  });
+}
+
+/**
+ * The lines of a log file another process writes (a QEMU that `yabusame migrate` started, whose
+ * stdout and stderr go to `--dest-log`), read as they come: the guest's serial console and
+ * QEMU's (and the preload's) messages together, each stamped when this process read it.
+ */
+export class LogTail extends EventEmitter<{ line: [SerialLine]; exit: [number | null] }> {
+  readonly lines: SerialLine[] = [];
+  private offset = 0;
+  private partial = '';
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    readonly path: string,
+    readonly name: string,
+    pollMs = 50,
+  ) {
+    super();
+    this.timer = setInterval(() => this.poll(), pollMs);
+  }
+
+  /** The workload's lines seen so far. */
+  batches(): BatchLine[] {
+    return this.lines.map(parseBatch).filter((b): b is BatchLine => b !== null);
+  }
+
+  waitLine(
+    match: (l: SerialLine) => boolean,
+    timeoutMs: number,
+    past = false,
+  ): Promise<SerialLine> {
+    return waitForLine(this, this.lines, this.name, match, timeoutMs, past);
+  }
+
+  /** Reads what is left and stops. */
+  close(): void {
+    clearInterval(this.timer);
+    this.poll();
+  }
+
+  private poll(): void {
+    let fd: number;
+    try {
+      fd = fs.openSync(this.path, 'r');
+    } catch {
+      return; // not created yet
+    }
+    try {
+      const size = fs.fstatSync(fd).size;
+      if (size <= this.offset) return;
+      const buf = Buffer.alloc(size - this.offset);
+      fs.readSync(fd, buf, 0, buf.length, this.offset);
+      this.offset = size;
+      const parts = (this.partial + buf.toString('utf8')).split('\n');
+      this.partial = parts.pop()!;
+      const atMs = nowMs();
+      for (const text of parts) {
+        const line = { atMs, text: text.replace(/\r$/, '') };
+        this.lines.push(line);
+        this.emit('line', line);
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
   }
 }
 

@@ -1,110 +1,63 @@
 /**
- * A first migration of a real, stock QEMU VM through yabusame, end to end on loopback.
+ * A live migration of a real, stock QEMU VM through yabusame, end to end on loopback, driven
+ * by `yabusame migrate` and measured: what the demo, the end-to-end test and the bench run.
  *
- *  1. `yabusame source --listen 127.0.0.1:PORT` and `yabusame dest --socket … --metrics-listen off`
- *     (`node bin/yabusame.js`), their JSON logs kept with the host time of each line.
- *  2. The source QEMU boots the test guest (TCG, `-m 1G`, the workload on 512 MiB); once the
- *     workload runs, its RAM file is registered with the page server
- *     (`POST /v1/migrations {"id","image","frozen":false}`).
- *  3. The destination QEMU starts with `-incoming defer` and the preload library: its RAM
- *     mapping is handed to the dest daemon before QEMU goes on (the handoff's `ack`).
- *  4. `x-ignore-shared` on both sides, so QEMU's own stream carries device state only; then
- *     `migrate`. When QEMU's STOP event arrives, `POST /v1/migrations/ID/freeze`: the page
- *     server answers requests only after it (the destination's main thread reads a few guest
- *     pages while loading device state, after the source stopped).
- *  5. Measured as in baseline.ts: STOP → RESUME, STOP → all RAM present (the dest's `complete`,
- *     as the preload logs it), the guest's slowest batch after resume, its verification lines,
- *     and how long each step took. With `--metrics`, the dest serves metrics and the fault
- *     service time comes from its histogram.
+ *  1. `yabusame source` (images beneath /dev/shm, where QEMU's RAM files are) and `yabusame
+ *     dest` (scripts/lib/daemons.ts: control sockets in the work folder, metrics on loopback).
+ *     With `cutAfterMs`, a ChaosProxy (scripts/chaos/proxy.ts) stands between the dest and the
+ *     source's page port.
+ *  2. The source QEMU boots the test guest (TCG), with two more QMP sockets: one that the source
+ *     daemon follows for the freeze, one for `yabusame migrate`.
+ *  3. `yabusame migrate --json` does the rest. The destination QEMU is either started by it
+ *     (`dest: 'command'`: its command line after `--`, its output in a log file read here), or
+ *     started here with the preload and a secret file (`dest: 'qmp'`: this process keeps its
+ *     serial console and stderr with their arrival times; it waits in the preload until
+ *     migrate registers the migration).
+ *  4. Measured: source STOP → destination RESUME (QMP event times), STOP → all RAM present
+ *     (the preload's `complete` line when this process reads QEMU's stderr, else migrate's
+ *     figure), the guest's slowest batch after resume and its verification, the dest's fault
+ *     service time from its metrics, and optionally the destination's page faults as the
+ *     kernel sees them.
  *
- * With `--kernel-trace`, the destination's page faults on guest RAM are recorded from the kernel
- * (kfaults.ts: which threads, when, before or after RESUME). With `--restart-dest-after-ms MS`
- * the dest daemon is killed (SIGKILL) that long after RESUME and a new one started on the same
- * socket: the preload hands the uffd over again with "resume":true.
+ * With `restartDestAfterMs` the dest daemon is killed (SIGKILL) that long after RESUME and a new
+ * one started on the same socket: the preload hands the uffd over again with "resume":true.
+ * With `cutAfterMs` every page connection is cut that long after RESUME; the dest reconnects.
  *
- * CLI: node dist/scripts/qemu/try-yabusame.js [--mem 1024] [--workload-mib 512] [--metrics]
- *      [--kernel-trace] [--stop-first] [--restart-dest-after-ms MS] [--runs 1] [--json] [--keep]
- *
- * `--stop-first` stops the source VM before registering its image and starting the destination:
- * today's page server scans the image's holes once, at registration (before STOP in the flow
- * above, since the destination's handoff needs the migration), and serves pages that were holes
- * then as zeros even if the guest wrote them before it stopped. (fallocate would not help:
- * SEEK_DATA still reports tmpfs pages that were allocated but never written as holes.)
+ * CLI: node dist/scripts/qemu/try-yabusame.js [--mem 1024] [--workload-mib 512] [--runs 1]
+ *      [--dest command|qmp] [--kernel-trace] [--restart-dest-after-ms MS] [--cut-after-ms MS]
+ *      [--json] [--keep]
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
+import { connectQmp } from '../../daemon/qemu/qmp.js';
+import { ChaosProxy } from '../chaos/proxy.js';
+import { CLI, secretFile, startDest, startSource, type Daemon } from '../lib/daemons.js';
 import { buildGuest, type GuestFiles } from './guest/build.js';
-import { summarizeFaults, UserFaultTrace, type FaultSummary } from './kfaults.js';
+import {
+  faultWaits,
+  mappingOf,
+  summarizeFaults,
+  threadsOf,
+  UserFaultTrace,
+  type FaultSummary,
+  type FaultWaits,
+} from './kfaults.js';
 import { guestView, type GuestView } from './measure.js';
 import { buildPreload } from './preload-build.js';
-import { requestJson } from '../../daemon/cli/common.js';
-import { freePort, nowMs, Qemu, setCapabilities, shmRamPath, type SerialLine } from './qemu.js';
-
-const BIN = fileURLToPath(new URL('../../../bin/yabusame.js', import.meta.url));
-
-interface Daemon {
-  name: string;
-  child: ChildProcess;
-  lines: SerialLine[];
-  logPath: string;
-}
-
-function startDaemon(name: string, args: string[], workDir: string): Daemon {
-  const logPath = join(workDir, `${name}.log`);
-  const out = fs.createWriteStream(logPath);
-  // bin/yabusame.js's shebang sets these; `node bin/yabusame.js` does not read a shebang.
-  const child = spawn(process.execPath, ['--max-semi-space-size=1', BIN, ...args], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, MALLOC_ARENA_MAX: '2' },
-  });
-  const lines: SerialLine[] = [];
-  for (const stream of [child.stdout!, child.stderr!]) {
-    createInterface({ input: stream }).on('line', (text) => {
-      lines.push({ atMs: nowMs(), text });
-      out.write(`${text}\n`);
-    });
-  }
-  process.on('exit', () => child.kill('SIGKILL'));
-  return { name, child, lines, logPath };
-}
-
-async function stopDaemon(d: Daemon): Promise<void> {
-  if (d.child.exitCode !== null || d.child.signalCode !== null) return;
-  const exited = new Promise<void>((r) => d.child.once('exit', () => r()));
-  d.child.kill('SIGTERM');
-  const timer = setTimeout(() => d.child.kill('SIGKILL'), 5000);
-  await exited;
-  clearTimeout(timer);
-}
-
-async function until<T>(
-  what: string,
-  timeoutMs: number,
-  probe: () => Promise<T | undefined>,
-): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await probe().catch(() => undefined);
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`${what}: not within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
-/** A control API request over a daemon's UNIX socket. */
-async function http(
-  method: string,
-  socketPath: string,
-  path: string,
-  body?: unknown,
-): Promise<{ status: number; json: unknown }> {
-  const res = await requestJson({ socketPath }, method, path, body);
-  return { status: res.status, json: res.body };
-}
+import {
+  LogTail,
+  nowMs,
+  Qemu,
+  QEMU_BINARY,
+  qemuArgs,
+  shmRamPath,
+  type QemuOptions,
+  type SerialLine,
+} from './qemu.js';
 
 export interface Step {
   step: string;
@@ -115,21 +68,30 @@ export interface YabusameRun {
   ok: boolean;
   /** What failed, if anything: the first error seen, with codes. */
   failure: string | null;
+  /** `yabusame migrate`'s exit code. */
+  migrateExit: number | null;
   steps: Step[];
   stopToResumeMs: number;
-  /** STOP event → the page server confirmed the freeze, ms. */
-  stopToFrozenMs: number;
-  /** STOP → the dest's `complete` reached the preload (all RAM present), ms. */
+  /** STOP → all RAM present, ms (the preload's `complete` line, or migrate's own figure). */
   stopToCompleteMs: number;
-  /** The `complete` reply line, parsed. */
+  /** migrate's own STOP → complete (it polls the source: at its --interval's resolution). */
+  migrateStopToCompleteMs: number;
+  /** The `complete` reply line the preload printed, parsed (dest: 'qmp'). */
   complete: Record<string, unknown> | null;
-  /** The dest's fault service time from its metrics (with --metrics). */
+  /** The dest's fault service time from its metrics (the last dest's, after a restart). */
   faultServiceMs: { count: number; p50: number; p99: number } | null;
   guest: GuestView;
-  /** The destination QEMU's user page faults on guest RAM (with --kernel-trace). */
+  /** The destination QEMU reached `running` (query-status after the migration). */
+  destRunning: boolean;
+  /** The destination QEMU's user page faults on guest RAM (with kernelTrace). */
   kernelFaults: FaultSummary | null;
-  /** The dest daemon was killed and restarted this long after RESUME (--restart-dest-after-ms). */
+  /** Each fault as the faulting thread waited for it, from the kernel (with kernelTrace). */
+  faultWaits: FaultWaits | null;
   destRestartedAfterMs: number | null;
+  /** Page connections cut, and when (ms after RESUME). */
+  cuts: { afterMs: number; connections: number } | null;
+  /** Lines `yabusame migrate` printed (JSON). */
+  migrateLines: Record<string, unknown>[];
   /** What the preload printed on the destination QEMU's stderr. */
   preloadLines: string[];
   /** Log lines of the daemons at warn or error level. */
@@ -142,25 +104,31 @@ export interface TryOptions {
   workDir: string;
   memMiB: number;
   workloadMiB: number;
-  metrics: boolean;
-  /** Trace the destination's page faults in the kernel (root, tracefs). */
-  kernelTrace: boolean;
+  /** Who starts the destination QEMU: `yabusame migrate` (command) or this process (qmp). */
+  dest: 'command' | 'qmp';
   /**
-   * Stop the source VM (QMP `stop`) before registering its image, frozen, with the page server
-   * and before starting the destination; `cont` it there after the migration. Not post-copy's
-   * flow (the destination's start-up is downtime), but the page server then scans the image's
-   * holes after the guest's last write: today's page server scans them once, at registration,
-   * and serves pages that were holes then as zeros, though a running guest may write them
-   * before it stops.
+   * Trace the destination's page faults and its threads' sleeps and wake-ups in the kernel
+   * (root, tracefs; dest: 'qmp').
    */
-  stopFirst?: boolean;
+  kernelTrace?: boolean;
   /** Kill the dest daemon this long after RESUME and start a new one on the same socket. */
   restartDestAfterMs?: number;
+  /** Cut every page connection this long after RESUME (through a ChaosProxy). */
+  cutAfterMs?: number;
+  /** Extra arguments for `yabusame dest` and `yabusame source`. */
+  destArgs?: string[];
+  sourceArgs?: string[];
+  /** Workload batches to wait for on the destination after completion. Default 3. */
+  batchesAfter?: number;
   log: (msg: string) => void;
+  /** Every line as it comes: the guests' consoles and migrate's JSON lines. */
+  onLine?: (who: 'src' | 'dst' | 'migrate', line: SerialLine) => void;
+  /** The arguments `yabusame migrate` runs with. */
+  onMigrate?: (argv: string[]) => void;
 }
 
 /** Quantile from a Prometheus histogram's cumulative buckets (linear inside a bucket). */
-function histogramQuantile(buckets: [number, number][], q: number): number {
+export function histogramQuantile(buckets: [number, number][], q: number): number {
   const total = buckets.at(-1)?.[1] ?? 0;
   if (total === 0) return NaN;
   const rank = q * total;
@@ -178,14 +146,19 @@ function histogramQuantile(buckets: [number, number][], q: number): number {
   return prevLe;
 }
 
-async function faultServiceFromMetrics(url: string): Promise<YabusameRun['faultServiceMs']> {
-  const text = await (await fetch(url)).text();
+/** Bucket counts of the dest's fault service histogram, from its /metrics. */
+export async function faultBuckets(metricsUrl: string): Promise<[number, number][]> {
+  const text = await (await fetch(metricsUrl)).text();
   const buckets: [number, number][] = [];
   for (const m of text.matchAll(
     /^yabusame_dest_fault_service_seconds_bucket\{le="([^"]+)"\} (\d+)/gm,
   )) {
     buckets.push([m[1] === '+Inf' ? Infinity : Number(m[1]), Number(m[2])]);
   }
+  return buckets;
+}
+
+function serviceFromBuckets(buckets: [number, number][]): YabusameRun['faultServiceMs'] {
   if (buckets.length === 0) return null;
   return {
     count: buckets.at(-1)![1],
@@ -193,6 +166,14 @@ async function faultServiceFromMetrics(url: string): Promise<YabusameRun['faultS
     p99: histogramQuantile(buckets, 0.99) * 1000,
   };
 }
+
+/** Adds two cumulative histograms taken from two lives of the dest (same buckets). */
+function addBuckets(a: [number, number][], b: [number, number][]): [number, number][] {
+  if (a.length === 0) return b;
+  return a.map(([le, n], i) => [le, n + (b[i]?.[1] ?? 0)]);
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
   const steps: Step[] = [];
@@ -206,10 +187,6 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
   const id = `qemu-${process.pid}-${Date.now()}`;
   const srcRam = shmRamPath('yb-src');
   const dstRam = shmRamPath('yb-dst');
-  const sockPath = join(o.workDir, 'dest.sock');
-  const pagePort = await freePort();
-  const metricsPort = o.metrics ? await freePort() : 0;
-  const sourceControl = join(o.workDir, 'source.control');
   const common = {
     workDir: o.workDir,
     memMiB: o.memMiB,
@@ -217,213 +194,308 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     initramfs: o.guest.initramfs,
     workloadMiB: o.workloadMiB,
   };
+  const followQmp = join(o.workDir, 'src-follow.qmp');
+  const migrateQmp = join(o.workDir, 'src-migrate.qmp');
+  const destMigrateQmp = join(o.workDir, 'dst-migrate.qmp');
+  // dest: 'qmp': QEMU listens here; migrate is given destMigrateQmp, a link made once this
+  // process is ready (its kernel trace running): migrate retries until it can connect.
+  const destMigrateQmpReal = join(o.workDir, 'dst-migrate.real.qmp');
   let src: Qemu | undefined;
   let dst: Qemu | undefined;
+  let dstLog: LogTail | undefined;
+  let proxy: ChaosProxy | undefined;
   const daemons: Daemon[] = [];
   let failure: string | null = null;
+  let migrateExit: number | null = null;
   let stopAtMs = NaN;
   let resumeAtMs = NaN;
-  let frozenAtMs = NaN;
   let completeAtMs = NaN;
   let complete: Record<string, unknown> | null = null;
-  let faultServiceMs: YabusameRun['faultServiceMs'] = null;
+  let buckets: [number, number][] = [];
   let kernelFaults: FaultSummary | null = null;
-  let ktrace: { trace: UserFaultTrace; base: number } | null = null;
+  let ktrace: { trace: UserFaultTrace; base: number; startedAtMs: number } | null = null;
+  let waits: FaultWaits | null = null;
   let destRestartedAfterMs: number | null = null;
+  let cuts: YabusameRun['cuts'] = null;
+  let destRunning = false;
+  const migrateLines: Record<string, unknown>[] = [];
+  let migrateStderr = '';
+  const dstOptions: QemuOptions = {
+    ...common,
+    name: 'dst',
+    ramPath: dstRam,
+    incoming: true,
+    extraQmp: [o.dest === 'qmp' ? destMigrateQmpReal : destMigrateQmp],
+  };
   try {
-    const source = startDaemon(
-      'source',
-      [
-        'source',
-        '--listen',
-        `127.0.0.1:${pagePort}`,
-        // QEMU's RAM files live in /dev/shm: the source reads images beneath it only.
-        '--image-root',
-        '/dev/shm',
-        '--control-socket',
-        sourceControl,
-        '--metrics-listen',
-        'off',
-      ],
-      o.workDir,
-    );
+    const source = await startSource(o.workDir, o.sourceArgs ?? [], 'source', {
+      imageRoot: '/dev/shm',
+    });
     daemons.push(source);
-    const destArgs = [
-      'dest',
-      '--socket',
-      sockPath,
-      '--metrics-listen',
-      o.metrics ? `127.0.0.1:${metricsPort}` : 'off',
-      '--control-socket',
-      join(o.workDir, 'dest.control'),
-    ];
-    let dest = startDaemon('dest', destArgs, o.workDir);
+    let dest = await startDest(o.workDir, o.destArgs ?? []);
     daemons.push(dest);
-    await until('page server', 15_000, async () =>
-      (await http('GET', sourceControl, '/v1/migrations')).status === 200 ? true : undefined,
-    );
-    await until('dest handoff socket', 15_000, async () =>
-      fs.existsSync(sockPath) ? true : undefined,
-    );
+    let pageUrl = source.ws;
+    if (o.cutAfterMs !== undefined) {
+      proxy = await ChaosProxy.start({ target: { port: source.port } });
+      pageUrl = proxy.url;
+    }
     step('daemons up');
 
-    src = await Qemu.start({ ...common, name: 'src', ramPath: srcRam });
-    await src.waitWorkload();
-    step('source guest booted to its workload');
-    if (o.stopFirst) {
-      const stopEvent = src.qmp.waitEvent('STOP', { timeoutMs: 10_000 });
-      await src.qmp.execute('stop');
-      stopAtMs = (await stopEvent).timestampMs;
-      step('source VM stopped first (QMP stop)');
-    }
-    const reg = await http('POST', sourceControl, '/v1/migrations', {
-      id,
-      image: srcRam,
-      frozen: o.stopFirst === true,
-    });
-    if (reg.status >= 300)
-      throw new Error(`register: HTTP ${reg.status} ${JSON.stringify(reg.json)}`);
-    // The secret the source generated: the destination's preload hands it over with the uffd.
-    const secret = (reg.json as { secret: string }).secret;
-    step('migration registered with the page server');
-
-    dst = await Qemu.start({
+    src = await Qemu.start({
       ...common,
-      name: 'dst',
-      ramPath: dstRam,
-      incoming: true,
-      qmpTimeoutMs: 60_000,
-      env: {
-        LD_PRELOAD: o.preload,
-        YABUSAME_RAM_PATH: dstRam,
-        YABUSAME_SOCKET: sockPath,
-        YABUSAME_MIGRATION_ID: id,
-        YABUSAME_SOURCE: `ws://127.0.0.1:${pagePort}`,
-        YABUSAME_SECRET: secret,
-      },
+      name: 'src',
+      ramPath: srcRam,
+      extraQmp: [followQmp, migrateQmp],
     });
-    const dstQemu = dst;
-    step('destination QEMU up (RAM handed to the dest daemon, ack received)');
-    if (o.kernelTrace) {
-      const ack = dst.stderr.find((l) => l.text.includes('yabusame-preload: ack'));
-      const m = / serves (\d+) bytes at (0x[0-9a-f]+)/.exec(ack?.text ?? '');
-      if (!m) throw new Error('kernel trace: no ack line from the preload to read the range from');
-      const base = Number(m[2]);
-      ktrace = { trace: UserFaultTrace.start(base, Number(m[1])), base };
+    const srcVm = src;
+    src.on('line', (l) => o.onLine?.('src', l));
+    for (const l of src.lines) o.onLine?.('src', l);
+    await src.waitWorkload();
+    // A few batches, so the workload's working set is settled (as baseline.ts does).
+    const b0 = src.batches().length;
+    await src.waitLine(() => srcVm.batches().length >= b0 + 3, 60_000);
+    step('source guest booted to its workload');
+
+    const stopped = src.qmp.waitEvent('STOP', { timeoutMs: 180_000 });
+    stopped.catch(() => {});
+    const args = [
+      'migrate',
+      '--json',
+      '--id',
+      id,
+      '--source-qmp',
+      migrateQmp,
+      '--follow-qmp',
+      followQmp,
+      '--control',
+      source.control,
+      '--page-url',
+      pageUrl,
+      '--dest-socket',
+      dest.socket,
+      '--dest-control',
+      dest.control,
+      '--interval',
+      '100',
+    ];
+    let secret: string | undefined;
+    if (o.dest === 'qmp') {
+      const key = secretFile(o.workDir, id);
+      secret = key.secret;
+      args.push('--dest-qmp', destMigrateQmp, '--secret-file', key.path);
+    } else {
+      const logPath = join(o.workDir, 'dst.log');
+      args.push('--preload', o.preload, '--dest-log', logPath, '--');
+      args.push(
+        QEMU_BINARY,
+        ...qemuArgs(dstOptions, join(o.workDir, 'dst.qmp'), join(o.workDir, 'dst.trace')),
+      );
+      dstLog = new LogTail(logPath, 'dst');
+      dstLog.on('line', (l) => o.onLine?.('dst', l));
     }
-    const completeLine = new Promise<SerialLine>((resolve) => {
-      const seen = dstQemu.stderr.find((l) => l.text.includes('yabusame-preload: complete'));
-      if (seen) resolve(seen);
-      dstQemu.on('stderr', (l) => {
-        if (l.text.includes('yabusame-preload: complete')) resolve(l);
+    o.onMigrate?.(args);
+    const nodeArgs = (process.env['YABUSAME_DAEMON_NODE_ARGS'] ?? '').split(' ').filter(Boolean);
+    const migrate = spawn(process.execPath, ['--enable-source-maps', ...nodeArgs, CLI, ...args], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const migrateDone = new Promise<number | null>((r) => migrate.on('exit', (code) => r(code)));
+    process.on('exit', () => migrate.kill('SIGKILL'));
+    let registered!: () => void;
+    const registeredP = new Promise<void>((r) => (registered = r));
+    const resumeSeen = new Promise<number>((resolve) => {
+      createInterface({ input: migrate.stdout! }).on('line', (text) => {
+        const line = { atMs: nowMs(), text };
+        o.onLine?.('migrate', line);
+        try {
+          const j = JSON.parse(text) as Record<string, unknown>;
+          migrateLines.push(j);
+          if (j['step'] === 'register') registered();
+          if (j['step'] === 'switch-over' && typeof j['resumeAtMs'] === 'number') {
+            resolve(j['resumeAtMs']);
+          }
+        } catch {
+          migrateLines.push({ text });
+        }
       });
     });
+    migrate.stderr!.setEncoding('utf8').on('data', (s: string) => (migrateStderr += s));
 
-    await setCapabilities(src, ['events', 'x-ignore-shared']);
-    await setCapabilities(dst, ['events', 'x-ignore-shared']);
-    await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 8 * 1024 ** 3 });
-    const port = await freePort();
-    await dst.qmp.execute('migrate-incoming', { uri: `tcp:127.0.0.1:${port}` });
-    const stopped = o.stopFirst ? null : src.qmp.waitEvent('STOP', { timeoutMs: 60_000 });
-    const resumed = dst.qmp.waitEvent('RESUME', { timeoutMs: 120_000 });
-    const srcDone = src.qmp.waitEvent('MIGRATION', {
-      match: (e) => e.data['status'] === 'completed' || e.data['status'] === 'failed',
-      timeoutMs: 120_000,
-    });
-    const dstDone = dst.qmp.waitEvent('MIGRATION', {
-      match: (e) => e.data['status'] === 'completed' || e.data['status'] === 'failed',
-      timeoutMs: 120_000,
-    });
-    step('capabilities set, destination listening');
-    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-    if (stopped) {
-      const stop = await stopped;
-      stopAtMs = stop.timestampMs;
-      const fr = await http('POST', sourceControl, `/v1/migrations/${id}/freeze`);
-      frozenAtMs = nowMs();
-      if (fr.status >= 300) throw new Error(`freeze: HTTP ${fr.status} ${JSON.stringify(fr.json)}`);
+    if (o.dest === 'qmp') {
+      // Started once migrate registered the migration (the preload would wait for it anyway,
+      // retrying its handoff while the source answers UNKNOWN_MIGRATION).
+      const early = await Promise.race([
+        registeredP.then(() => null),
+        migrateDone.then((code) => ({ code })),
+      ]);
+      if (early) {
+        migrateExit = early.code;
+        throw new Error(`yabusame migrate exited (${early.code}): ${migrateStderr.trim()}`);
+      }
+      dst = await Qemu.start({
+        ...dstOptions,
+        qmpTimeoutMs: 60_000,
+        env: {
+          LD_PRELOAD: o.preload,
+          YABUSAME_RAM_PATH: dstRam,
+          YABUSAME_SOCKET: dest.socket,
+          YABUSAME_MIGRATION_ID: id,
+          YABUSAME_SOURCE: pageUrl,
+          YABUSAME_SECRET: secret!,
+        },
+      });
+      const dstVm = dst;
+      dst.on('line', (l) => o.onLine?.('dst', l));
+      step('destination QEMU up (RAM handed to the dest daemon, ack received)');
+      if (o.kernelTrace) {
+        const map = mappingOf(dst.proc.pid!, dstRam);
+        if (!map) throw new Error(`kernel trace: ${dstRam} is not mapped in the destination QEMU`);
+        ktrace = {
+          trace: UserFaultTrace.start(map.base, map.sizeBytes, threadsOf(dst.proc.pid!)),
+          base: map.base,
+          startedAtMs: nowMs(),
+        };
+      }
+      fs.symlinkSync(destMigrateQmpReal, destMigrateQmp);
+      const completeLine = new Promise<SerialLine>((resolve) => {
+        const seen = dstVm.stderr.find((l) => l.text.includes('yabusame-preload: complete'));
+        if (seen) resolve(seen);
+        dstVm.on('stderr', (l) => {
+          if (l.text.includes('yabusame-preload: complete')) resolve(l);
+        });
+      });
+      void completeLine.then((l) => {
+        completeAtMs = l.atMs;
+        try {
+          complete = JSON.parse(l.text.slice(l.text.indexOf('{'))) as Record<string, unknown>;
+        } catch {
+          complete = { raw: l.text };
+        }
+      });
     }
-    const [srcEnd] = await Promise.all([srcDone, dstDone]);
-    if (srcEnd.data['status'] !== 'completed') {
-      throw new Error(`QEMU's migration (device state) ${String(srcEnd.data['status'])}`);
+
+    const first = await Promise.race([
+      resumeSeen.then((at) => ({ at })),
+      migrateDone.then((code) => ({ code })),
+    ]);
+    if ('code' in first) {
+      migrateExit = first.code;
+      throw new Error(
+        `yabusame migrate exited (${first.code}) before the switch-over: ${migrateStderr.trim()}`,
+      );
     }
-    if (o.stopFirst) {
-      // A VM stopped before migrating stays stopped on the destination until told.
-      await dstDone;
-      await dst.qmp.execute('cont');
-    }
-    resumeAtMs = (await resumed).timestampMs;
+    resumeAtMs = first.at;
+    stopAtMs = (await stopped).timestampMs;
     step('migrate → destination RESUME');
+
+    const afterResume = async (ms: number): Promise<void> => {
+      const waitMs = resumeAtMs + ms - nowMs();
+      if (waitMs > 0) await sleep(waitMs);
+    };
     if (o.restartDestAfterMs !== undefined) {
-      const waitMs = resumeAtMs + o.restartDestAfterMs - nowMs();
-      if (waitMs > 0) await new Promise((r) => setTimeout(r, waitMs));
+      await afterResume(o.restartDestAfterMs);
       const killedAtMs = nowMs();
+      buckets = await faultBuckets(`${dest.http}/metrics`).catch(() => []);
       const exited = new Promise<void>((r) => dest.child.once('exit', () => r()));
       dest.child.kill('SIGKILL');
       await exited;
-      dest = startDaemon('dest-restarted', destArgs, o.workDir);
+      dest = await startDest(o.workDir, o.destArgs ?? [], 'dest-restarted', {
+        socket: dest.socket,
+        port: dest.port,
+      });
       daemons.push(dest);
       destRestartedAfterMs = Math.round(killedAtMs - resumeAtMs);
       step(`dest daemon killed (SIGKILL) ${destRestartedAfterMs} ms after RESUME and restarted`);
     }
-
-    let giveUp: NodeJS.Timeout | undefined;
-    const doneLine = await Promise.race([
-      completeLine,
-      new Promise<null>((r) => (giveUp = setTimeout(() => r(null), 180_000))),
-    ]);
-    clearTimeout(giveUp);
-    if (doneLine === null) throw new Error('no complete from the dest within 180 s after RESUME');
-    completeAtMs = doneLine.atMs;
-    const json = doneLine.text.slice(doneLine.text.indexOf('{'));
-    try {
-      complete = JSON.parse(json) as Record<string, unknown>;
-    } catch {
-      complete = { raw: doneLine.text };
+    if (o.cutAfterMs !== undefined && proxy) {
+      await afterResume(o.cutAfterMs);
+      const n = proxy.cutAll();
+      cuts = { afterMs: Math.round(nowMs() - resumeAtMs), connections: n };
+      step(`${n} page connections cut ${cuts.afterMs} ms after RESUME`);
     }
-    step('RESUME → dest complete');
-    if (o.metrics)
-      faultServiceMs = await faultServiceFromMetrics(`http://127.0.0.1:${metricsPort}/metrics`);
-    const n = dst.batches().length + 3;
-    const dstVm = dst;
-    await dst.waitLine(() => dstVm.batches().length >= n, 60_000);
-    step('three more workload batches on the destination');
+
+    migrateExit = await migrateDone;
+    if (migrateExit !== 0) {
+      throw new Error(`yabusame migrate exited with ${migrateExit}: ${migrateStderr.trim()}`);
+    }
+    step('RESUME → migrate done (all RAM present, image released)');
+    buckets = addBuckets(buckets, await faultBuckets(`${dest.http}/metrics`).catch(() => []));
+    const dstConsole = dst ?? dstLog!;
+    const batches = (): number =>
+      dstConsole.lines.filter((l) => /yb-workload batch=/.test(l.text)).length;
+    const n = batches() + (o.batchesAfter ?? 3);
+    await dstConsole.waitLine(() => batches() >= n, 120_000, true);
+    step(`${o.batchesAfter ?? 3} more workload batches on the destination`);
     if (ktrace) {
-      kernelFaults = summarizeFaults(ktrace.trace.stop(), ktrace.base, stopAtMs, resumeAtMs);
+      const faults = ktrace.trace.stop();
+      kernelFaults = summarizeFaults(faults, ktrace.base, stopAtMs, resumeAtMs);
+      // A trace that started after the STOP may have missed faults: no figure then.
+      if (ktrace.startedAtMs < stopAtMs) waits = faultWaits(faults, ktrace.trace.sched);
       ktrace = null;
+    }
+    // Whose QMP this is: the harness's own connection, or (command) the first socket, free.
+    const q = dst?.qmp ?? (await connectQmp(join(o.workDir, 'dst.qmp')));
+    destRunning = (await q.execute<{ status: string }>('query-status')).status === 'running';
+    if (!dst) {
+      await q.execute('quit').catch(() => {});
+      await q.close();
     }
   } catch (err) {
     failure = err instanceof Error ? err.message : String(err);
     o.log(`FAILED: ${failure}`);
   }
   if (ktrace) ktrace.trace.stop();
-  const guest = src && dst ? guestView(src, dst) : guestView(src ?? dst!, dst ?? src!);
-  const preloadLines = (dst?.stderr ?? [])
-    .map((l) => l.text)
-    .filter((t) => t.includes('yabusame-preload'));
+  dstLog?.close();
+  const dstConsole = dst ?? dstLog ?? { lines: [] };
+  const guest = guestView(src ?? { lines: [] }, dstConsole);
+  const stderrLines = dst
+    ? dst.stderr.map((l) => l.text)
+    : (dstLog?.lines ?? []).map((l) => l.text);
+  const preloadLines = stderrLines.filter((t) => t.includes('yabusame-preload'));
   const daemonProblems = daemons.flatMap((d) =>
-    d.lines
-      .filter((l) => /"level":"(warn|error)"|Error|error/.test(l.text))
-      .map((l) => `${d.name}: ${l.text}`),
+    fs
+      .readFileSync(d.logPath, 'utf8')
+      .split('\n')
+      .filter((l) => /"level":"(warn|error)"/.test(l))
+      .map((l) => `${d.logPath.split('/').pop()}: ${l}`),
   );
   await Promise.all([src?.stop(), dst?.stop()]);
-  await Promise.all(daemons.map(stopDaemon));
+  if (!dst) {
+    // A destination migrate started, if it still runs (a failure before the quit above).
+    const q = await connectQmp(join(o.workDir, 'dst.qmp'), { timeoutMs: 2000 }).catch(() => null);
+    await q?.execute('quit').catch(() => {});
+    await q?.close();
+  }
+  await proxy?.close();
+  await Promise.all(daemons.map((d) => d.stop()));
   fs.rmSync(srcRam, { force: true });
   fs.rmSync(dstRam, { force: true });
+  const done = migrateLines.find((l) => l['event'] === 'done');
+  const migrateStopToCompleteMs = Number(done?.['stopToCompleteMs'] ?? NaN);
   const ok =
-    failure === null && guest.errors === 0 && guest.mismatchLines.length === 0 && complete !== null;
+    failure === null &&
+    migrateExit === 0 &&
+    destRunning &&
+    guest.errors === 0 &&
+    guest.mismatchLines.length === 0;
   return {
     ok,
     failure,
+    migrateExit,
     steps,
     stopToResumeMs: resumeAtMs - stopAtMs,
-    stopToFrozenMs: frozenAtMs - stopAtMs,
-    stopToCompleteMs: completeAtMs - stopAtMs,
+    stopToCompleteMs: Number.isFinite(completeAtMs)
+      ? completeAtMs - stopAtMs
+      : migrateStopToCompleteMs,
+    migrateStopToCompleteMs,
     complete,
-    faultServiceMs,
-    kernelFaults,
-    destRestartedAfterMs,
+    faultServiceMs: serviceFromBuckets(buckets),
     guest,
+    destRunning,
+    kernelFaults,
+    faultWaits: waits,
+    destRestartedAfterMs,
+    cuts,
+    migrateLines,
     preloadLines,
     daemonProblems,
   };
@@ -436,10 +508,10 @@ export async function main(argv: string[]): Promise<number> {
       mem: { type: 'string', default: '1024' },
       'workload-mib': { type: 'string', default: '512' },
       runs: { type: 'string', default: '1' },
-      metrics: { type: 'boolean', default: false },
+      dest: { type: 'string', default: 'qmp' },
       'kernel-trace': { type: 'boolean', default: false },
-      'stop-first': { type: 'boolean', default: false },
       'restart-dest-after-ms': { type: 'string' },
+      'cut-after-ms': { type: 'string' },
       json: { type: 'boolean', default: false },
       keep: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
@@ -447,16 +519,22 @@ export async function main(argv: string[]): Promise<number> {
   });
   if (values.help) {
     process.stdout.write(
-      'usage: try-yabusame.js [--mem MiB] [--workload-mib N] [--runs N] [--metrics] [--kernel-trace]\n' +
-        '                       [--stop-first]\n' +
-        '                       [--restart-dest-after-ms MS] [--json] [--keep]\n',
+      'usage: try-yabusame.js [--mem MiB] [--workload-mib N] [--runs N] [--dest command|qmp]\n' +
+        '                       [--kernel-trace] [--restart-dest-after-ms MS] [--cut-after-ms MS]\n' +
+        '                       [--json] [--keep]\n',
     );
     return 0;
+  }
+  if (values.dest !== 'command' && values.dest !== 'qmp') {
+    process.stderr.write('try-yabusame: --dest is command or qmp\n');
+    return 2;
   }
   const guest = buildGuest();
   const preload = buildPreload();
   const log = (msg: string): void => void process.stderr.write(`try-yabusame: ${msg}\n`);
   const runs: YabusameRun[] = [];
+  const opt = (s: string | undefined): number | undefined =>
+    s === undefined ? undefined : Number(s);
   for (let i = 0; i < Number(values.runs); i++) {
     const workDir = fs.mkdtempSync('/tmp/yabusame-qemu-try-');
     log(`run ${i + 1} in ${workDir}`);
@@ -466,13 +544,10 @@ export async function main(argv: string[]): Promise<number> {
       workDir,
       memMiB: Number(values.mem),
       workloadMiB: Number(values['workload-mib']),
-      metrics: values.metrics,
+      dest: values.dest,
       kernelTrace: values['kernel-trace'],
-      stopFirst: values['stop-first'],
-      restartDestAfterMs:
-        values['restart-dest-after-ms'] === undefined
-          ? undefined
-          : Number(values['restart-dest-after-ms']),
+      restartDestAfterMs: opt(values['restart-dest-after-ms']),
+      cutAfterMs: opt(values['cut-after-ms']),
       log,
     });
     runs.push(run);
@@ -482,14 +557,17 @@ export async function main(argv: string[]): Promise<number> {
       process.stdout.write(
         [
           `run ${i + 1}: ${run.ok ? 'ok' : 'FAILED'}${run.failure ? ` (${run.failure})` : ''}`,
-          `  STOP → RESUME ${f(run.stopToResumeMs)} ms; STOP → frozen ${f(run.stopToFrozenMs)} ms; ` +
-            `STOP → all RAM present (complete) ${f(run.stopToCompleteMs)} ms`,
+          `  STOP → RESUME ${f(run.stopToResumeMs)} ms; STOP → all RAM present ${f(run.stopToCompleteMs)} ms ` +
+            `(migrate saw ${f(run.migrateStopToCompleteMs)} ms); destination running: ${run.destRunning}`,
           `  guest: slowest batch after resume ${run.guest.maxBatchMs} ms, first ${run.guest.firstBatchMs} ms, ` +
             `errors ${run.guest.errors}, MISMATCH lines ${run.guest.mismatchLines.length}`,
           run.faultServiceMs
             ? `  dest fault service: ${run.faultServiceMs.count} faults, p50 ${f(run.faultServiceMs.p50)} ms, p99 ${f(run.faultServiceMs.p99)} ms`
             : '',
-          `  complete: ${JSON.stringify(run.complete)}`,
+          run.complete ? `  complete: ${JSON.stringify(run.complete)}` : '',
+          run.faultWaits
+            ? `  fault waits (kernel): ${run.faultWaits.waited} of ${run.faultWaits.faults} faults slept, p50 ${run.faultWaits.p50Ms.toFixed(3)} ms, p99 ${run.faultWaits.p99Ms.toFixed(3)} ms`
+            : '',
           run.kernelFaults
             ? `  kernel: ${run.kernelFaults.faults} user faults on ${run.kernelFaults.distinctPages} pages; ` +
               `by thread ${JSON.stringify(run.kernelFaults.byThread)}; before RESUME ` +

@@ -43,6 +43,8 @@ t.test('npm pack gives a tarball with the built code, and it installs globally',
     'package/bin/yabusame.js',
     'package/dist/daemon/cli.js',
     'package/dist/scripts/demo.js',
+    // `yabusame migrate` builds the destination QEMU's preload library from it with cc.
+    'package/scripts/qemu/preload.c',
     'package/systemd/yabusame-dest.service',
     'package/examples/dest.json',
     'package/ops/grafana/yabusame-dashboard.json',

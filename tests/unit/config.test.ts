@@ -208,7 +208,7 @@ t.test('source migrations: secret files relative to the config file', async (t) 
     listen: '0.0.0.0:0',
     imageRoot: dir,
     migrations: [
-      { id: 'vm1', image: 'vm1.img', secretFile: 'vm1.key' },
+      { id: 'vm1', image: 'vm1.img', secretFile: 'vm1.key', qmp: 'run/vm1.qmp' },
       {
         id: 'vm2',
         image: 'sub/vm2',
@@ -232,6 +232,8 @@ t.test('source migrations: secret files relative to the config file', async (t) 
   const [vm1, vm2] = c.migrations;
   t.equal(vm1?.image, 'vm1.img', 'images stay relative: they resolve beneath imageRoot');
   t.equal(vm1?.secretFile, join(dir, 'vm1.key'), 'secret files resolve next to the config');
+  t.equal(vm1?.qmp, join(dir, 'run/vm1.qmp'), 'so do QMP sockets');
+  t.equal(vm2?.qmp, undefined);
   t.equal(vm1?.frozen, false);
   t.equal(vm1?.regions, undefined, 'default region: sized when the image opens');
   t.equal(vm2?.frozen, true);
@@ -310,7 +312,12 @@ t.test('--migration specs', async (t) => {
   const s = parseMigrationSpec('id=vm1,image=a/b,frozen,secret-file=k');
   t.equal(s.frozen, true);
   t.ok(s.secretFile?.startsWith('/'), 'the secret file resolves against the working directory');
+  const q = parseMigrationSpec('id=vm1,image=a/b,qmp=run/vm1.qmp');
+  t.equal(q.qmp, join(process.cwd(), 'run/vm1.qmp'), 'so does the QMP socket');
+  t.equal(q.frozen, false);
   for (const [spec, msg] of [
+    ['id=vm1,image=x,qmp', /"qmp" needs a path/],
+    ['id=vm1,image=x,qmp=', /"qmp" needs a path/],
     ['id=vm1', /needs id=ID,image=PATH/],
     ['id=vm1,image=x,frozn', /unknown key "frozn"/],
     ['id=vm1,image=x,frozen=yes', /takes no value/],

@@ -161,17 +161,27 @@ t.test(
           mig({ id: 'a' }),
           mig({ id: 'b', state: 'registered', frozenAt: null, pendingRequests: 3 }),
           mig({ id: 'c', state: 'complete' }),
+          // Registered with qmp: the QEMU it follows for the freeze could not be reached.
+          mig({
+            id: 'd',
+            state: 'registered',
+            frozenAt: null,
+            qmp: { state: 'failed', error: { code: 'QMP_CONNECT', message: 'no such socket' } },
+          }),
         ],
       },
       { target: 's', nowMs: NOW },
     );
-    const [a, b, c] = m.rows;
+    const [a, b, c, d] = ['a', 'b', 'c', 'd'].map((id) => m.rows.find((r) => r.id === id));
     t.match(a, { id: 'a', state: 'frozen', done: 1024, total: 4096 });
     t.equal(a!.rate, (1024 * 4096) / 4, 'since the freeze');
     t.match(a!.details.join(' · '), /dest: demand connected, background not connected/);
     t.match(b, { state: 'registered', rate: null });
     t.match(b!.details.join(' · '), /waiting for the freeze · requests held 3/);
     t.match(c, { state: 'complete', done: 4096, ended: true });
+    t.match(d, { state: 'registered', error: { code: 'QMP_CONNECT' } });
+    t.match(d!.details.join(' · '), /QEMU's QMP: failed/);
+    t.notOk(a!.error, 'no QMP follower, no error');
     const table = renderTable(m);
     t.match(table, /^MIGRATION\s+STATE\s+SENT\s+TOTAL\s+PCT\s+RATE\s+ETA\s+CONNECTIONS\s+HELD$/m);
     t.match(table, /^a\s+frozen\s+1024\s+4096\s+25\.0%.*demand=up,background=down\s+0$/m);
