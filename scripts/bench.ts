@@ -1,24 +1,30 @@
 /**
- * `npm run bench`: the real `yabusame source` and `yabusame dest` on loopback, driven by vm-sim,
- * for the scenarios in scripts/bench/scenarios.ts (demand faults idle and under load, background
- * throughput against a C ceiling, many vCPUs, many VMs, the in-process local floor). Each
- * scenario runs several times on fresh daemons; the table (or `--json`) gives the median and the
- * range, plus the machine. Progress goes to stderr. Exit 1 when any verification fails.
+ * `npm run bench`: the real `yabusame source` and `yabusame dest` on loopback (and over an
+ * emulated link between two network namespaces), driven by vm-sim, for the scenarios in
+ * scripts/bench/scenarios.ts (demand faults idle and under load, background throughput against a
+ * C ceiling, many vCPUs, many VMs, the in-process local floor, the C remote floor). Each row runs
+ * several times on fresh daemons; rows that are partners (plan.ts) run interleaved, one run of
+ * each in turn, so the ratios between them are taken run by run. The table (or `--json`) gives
+ * the median and the range, the machine, and issue 13's targets (targets.ts) measured against
+ * their limits. Progress goes to stderr. Exit 1 when any verification fails.
  *
- * The JSON document (`--json`, schema "yabusame-bench/1"):
- *   { schema, startedAt, options: { runs, quick, only }, machine: { cpuModel, cores, kernel,
- *     node, memTotalBytes, hostname }, ok, totalSeconds,
+ * The JSON document (`--json`, schema "yabusame-bench/2"):
+ *   { schema, startedAt, options: { runs, quick, only, solo }, machine: { cpuModel, cores,
+ *     kernel, node, memTotalBytes, hostname }, ok, totalSeconds,
  *     scenarios: [ { name, group, description, verification, runs, verifiedRuns, ok, seconds,
- *       problems: string[], error?, metrics: { <key>: { label, unit, median, min, max,
- *       values: number[] } } } ] }
+ *       skipped?, interleavedWith?, guestRamBytes?, problems: string[], error?,
+ *       metrics: { <key>: { label, unit, median, min, max, values: number[],
+ *       pairing?: 'per-run' | 'medians' } } } ],
+ *     targets: [ { id, text, value, limit, unit, op, pass, detail } ] }
  * Metric keys: faults, faultP50Us, faultP99Us, faultP999Us, faultMaxUs (latency rows);
  * destCpuSecPerGiB, sourceCpuSecPerGiB, destPeakRssMiB, sourcePeakRssMiB (daemon rows);
+ * destCpuUsPerFault, sourceCpuUsPerFault (rows where every touch faults);
  * others per scenario (see scenarios.ts).
  */
 import { rmSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
-import { createContext, killTracked } from './bench/harness.js';
+import { createContext, runCleanups } from './bench/harness.js';
 import { machineInfo } from './bench/machine.js';
 import {
   SCHEMA,
@@ -27,30 +33,34 @@ import {
   type BenchReport,
   type ScenarioResult,
 } from './bench/report.js';
-import { GROUPS, SCENARIOS, type MetricDef, type Scenario } from './bench/scenarios.js';
+import { interleave, interleavedSets, ratios, selectRows } from './bench/plan.js';
+import {
+  GROUPS,
+  SCENARIOS,
+  SkipScenario,
+  type MetricDef,
+  type Scenario,
+} from './bench/scenarios.js';
 import { stat } from './bench/stats.js';
+import { evaluateTargets } from './bench/targets.js';
 
 const USAGE = `Usage: npm run bench -- [options]
 
-Runs the real daemons on loopback (images in /dev/shm, deleted afterwards) and prints a table.
+Runs the real daemons on loopback (images in /dev/shm, deleted afterwards) and prints a table,
+then issue 13's targets against what was measured.
 
   --runs N       runs per scenario (default 3); the median and the range are reported
   --only A,B     scenarios: ${GROUPS.join(', ')}
-                 (or a single row, e.g. background/c-reference)
-  --quick        small sizes (the whole bench in about 2 minutes)
+                 (or a single row, e.g. background/c-reference, link/rtt100); a row's
+                 partners (run interleaved with it) and the rows its ratios need come along
+  --solo         only the rows --only names, without partners (ratios across rows only
+                 where both ran)
+  --quick        small sizes (the whole bench in a few minutes)
   --json         print one JSON document instead of the table
   --keep         keep the working folder (daemon logs)
   -q, --quiet    no progress on stderr
   -h, --help
 `;
-
-function select(only: string[] | null): Scenario[] {
-  if (!only) return SCENARIOS;
-  const known = new Set<string>([...GROUPS, ...SCENARIOS.map((s) => s.name)]);
-  const unknown = only.filter((n) => !known.has(n));
-  if (unknown.length) throw new RangeError(`unknown scenario: ${unknown.join(', ')}`);
-  return SCENARIOS.filter((s) => only.includes(s.group) || only.includes(s.name));
-}
 
 function summaryLine(s: Scenario, values: Record<string, number>): string {
   return Object.entries(values)
@@ -62,11 +72,19 @@ function summaryLine(s: Scenario, values: Record<string, number>): string {
     .join(', ');
 }
 
-/** Fills derived metrics (ratios against another row's median) where both rows ran. */
-function derive(results: ScenarioResult[], scenarios: Scenario[]): void {
+/**
+ * Fills derived metrics (ratios against another row) where both rows ran: run by run when the
+ * two ran interleaved (`setOf` gives the same set), else against the other row's median.
+ */
+function derive(
+  results: ScenarioResult[],
+  scenarios: Scenario[],
+  perRun: ReadonlyMap<string, Array<Record<string, number> | undefined>>,
+  setOf: ReadonlyMap<string, number>,
+): void {
   for (const s of scenarios) {
     const row = results.find((r) => r.name === s.name);
-    if (!row) continue;
+    if (!row || row.skipped) continue;
     const ordered: ScenarioResult['metrics'] = {};
     for (const [key, def] of Object.entries(s.metrics)) {
       if (!def.derived) {
@@ -74,11 +92,17 @@ function derive(results: ScenarioResult[], scenarios: Scenario[]): void {
         continue;
       }
       const [otherName, otherKey, mine, dir] = def.derived;
-      const theirs = results.find((r) => r.name === otherName)?.metrics[otherKey]?.median;
-      const values = row.metrics[mine]?.values;
-      if (!theirs || !values?.length) continue;
-      const ratios = values.map((v) => (dir === 'over' ? v / theirs : theirs / v));
-      ordered[key] = metricResult(def, stat(ratios));
+      const theirs = perRun.get(otherName);
+      const own = perRun.get(s.name);
+      if (!theirs || !own) continue;
+      const pairing = setOf.get(otherName) === setOf.get(s.name) ? 'per-run' : 'medians';
+      const values = ratios(
+        own.map((v) => v?.[mine]),
+        theirs.map((v) => v?.[otherKey]),
+        dir,
+        pairing,
+      );
+      if (values.length) ordered[key] = metricResult(def, stat(values), pairing);
     }
     row.metrics = ordered;
   }
@@ -91,6 +115,7 @@ export async function main(argv: string[] = process.argv.slice(2)): Promise<numb
       runs: { type: 'string', default: '3' },
       only: { type: 'string' },
       quick: { type: 'boolean', default: false },
+      solo: { type: 'boolean', default: false },
       json: { type: 'boolean', default: false },
       keep: { type: 'boolean', default: false },
       quiet: { type: 'boolean', short: 'q', default: false },
@@ -110,14 +135,17 @@ export async function main(argv: string[] = process.argv.slice(2)): Promise<numb
         .map((x) => x.trim())
         .filter(Boolean)
     : null;
-  const scenarios = select(only);
+  const scenarios = selectRows(SCENARIOS, only, a.solo);
+  const sets = interleavedSets(scenarios);
+  const setOf = new Map<string, number>();
+  sets.forEach((set, i) => set.forEach((s) => setOf.set(s.name, i)));
 
   const started = performance.now();
   const startedAt = new Date().toISOString();
   const ctx = createContext({ quick: a.quick, verbose: !a.quiet });
   const onSignal = (sig: NodeJS.Signals): void => {
     process.stderr.write(`bench: ${sig}, cleaning up\n`);
-    killTracked();
+    runCleanups();
     if (!a.keep) rmSync(ctx.dir, { recursive: true, force: true });
     process.exit(130);
   };
@@ -125,60 +153,80 @@ export async function main(argv: string[] = process.argv.slice(2)): Promise<numb
   process.once('SIGTERM', onSignal);
 
   const machine = machineInfo();
-  const results: ScenarioResult[] = [];
+  const rows = new Map<string, ScenarioResult>();
+  const perRun = new Map<string, Array<Record<string, number> | undefined>>();
   const defs = new Map<string, MetricDef>();
   try {
     ctx.say(
-      `yabusame bench: ${scenarios.length} rows × ${runs} runs${a.quick ? ' (quick)' : ''}; ` +
+      `yabusame bench: ${scenarios.length} rows × ${runs} runs${a.quick ? ' (quick)' : ''}` +
+        `${sets.length < scenarios.length ? ', partners interleaved' : ''}; ` +
         `working folder ${ctx.dir}`,
     );
-    for (const s of scenarios) {
-      for (const [k, d] of Object.entries(s.metrics)) defs.set(`${s.name}:${k}`, d);
-      const t0 = performance.now();
-      const row: ScenarioResult = {
-        name: s.name,
-        group: s.group,
-        description: s.describe(ctx),
-        verification: s.verification,
-        runs: 0,
-        verifiedRuns: 0,
-        ok: false,
-        metrics: {},
-        problems: [],
-        seconds: 0,
-      };
-      ctx.say(`[${s.name}] ${row.description}`);
-      const perRun: Array<Record<string, number>> = [];
-      for (let i = 0; i < runs; i++) {
+    for (const set of sets) {
+      const partners = set.map((s) => s.name);
+      for (const s of set) {
+        for (const [k, d] of Object.entries(s.metrics)) defs.set(`${s.name}:${k}`, d);
+        const description = s.describe(ctx);
+        rows.set(s.name, {
+          name: s.name,
+          group: s.group,
+          description,
+          verification: s.verification,
+          runs: 0,
+          verifiedRuns: 0,
+          ok: false,
+          ...(set.length > 1 ? { interleavedWith: partners.filter((n) => n !== s.name) } : {}),
+          ...(s.guestRamBytes ? { guestRamBytes: s.guestRamBytes(ctx) } : {}),
+          metrics: {},
+          problems: [],
+          seconds: 0,
+        });
+        perRun.set(s.name, []);
+        ctx.say(`[${s.name}] ${description}`);
+      }
+      for (const [s, i] of interleave(set, runs)) {
+        const row = rows.get(s.name)!;
+        if (row.error || row.skipped) continue;
+        const t0 = performance.now();
         try {
           const out = await s.runOnce(ctx, i);
           row.runs++;
           if (out.verified) row.verifiedRuns++;
           row.problems.push(...out.problems.map((p) => `run ${i + 1}: ${p}`));
-          perRun.push(out.values);
+          perRun.get(s.name)![i] = out.values;
           ctx.say(
-            `  run ${i + 1}/${runs}: ${summaryLine(s, out.values)}` +
+            `  [${s.name}] run ${i + 1}/${runs}: ${summaryLine(s, out.values)}` +
               (out.verified ? '' : ' — VERIFICATION FAILED'),
           );
         } catch (err) {
-          row.error =
-            `run ${i + 1}: ${(err as { code?: string }).code ?? ''} ${(err as Error).message}`.trim();
-          ctx.say(`  run ${i + 1}/${runs} failed: ${(err as Error).stack ?? err}`);
-          break;
+          if (err instanceof SkipScenario) {
+            row.skipped = err.message;
+            ctx.say(`  [${s.name}] skipped: ${err.message}`);
+          } else {
+            row.error =
+              `run ${i + 1}: ${(err as { code?: string }).code ?? ''} ${(err as Error).message}`.trim();
+            ctx.say(`  [${s.name}] run ${i + 1}/${runs} failed: ${(err as Error).stack ?? err}`);
+          }
         }
+        row.seconds += (performance.now() - t0) / 1000;
       }
-      try {
-        s.finish?.(ctx);
-      } catch {
-        /* best effort */
+      for (const s of set) {
+        try {
+          s.finish?.(ctx);
+        } catch {
+          /* best effort */
+        }
+        const row = rows.get(s.name)!;
+        for (const [key, def] of Object.entries(s.metrics)) {
+          const values = perRun
+            .get(s.name)!
+            .map((v) => v?.[key])
+            .filter((v): v is number => v !== undefined);
+          if (values.length) row.metrics[key] = metricResult(def, stat(values));
+        }
+        row.ok = !!row.skipped || (!row.error && row.runs === runs && row.verifiedRuns === runs);
+        row.seconds = Math.round(row.seconds * 10) / 10;
       }
-      for (const [key, def] of Object.entries(s.metrics)) {
-        const values = perRun.map((v) => v[key]).filter((v): v is number => v !== undefined);
-        if (values.length) row.metrics[key] = metricResult(def, stat(values));
-      }
-      row.ok = !row.error && row.runs === runs && row.verifiedRuns === runs;
-      row.seconds = Math.round((performance.now() - t0) / 100) / 10;
-      results.push(row);
     }
   } finally {
     process.off('SIGINT', onSignal);
@@ -186,14 +234,16 @@ export async function main(argv: string[] = process.argv.slice(2)): Promise<numb
     if (a.keep) process.stderr.write(`bench: kept ${ctx.dir}\n`);
     else ctx.cleanup();
   }
-  derive(results, scenarios);
+  const results = scenarios.map((s) => rows.get(s.name)!);
+  derive(results, scenarios, perRun, setOf);
 
   const report: BenchReport = {
     schema: SCHEMA,
     startedAt,
-    options: { runs, quick: a.quick, only },
+    options: { runs, quick: a.quick, only, solo: a.solo },
     machine,
     scenarios: results,
+    targets: evaluateTargets(results),
     ok: results.every((r) => r.ok),
     totalSeconds: Math.round((performance.now() - started) / 100) / 10,
   };

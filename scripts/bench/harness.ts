@@ -48,13 +48,31 @@ export interface BenchContext {
   noBackgroundConfig: string;
   /** Tracks a child process so an interrupted bench still ends it. */
   track(child: ChildProcess): void;
+  /**
+   * Registers a synchronous cleanup (e.g. removing network namespaces), run once at the end,
+   * or when the bench is interrupted (after the tracked children are killed), or at exit.
+   */
+  onCleanup(fn: () => void): void;
 }
 
 const live = new Set<ChildProcess>();
+const cleanups: Array<() => void> = [];
 
 /** Ends every tracked child (SIGKILL): used when the bench itself is interrupted. */
 export function killTracked(): void {
   for (const c of live) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+}
+
+/** Kills the tracked children, then runs the registered cleanups (each once, newest first). */
+export function runCleanups(): void {
+  killTracked();
+  while (cleanups.length) {
+    try {
+      cleanups.pop()!();
+    } catch (err) {
+      process.stderr.write(`bench: cleanup failed: ${(err as Error).message}\n`);
+    }
+  }
 }
 
 export function createContext(opts: { quick: boolean; verbose: boolean }): BenchContext & {
@@ -108,8 +126,12 @@ export function createContext(opts: { quick: boolean; verbose: boolean }): Bench
       live.add(child);
       child.once('exit', () => live.delete(child));
     },
+    onCleanup(fn) {
+      if (cleanups.length === 0) process.once('exit', runCleanups);
+      cleanups.push(fn);
+    },
     cleanup() {
-      killTracked();
+      runCleanups();
       rmSync(dir, { recursive: true, force: true });
     },
   };
@@ -126,6 +148,14 @@ export interface DaemonPair {
 
 let pairSeq = 0;
 
+/** Where the daemons of a pair run (default: here, on loopback). */
+export interface DaemonPlacement {
+  /** The source's network namespace, listen host and extra arguments. */
+  source?: { netns?: string; host?: string; args?: string[] };
+  /** The dest's network namespace. */
+  dest?: { netns?: string };
+}
+
 /**
  * Runs `fn` with a fresh `yabusame source` (serving `migrations`, already frozen, each image as
  * one region of `pageSizeBytes` pages, 4 KiB by default) and `yabusame dest` (with `destConfig`
@@ -136,6 +166,7 @@ export async function withDaemons<T>(
   migrations: Array<{ id: string; image: string; pageSizeBytes?: number }>,
   destConfig: string | undefined,
   fn: (pair: DaemonPair) => Promise<T>,
+  where: DaemonPlacement = {},
 ): Promise<T> {
   const n = ++pairSeq;
   const daemons: Daemon[] = [];
@@ -158,12 +189,17 @@ export async function withDaemons<T>(
         ],
       })),
     );
-    const source = await startSource(ctx.dir, ['--config', config.path], `source-${n}`, {
-      secrets: config.secrets,
-    });
+    const source = await startSource(
+      ctx.dir,
+      ['--config', config.path, ...(where.source?.args ?? [])],
+      `source-${n}`,
+      { secrets: config.secrets, netns: where.source?.netns, host: where.source?.host },
+    );
     daemons.push(source);
     ctx.track(source.child);
-    const dest = await startDest(ctx.dir, destConfig ? ['--config', destConfig] : [], `dest-${n}`);
+    const dest = await startDest(ctx.dir, destConfig ? ['--config', destConfig] : [], `dest-${n}`, {
+      netns: where.dest?.netns,
+    });
     daemons.push(dest);
     ctx.track(dest.child);
     const pids = [dest.child.pid!, source.child.pid!];

@@ -17,6 +17,12 @@ import {
   type VmSimResult,
 } from '../vm-sim/vm-sim.js';
 import { runReference } from './c-ref.js';
+import {
+  ping,
+  remoteFloorHandoff,
+  startRemoteFloorServer,
+  type HandleStats,
+} from './remote-floor.js';
 import { runCVmm } from '../c-vmm/c-vmm.js';
 import { FIRECRACKER_SCENARIOS } from './firecracker.js';
 import { reserveHugePages } from '../lib/hugepages.js';
@@ -30,6 +36,7 @@ import {
   withDaemons,
   type BenchContext,
   type DaemonPair,
+  type DaemonPlacement,
   type ImageSpec,
 } from './harness.js';
 import { cpuSeconds } from './proc.js';
@@ -42,11 +49,16 @@ export interface MetricDef {
   /** Decimals shown in the table. */
   digits: number;
   /**
-   * Computed by the runner from another row's median (a ratio), when that row ran too:
+   * A ratio the runner computes against another row, when that row ran too:
    * `[row, its metric, this row's metric, 'over' (mine / theirs) | 'under' (theirs / mine)]`.
+   * Run by run when the two rows ran interleaved (partners, plan.ts), else against the other
+   * row's median.
    */
   derived?: [string, string, string, 'over' | 'under'];
 }
+
+/** Thrown by runOnce when the row cannot run here (not an error: the row is reported skipped). */
+export class SkipScenario extends Error {}
 
 export interface RunOutcome {
   /** Metric key → value (keys from the scenario's `metrics`). */
@@ -65,6 +77,12 @@ export interface Scenario {
   /** What "verified" means for this row. */
   verification: string;
   metrics: Record<string, MetricDef>;
+  /** Rows run interleaved with this one, run by run (plan.ts); selecting one selects all. */
+  partners?: readonly string[];
+  /** Rows selected with this one (a figure of its needs them), run in their own order. */
+  requires?: readonly string[];
+  /** Guest RAM the dest serves in one run, bytes (its RSS budget); absent: no dest. */
+  guestRamBytes?(ctx: BenchContext): number;
   runOnce(ctx: BenchContext, index: number): Promise<RunOutcome>;
   /** Called after the last run (drops big images). */
   finish?(ctx: BenchContext): void;
@@ -78,6 +96,7 @@ export const GROUPS = [
   'many-vcpus',
   'many-vms',
   'local-floor',
+  'remote-floor',
   'upgrade',
   'firecracker',
 ] as const;
@@ -109,6 +128,12 @@ const LATENCY: Record<string, MetricDef> = {
   faultP99Us: { label: 'fault latency p99', unit: 'µs', digits: 1 },
   faultP999Us: { label: 'fault latency p99.9', unit: 'µs', digits: 1 },
   faultMaxUs: { label: 'fault latency max', unit: 'µs', digits: 1 },
+};
+
+/** CPU per demand fault, for rows where every touch faulted (background held back). */
+const CPU_PER_FAULT: Record<string, MetricDef> = {
+  destCpuUsPerFault: { label: 'dest CPU per fault', unit: 'µs', digits: 1 },
+  sourceCpuUsPerFault: { label: 'source CPU per fault', unit: 'µs', digits: 1 },
 };
 
 const DAEMONS: Record<string, MetricDef> = {
@@ -166,11 +191,15 @@ function verdict(
 /** A run fails when no page arrived for this long (a stalled migration, not a slow one). */
 export const STALL_MS = 60_000;
 
-/** The vm-sim options every daemon-backed run shares: its image, the pair, the watch. */
+/**
+ * The vm-sim options every daemon-backed run shares: its image, the pair, the watch. `source`
+ * is the URL handed to the dest (default the source's own: another for a proxy in the path).
+ */
 function vmAgainst(
   pair: DaemonPair,
   image: string,
   w: ReturnType<typeof watch>,
+  source = pair.source.ws,
 ): Pick<
   VmSimOptions,
   'signal' | 'onProgress' | 'image' | 'migrationId' | 'secret' | 'source' | 'destSocket'
@@ -181,9 +210,52 @@ function vmAgainst(
     image,
     migrationId: 'bench-vm',
     secret: pair.source.secretOf('bench-vm'),
-    source: pair.source.ws,
+    source,
     destSocket: pair.dest.socket,
   };
+}
+
+/**
+ * Something put between the dest and the source for one run (the link's delay proxy): started
+ * once both daemons run, it gives the URL the dest is handed; `stop` ends it after the run and
+ * may add figures to the run's values.
+ */
+export type PathHook = (
+  pair: DaemonPair,
+) => Promise<{ url: string; stop(): Promise<Record<string, number>> }>;
+
+/** Where a daemon-backed run happens: the daemons' placement, the dest config, a path hook. */
+export interface RunSetting {
+  destConfig?: string;
+  where?: DaemonPlacement;
+  path?: PathHook;
+}
+
+/** Runs `fn` with the pair of `setting`, the source URL to hand the dest, and the path's stop. */
+async function withSetting<T>(
+  ctx: BenchContext,
+  image: string,
+  setting: RunSetting,
+  fn: (pair: DaemonPair, url: string) => Promise<T & { values: Record<string, number> }>,
+): Promise<T & { values: Record<string, number> }> {
+  return withDaemons(
+    ctx,
+    [{ id: 'bench-vm', image }],
+    setting.destConfig,
+    async (pair) => {
+      const path = setting.path ? await setting.path(pair) : undefined;
+      let out: T & { values: Record<string, number> };
+      try {
+        out = await fn(pair, path?.url ?? pair.source.ws);
+      } catch (err) {
+        await path?.stop().catch(() => undefined);
+        throw err;
+      }
+      if (path) Object.assign(out.values, await path.stop());
+      return out;
+    },
+    setting.where,
+  );
 }
 
 /**
@@ -223,11 +295,57 @@ function watch(ctx: BenchContext, label: string, print = true) {
 
 // --- 1. demand-idle, 4. many-vcpus: touches with the background stream held back ---
 
+/**
+ * One run of first touches with the background held back (the dest config must hold it back):
+ * `workers` threads touch `touches` random pages of `image` through a fresh pair placed as
+ * `setting` says. Every touch faults, so the daemons' CPU is also given per fault.
+ */
+export async function runDemandTouches(
+  ctx: BenchContext,
+  index: number,
+  o: { image: string; workers: number; touches: number; withRate: boolean; setting: RunSetting },
+): Promise<RunOutcome> {
+  return withSetting(ctx, o.image, o.setting, async (pair, url) => {
+    const meter = pair.meter();
+    const w = watch(ctx, `run ${index + 1}`, false);
+    const r = await runVmSimTouches({
+      ...vmAgainst(pair, o.image, w, url),
+      workers: o.workers,
+      pattern: 'random',
+      touches: o.touches,
+      opsAfterComplete: 0,
+      timeoutMs: RUN_TIMEOUT_MS,
+      onPhaseEnd: () => meter.stop(),
+    }).finally(w.stop);
+    const v = verdict(r, true);
+    const touchSec = (r.touchPhaseMs ?? r.elapsedMs) / 1000;
+    const faults = Math.max(1, r.workload.faults);
+    return {
+      values: {
+        ...latencyValues(r.faultLatencyUs),
+        ...(o.withRate
+          ? { pagesPerSec: r.workload.faults / touchSec, touchPhaseMs: touchSec * 1000 }
+          : {}),
+        destCpuUsPerFault: (meter.seconds(0) * 1e6) / faults,
+        sourceCpuUsPerFault: (meter.seconds(1) * 1e6) / faults,
+        ...daemonValues(pair, meter, r.presentPages * PAGE),
+      },
+      ...v,
+    };
+  });
+}
+
+const DEMAND_VERIFICATION =
+  'every page placed byte-for-byte; the migration is ended after the touches (unplaced ' +
+  'pages are not verified)';
+
 function demandNoBackground(o: {
   name: string;
   workers: (ctx: BenchContext) => number;
   touches: (ctx: BenchContext) => number;
   withRate: boolean;
+  partners?: string[];
+  extraMetrics?: Record<string, MetricDef>;
 }): Scenario {
   return {
     name: o.name,
@@ -241,9 +359,7 @@ function demandNoBackground(o: {
         `(dest backgroundDelayMs 600000)`
       );
     },
-    verification:
-      'every page placed byte-for-byte; the migration is ended after the touches (unplaced ' +
-      'pages are not verified)',
+    verification: DEMAND_VERIFICATION,
     metrics: {
       ...LATENCY,
       ...(o.withRate
@@ -252,41 +368,21 @@ function demandNoBackground(o: {
             touchPhaseMs: { label: 'touch phase', unit: 'ms', digits: 0 },
           }
         : {}),
+      ...(o.extraMetrics ?? {}),
+      ...CPU_PER_FAULT,
       ...DAEMONS,
     },
+    ...(o.partners ? { partners: o.partners } : {}),
+    guestRamBytes: (ctx) => sizes(ctx.quick).demandImage.sizeBytes,
     async runOnce(ctx, index) {
-      const s = sizes(ctx.quick);
-      const image = await ctx.image(s.demandImage);
-      return withDaemons(
-        ctx,
-        [{ id: 'bench-vm', image: image.path }],
-        ctx.noBackgroundConfig,
-        async (pair) => {
-          const meter = pair.meter();
-          const w = watch(ctx, `run ${index + 1}`, false);
-          const r = await runVmSimTouches({
-            ...vmAgainst(pair, image.path, w),
-            workers: o.workers(ctx),
-            pattern: 'random',
-            touches: o.touches(ctx),
-            opsAfterComplete: 0,
-            timeoutMs: RUN_TIMEOUT_MS,
-            onPhaseEnd: () => meter.stop(),
-          }).finally(w.stop);
-          const v = verdict(r, true);
-          const touchSec = (r.touchPhaseMs ?? r.elapsedMs) / 1000;
-          return {
-            values: {
-              ...latencyValues(r.faultLatencyUs),
-              ...(o.withRate
-                ? { pagesPerSec: r.workload.faults / touchSec, touchPhaseMs: touchSec * 1000 }
-                : {}),
-              ...daemonValues(pair, meter, r.presentPages * PAGE),
-            },
-            ...v,
-          };
-        },
-      );
+      const image = await ctx.image(sizes(ctx.quick).demandImage);
+      return runDemandTouches(ctx, index, {
+        image: image.path,
+        workers: o.workers(ctx),
+        touches: o.touches(ctx),
+        withRate: o.withRate,
+        setting: { destConfig: ctx.noBackgroundConfig },
+      });
     },
   };
 }
@@ -296,6 +392,22 @@ const demandIdle = demandNoBackground({
   workers: () => 1,
   touches: (ctx) => sizes(ctx.quick).demandTouches,
   withRate: false,
+  // The floors and under-load run interleaved with it: their ratios are taken run by run.
+  partners: ['local-floor', 'remote-floor', 'demand-under-load'],
+  extraMetrics: {
+    vsLocalFloor: {
+      label: 'p50 / local floor p50',
+      unit: '×',
+      digits: 2,
+      derived: ['local-floor', 'faultP50Us', 'faultP50Us', 'over'],
+    },
+    vsRemoteFloor: {
+      label: 'p50 / remote floor p50',
+      unit: '×',
+      digits: 2,
+      derived: ['remote-floor', 'faultP50Us', 'faultP50Us', 'over'],
+    },
+  },
 });
 
 const manyVcpus = demandNoBackground({
@@ -320,11 +432,12 @@ const demandHuge: Scenario = {
     `background back for ${HUGE_HOLD_MS / 1000} s; c-vmm times each fault`,
   verification: 'every page byte-for-byte after complete (c-vmm)',
   metrics: { ...LATENCY, ...DAEMONS },
+  guestRamBytes: (ctx) => sizes(ctx.quick).hugeImage.sizeBytes,
   async runOnce(ctx) {
     const spec = sizes(ctx.quick).hugeImage;
     const pages = spec.sizeBytes / HUGE_PAGE;
     const pool = reserveHugePages(pages + 8, pages);
-    if ('skip' in pool) throw new Error(`no huge pages: ${pool.skip}`);
+    if ('skip' in pool) throw new SkipScenario(`no huge pages: ${pool.skip}`);
     try {
       const image = await ctx.image(spec);
       const config = join(ctx.dir, 'dest-huge.json');
@@ -399,6 +512,7 @@ const demandUnderLoad: Scenario = {
     migrationSec: { label: 'migration time', unit: 's', digits: 2 },
     ...DAEMONS,
   },
+  guestRamBytes: (ctx) => sizes(ctx.quick).demandImage.sizeBytes,
   async runOnce(ctx, index) {
     const s = sizes(ctx.quick);
     const image = await ctx.image(s.demandImage);
@@ -450,6 +564,42 @@ const BACKGROUND_IMAGES: ReadonlyArray<{
   },
 ];
 
+/** One run of the background stream alone (no workload) until every page is present. */
+export async function runBackgroundFill(
+  ctx: BenchContext,
+  index: number,
+  image: { path: string; sizeBytes: number; zeroPages: number },
+  setting: RunSetting,
+): Promise<RunOutcome> {
+  return withSetting(ctx, image.path, setting, async (pair, url) => {
+    const meter = pair.meter();
+    const w = watch(ctx, `run ${index + 1}`);
+    const r = await runVmSim({
+      ...vmAgainst(pair, image.path, w, url),
+      workers: 0,
+      timeoutMs: RUN_TIMEOUT_MS,
+      onPhaseEnd: () => meter.stop(),
+    }).finally(w.stop);
+    const sec = r.elapsedMs / 1000;
+    const dataBytes = (r.totalPages - image.zeroPages) * PAGE;
+    return {
+      values: {
+        seconds: sec,
+        placedGBs: image.sizeBytes / sec / 1e9,
+        dataGBs: dataBytes / sec / 1e9,
+        ...daemonValues(pair, meter, r.totalPages * PAGE),
+      },
+      ...verdict(r),
+    };
+  });
+}
+
+const BACKGROUND_METRICS: Record<string, MetricDef> = {
+  seconds: { label: 'time to all pages present', unit: 's', digits: 2 },
+  placedGBs: { label: 'placed (all pages)', unit: 'GB/s', digits: 2 },
+  dataGBs: { label: 'non-zero data placed', unit: 'GB/s', digits: 2 },
+};
+
 function backgroundScenario(b: (typeof BACKGROUND_IMAGES)[number]): Scenario {
   const spec = (ctx: BenchContext): ImageSpec => ({
     sizeBytes: sizes(ctx.quick).backgroundBytes,
@@ -464,9 +614,7 @@ function backgroundScenario(b: (typeof BACKGROUND_IMAGES)[number]): Scenario {
       `page is present (background stream only, no faults)`,
     verification: 'every page byte-for-byte after complete',
     metrics: {
-      seconds: { label: 'time to all pages present', unit: 's', digits: 2 },
-      placedGBs: { label: 'placed (all pages)', unit: 'GB/s', digits: 2 },
-      dataGBs: { label: 'non-zero data placed', unit: 'GB/s', digits: 2 },
+      ...BACKGROUND_METRICS,
       vsCCopy: {
         label: 'placed / C UFFDIO_COPY ceiling',
         unit: '×',
@@ -479,31 +627,29 @@ function backgroundScenario(b: (typeof BACKGROUND_IMAGES)[number]): Scenario {
         digits: 2,
         derived: ['background/c-reference', 'copyDistinctGBs', 'dataGBs', 'over'],
       },
+      ...(b.variant === 'mostly-empty'
+        ? {
+            vsDataHeavy: {
+              label: 'placed / data-heavy placed',
+              unit: '×',
+              digits: 2,
+              derived: ['background/data-heavy', 'placedGBs', 'placedGBs', 'over'],
+            } satisfies MetricDef,
+          }
+        : {}),
       ...DAEMONS,
     },
+    // data-heavy and mostly-empty run interleaved with the C loop (their targets are ratios).
+    ...(b.variant === 'mixed' ? {} : { partners: ['background/c-reference'] }),
+    guestRamBytes: (ctx) => spec(ctx).sizeBytes,
     async runOnce(ctx, index) {
       const image = await ctx.image(spec(ctx));
-      return withDaemons(ctx, [{ id: 'bench-vm', image: image.path }], undefined, async (pair) => {
-        const meter = pair.meter();
-        const w = watch(ctx, `run ${index + 1}`);
-        const r = await runVmSim({
-          ...vmAgainst(pair, image.path, w),
-          workers: 0,
-          timeoutMs: RUN_TIMEOUT_MS,
-          onPhaseEnd: () => meter.stop(),
-        }).finally(w.stop);
-        const sec = r.elapsedMs / 1000;
-        const dataBytes = (r.totalPages - image.pages.zero) * PAGE;
-        return {
-          values: {
-            seconds: sec,
-            placedGBs: image.sizeBytes / sec / 1e9,
-            dataGBs: dataBytes / sec / 1e9,
-            ...daemonValues(pair, meter, r.totalPages * PAGE),
-          },
-          ...verdict(r),
-        };
-      });
+      return runBackgroundFill(
+        ctx,
+        index,
+        { path: image.path, sizeBytes: image.sizeBytes, zeroPages: image.pages.zero },
+        {},
+      );
     },
     finish: (ctx) => ctx.dropImage(spec(ctx)),
   };
@@ -572,9 +718,20 @@ const manyVms: Scenario = {
       digits: 2,
     },
     faultP50Us: { label: 'fault p50, median VM', unit: 'µs', digits: 1 },
+    faultP50UsMax: { label: 'fault p50, slowest VM', unit: 'µs', digits: 1 },
+    faultP50SpreadX: { label: 'slowest VM p50 / median VM p50', unit: '×', digits: 2 },
     faultP99Us: { label: 'fault p99, worst VM', unit: 'µs', digits: 1 },
+    p50VsUnderLoad: {
+      label: 'fault p50 / demand-under-load p50',
+      unit: '×',
+      digits: 2,
+      derived: ['demand-under-load', 'faultP50Us', 'faultP50Us', 'over'],
+    },
     ...DAEMONS,
   },
+  // Its target compares it with single-VM under-load (not interleaved: 16 VMs at once).
+  requires: ['demand-under-load'],
+  guestRamBytes: (ctx) => sizes(ctx.quick).vms * sizes(ctx.quick).vmImage.sizeBytes,
   async runOnce(ctx, index) {
     const s = sizes(ctx.quick);
     const image = await ctx.image(s.vmImage);
@@ -631,6 +788,10 @@ const manyVms: Scenario = {
             vmSecMax: Math.max(...secs),
             aggregateGBs: (all.length * image.sizeBytes) / ((end - start) / 1000) / 1e9,
             faultP50Us: median(all.map((r) => r.faultLatencyUs.p50)),
+            faultP50UsMax: Math.max(...all.map((r) => r.faultLatencyUs.p50)),
+            faultP50SpreadX:
+              Math.max(...all.map((r) => r.faultLatencyUs.p50)) /
+              median(all.map((r) => r.faultLatencyUs.p50)),
             faultP99Us: Math.max(...all.map((r) => r.faultLatencyUs.p99)),
             ...daemonValues(pair, meter, all.length * image.sizeBytes),
           },
@@ -660,12 +821,6 @@ const localFloor: Scenario = {
     'not verified)',
   metrics: {
     ...LATENCY,
-    idleVsFloor: {
-      label: 'demand-idle p50 / this p50',
-      unit: '×',
-      digits: 2,
-      derived: ['demand-idle', 'faultP50Us', 'faultP50Us', 'under'],
-    },
     handlerServiceP50Us: { label: 'handler service p50 (event → placed)', unit: 'µs', digits: 1 },
     handlerCpuSecPerGiB: {
       label: 'handler thread CPU per GiB placed',
@@ -714,6 +869,78 @@ const localFloor: Scenario = {
       },
       ...verdict(r, true),
     };
+  },
+};
+
+// --- remote-floor: a C handler fetching each page from a C server over TCP loopback ---
+
+const remoteFloor: Scenario = {
+  name: 'remote-floor',
+  group: 'remote-floor',
+  describe: (ctx) => {
+    const s = sizes(ctx.quick);
+    return (
+      `demand-idle's fault pattern (${fmtBytes(s.demandImage.sizeBytes)}, 1 thread, ` +
+      `${s.demandTouches} random first touches) served by a C fault handler fetching each page ` +
+      `from a C page server over one TCP loopback connection (scripts/bench/c/remote-floor.c): ` +
+      `the least a remote fault costs here; then the C round trip alone (32 B request, 4 KiB ` +
+      `answer)`
+    );
+  },
+  verification:
+    'every page placed byte-for-byte; the run is ended after the touches (unplaced pages are ' +
+    'not verified)',
+  metrics: {
+    ...LATENCY,
+    handlerServiceP50Us: { label: 'handler service p50 (event → placed)', unit: 'µs', digits: 1 },
+    handlerCpuUsPerFault: { label: 'handler CPU per fault', unit: 'µs', digits: 1 },
+    serverCpuUsPerRequest: { label: 'server CPU per request', unit: 'µs', digits: 1 },
+    rttP50Us: { label: 'C round trip p50 (no uffd)', unit: 'µs', digits: 1 },
+  },
+  async runOnce(ctx) {
+    const s = sizes(ctx.quick);
+    const image = await ctx.image(s.demandImage);
+    const server = await startRemoteFloorServer(ctx, { image: image.path });
+    try {
+      const rf = await remoteFloorHandoff(ctx, { server: server.address });
+      let handled: HandleStats;
+      let r: VmSimPartialResult | VmSimResult;
+      try {
+        r = await runVmSimTouches({
+          image: image.path,
+          migrationId: 'remote-floor',
+          source: 'ws://127.0.0.1:1',
+          workers: 1,
+          pattern: 'random',
+          touches: s.demandTouches,
+          opsAfterComplete: 0,
+          timeoutMs: RUN_TIMEOUT_MS,
+          handoff: rf.handoff,
+        });
+        handled = await rf.stats();
+      } catch (err) {
+        rf.kill();
+        throw err;
+      }
+      const rtt = await ping(ctx, {
+        server: server.address,
+        pages: s.demandImage.sizeBytes / PAGE,
+        count: 2000,
+      });
+      const served = await server.stop();
+      return {
+        values: {
+          ...latencyValues(r.faultLatencyUs),
+          handlerServiceP50Us: handled.serviceP50Us,
+          handlerCpuUsPerFault: handled.cpuNsPerFault / 1000,
+          serverCpuUsPerRequest: served.cpuNsPerRequest / 1000,
+          rttP50Us: rtt.p50Us,
+        },
+        ...verdict(r, true),
+      };
+    } finally {
+      server.kill();
+    }
   },
 };
 
@@ -813,6 +1040,7 @@ export const SCENARIOS: Scenario[] = [
   manyVcpus,
   manyVms,
   localFloor,
+  remoteFloor,
   upgrade,
   ...FIRECRACKER_SCENARIOS,
 ];

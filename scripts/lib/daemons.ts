@@ -57,6 +57,7 @@ function spawnCli(
   logPath: string,
   onStdoutLine?: (line: string) => void,
   systemd?: FakeSystemd,
+  netns?: string,
 ) {
   // YABUSAME_DAEMON_NODE_ARGS passes node flags to the daemons (e.g. --cpu-prof for profiling).
   const nodeArgs = (process.env['YABUSAME_DAEMON_NODE_ARGS'] ?? '').split(' ').filter(Boolean);
@@ -64,9 +65,13 @@ function spawnCli(
   const flags = ['--enable-source-maps', '--max-semi-space-size=1'];
   const argv = [...flags, ...nodeArgs, CLI, ...args];
   const env = { ...process.env, MALLOC_ARENA_MAX: '2' };
+  // In a network namespace: `ip netns exec` execs node, so the child's pid is the daemon's.
+  const [cmd, cmdArgs] = netns
+    ? ['ip', ['netns', 'exec', netns, process.execPath, ...argv]]
+    : [process.execPath, argv];
   const child = systemd
-    ? systemd.spawn(process.execPath, argv, { env })
-    : spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'], env });
+    ? systemd.spawn(cmd, cmdArgs, { env })
+    : spawn(cmd, cmdArgs, { stdio: ['ignore', 'pipe', 'pipe'], env });
   child.stderr!.pipe(createWriteStream(logPath));
   let partial = '';
   child.stdout!.setEncoding('utf8').on('data', (s: string) => {
@@ -145,13 +150,23 @@ export interface SourceDaemon extends Daemon {
  * `yabusame source` on a free loopback port, or on `opts.port` (a source restarted where its
  * dests expect it), reading images beneath `opts.imageRoot` (default `dir`); `args` adds e.g.
  * --migration specs. `opts.secrets` are secrets known from before (a restarted source).
+ * `opts.netns` runs it in that network namespace, listening on `opts.host` (default 127.0.0.1;
+ * off loopback pass --allow-plaintext or TLS options in `args`); its metrics are then only
+ * reachable from inside the namespace (readiness goes through the control socket).
  */
 export async function startSource(
   dir: string,
   args: string[] = [],
   name = 'source',
-  opts: { port?: number; imageRoot?: string; secrets?: Map<string, string> } = {},
+  opts: {
+    port?: number;
+    imageRoot?: string;
+    secrets?: Map<string, string>;
+    netns?: string;
+    host?: string;
+  } = {},
 ): Promise<SourceDaemon> {
+  const host = opts.host ?? '127.0.0.1';
   const port = opts.port ?? (await freePort());
   const metricsPort = await freePort();
   const control = join(dir, `${name}.control`);
@@ -161,7 +176,7 @@ export async function startSource(
     [
       'source',
       '--listen',
-      `127.0.0.1:${port}`,
+      `${host}:${port}`,
       '--image-root',
       opts.imageRoot ?? dir,
       '--control-socket',
@@ -176,6 +191,8 @@ export async function startSource(
       const m = /^migration (\S+) secret ([0-9a-f]+)$/.exec(line);
       if (m) secrets.set(m[1]!, m[2]!);
     },
+    undefined,
+    opts.netns,
   );
   const http = `http://127.0.0.1:${metricsPort}`;
   // Ready once the control API answers with every --migration registered, and the secrets the
@@ -208,7 +225,7 @@ export async function startSource(
     control,
     logPath,
     stop: () => stopChild(child),
-    ws: `ws://127.0.0.1:${port}`,
+    ws: `ws://${host}:${port}`,
     port,
     secrets,
     secretOf(id) {
@@ -225,13 +242,15 @@ export async function startSource(
  * (`<dir>/<name>.control`) and its log in `<dir>/<name>.log`. `opts.socket` and `opts.port`
  * restart a dest where its VMMs and clients expect it (same socket path, same metrics port)
  * under a new name, so each life keeps its log. With `opts.systemd` it runs as systemd would
- * start it (NOTIFY_SOCKET, the fd store's descriptors).
+ * start it (NOTIFY_SOCKET, the fd store's descriptors). `opts.netns` runs it in that network
+ * namespace: its handoff and control sockets are paths, reachable from here; its metrics port
+ * is not (readiness goes through the control socket's /v1/sessions).
  */
 export async function startDest(
   dir: string,
   args: string[] = [],
   name = 'dest',
-  opts: { port?: number; socket?: string; systemd?: FakeSystemd } = {},
+  opts: { port?: number; socket?: string; systemd?: FakeSystemd; netns?: string } = {},
 ): Promise<Daemon & { socket: string; port: number }> {
   const port = opts.port ?? (await freePort());
   const socket = opts.socket ?? join(dir, `${name}.sock`);
@@ -251,10 +270,14 @@ export async function startDest(
     logPath,
     undefined,
     opts.systemd,
+    opts.netns,
   );
   const http = `http://127.0.0.1:${port}`;
+  const healthy = opts.netns
+    ? async () => (await requestJson({ socketPath: control }, 'GET', '/v1/sessions')).status === 200
+    : async () => (await fetch(`${http}/healthz`)).ok;
   try {
-    await waitReady(`dest ${name}`, async () => (await fetch(`${http}/healthz`)).ok, child);
+    await waitReady(`dest ${name}`, healthy, child);
   } catch (err) {
     await stopChild(child);
     throw err;

@@ -21,7 +21,7 @@ const run = await new Promise<{ code: number | null; stdout: string; stderr: str
   (resolve, reject) => {
     const child = spawn(
       process.execPath,
-      [BENCH, '--quick', '--runs', '1', '--json', '--only', 'demand-idle,local-floor'],
+      [BENCH, '--quick', '--runs', '1', '--json', '--solo', '--only', 'demand-idle,local-floor'],
       { stdio: ['ignore', 'pipe', 'pipe'] },
     );
     let stdout = '';
@@ -41,9 +41,14 @@ t.test('exit 0 and one JSON document on stdout', async (t) => {
 const report = JSON.parse(run.stdout || '{}');
 
 t.test('document shape: schema, options, machine', async (t) => {
-  t.equal(report.schema, 'yabusame-bench/1');
+  t.equal(report.schema, 'yabusame-bench/2');
   t.match(report.startedAt, /^\d{4}-\d\d-\d\dT/);
-  t.same(report.options, { runs: 1, quick: true, only: ['demand-idle', 'local-floor'] });
+  t.same(report.options, {
+    runs: 1,
+    quick: true,
+    only: ['demand-idle', 'local-floor'],
+    solo: true,
+  });
   t.match(report.machine, {
     cpuModel: String,
     cores: Number,
@@ -105,13 +110,30 @@ for (const name of ['demand-idle', 'local-floor']) {
       for (const key of ['destPeakRssMiB', 'sourcePeakRssMiB']) {
         t.ok(m[key] && m[key]!.median > 10, `${key} = ${m[key]?.median}`);
       }
+      for (const key of ['destCpuUsPerFault', 'sourceCpuUsPerFault']) {
+        t.ok(m[key] && m[key]!.median > 0, `${key} = ${m[key]?.median}`);
+      }
+      // The local floor is its partner: they ran interleaved, the ratio is taken run by run.
+      t.same(s.interleavedWith, ['local-floor']);
+      t.ok(m['vsLocalFloor']!.median > 0, 'ratio against the local floor computed');
+      t.equal((m['vsLocalFloor'] as Metric & { pairing?: string }).pairing, 'per-run');
     } else {
       t.ok(m['handlerServiceP50Us']!.median > 0);
       t.ok(m['handlerCpuSecPerGiB']!.median >= 0);
-      t.ok(m['idleVsFloor']!.median > 0, 'ratio against demand-idle computed');
     }
   });
 }
+
+t.test('targets: each measured or saying why not', async (t) => {
+  t.ok(Array.isArray(report.targets) && report.targets.length > 0);
+  for (const x of report.targets as Array<Record<string, unknown>>) {
+    t.match(x, { id: String, text: String, limit: Number, unit: String, detail: String });
+    if (x['value'] === null) t.equal(x['pass'], null, `${x['id']}: not measured, no verdict`);
+    else t.type(x['pass'], 'boolean', `${x['id']}: measured, pass or fail`);
+  }
+  const idle = report.targets.find((x: { id: string }) => x.id === 'idle-vs-local-floor');
+  t.type(idle?.value, 'number', 'the interleaved ratio is measured');
+});
 
 t.test('the working folder (images, logs) is deleted', async (t) => {
   const m = /working folder (\S+)/.exec(run.stderr);
