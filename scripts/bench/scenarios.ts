@@ -23,6 +23,8 @@ import {
   startRemoteFloorServer,
   type HandleStats,
 } from './remote-floor.js';
+import { startDelayProxy } from './delay-proxy.js';
+import { createLink, netnsUnavailable, type NetLink } from '../lib/netns.js';
 import { runCVmm } from '../c-vmm/c-vmm.js';
 import { FIRECRACKER_SCENARIOS } from './firecracker.js';
 import { reserveHugePages } from '../lib/hugepages.js';
@@ -99,6 +101,7 @@ export const GROUPS = [
   'remote-floor',
   'upgrade',
   'firecracker',
+  'link',
 ] as const;
 
 // --- sizes ---
@@ -944,6 +947,203 @@ const remoteFloor: Scenario = {
   },
 };
 
+// --- link: the daemons in two network namespaces joined by a veth pair (tbf, delay proxy) ---
+
+/** One-way delays of the emulated link, µs (round trips 0, 100 and 500 µs plus the link's own). */
+export const LINK_DELAYS_US = [0, 50, 250] as const;
+
+const links = new Map<string, NetLink>();
+
+/** The bench's link (created on first use, removed at the end of the bench); skips without root. */
+function benchLink(ctx: BenchContext): NetLink {
+  let link = links.get(ctx.dir);
+  if (!link) {
+    const why = netnsUnavailable();
+    if (why) throw new SkipScenario(why);
+    link = createLink({ rate: LINK_RATE });
+    links.set(ctx.dir, link);
+    ctx.onCleanup(() => link!.close());
+  }
+  return link;
+}
+
+const LINK_RATE = '2gbit';
+
+/**
+ * The placement over the link: the dest (and the proxy) in namespace a, the source in b
+ * listening on b's address; the dest is handed the proxy's URL (127.0.0.1 in a), the proxy
+ * forwards to the source across the veth with `delayUs` added each way.
+ */
+function linkSetting(ctx: BenchContext, delayUs: number, destConfig?: string): RunSetting {
+  const link = benchLink(ctx);
+  return {
+    destConfig,
+    where: {
+      source: { netns: link.b.netns, host: link.b.address, args: ['--allow-plaintext'] },
+      dest: { netns: link.a.netns },
+    },
+    path: async (pair) => {
+      const proxy = await startDelayProxy(ctx, {
+        delayUs,
+        netns: link.a.netns,
+        maps: [{ listen: '127.0.0.1:0', target: `${link.b.address}:${pair.source.port}` }],
+      });
+      return {
+        url: `ws://127.0.0.1:${proxy.ports[0]}`,
+        async stop() {
+          const st = await proxy.stop();
+          return { proxyLateP50Us: st.lateP50Us, proxyLateP99Us: st.lateP99Us };
+        },
+      };
+    },
+  };
+}
+
+const PROXY_LATENESS: Record<string, MetricDef> = {
+  proxyLateP50Us: { label: 'proxy lateness p50 (chunk left after due)', unit: 'µs', digits: 1 },
+  proxyLateP99Us: { label: 'proxy lateness p99', unit: 'µs', digits: 1 },
+};
+
+const linkCalibration: Scenario = {
+  name: 'link/calibration',
+  group: 'link',
+  describe: () =>
+    `the emulated link alone: two network namespaces joined by a veth pair, tbf ${LINK_RATE} ` +
+    `each way, C round trips (32 B request, 4 KiB answer; scripts/bench/c/remote-floor.c ping) ` +
+    `straight across the veth, then through the delay proxy (scripts/bench/c/delay-proxy.c) at ` +
+    `each one-way delay (${LINK_DELAYS_US.join(', ')} µs); the proxy's own cost is its zero-delay ` +
+    `round trip minus the direct one. Needs root and iproute2`,
+  verification: 'none (no pages are placed)',
+  metrics: {
+    directP50Us: { label: 'round trip p50, direct', unit: 'µs', digits: 1 },
+    ...Object.fromEntries(
+      LINK_DELAYS_US.flatMap((d) => [
+        [
+          `rtt${2 * d}P50Us`,
+          { label: `round trip p50, proxy at ${d} µs each way`, unit: 'µs', digits: 1 },
+        ],
+        [
+          `rtt${2 * d}P99Us`,
+          { label: `round trip p99, proxy at ${d} µs each way`, unit: 'µs', digits: 1 },
+        ],
+      ]),
+    ),
+    proxyAddedP50Us: { label: 'proxy added at zero delay, p50', unit: 'µs', digits: 1 },
+    streamGBs: { label: 'stream across the link (depth 16, 256 KiB)', unit: 'GB/s', digits: 2 },
+  },
+  async runOnce(ctx) {
+    const link = benchLink(ctx);
+    const image = await ctx.image(sizes(ctx.quick).demandImage);
+    const pages = image.sizeBytes / PAGE;
+    const server = await startRemoteFloorServer(ctx, {
+      image: image.path,
+      host: link.b.address,
+      netns: link.b.netns,
+    });
+    try {
+      const count = ctx.quick ? 2000 : 10_000;
+      const a = link.a.netns;
+      const direct = await ping(ctx, { server: server.address, pages, count, netns: a });
+      const stream = await ping(ctx, {
+        server: server.address,
+        pages,
+        count: ctx.quick ? 1000 : 4000,
+        length: 256 * 1024,
+        depth: 16,
+        netns: a,
+      });
+      const values: Record<string, number> = {
+        directP50Us: direct.p50Us,
+        streamGBs: stream.bytesPerSec / 1e9,
+      };
+      for (const d of LINK_DELAYS_US) {
+        const proxy = await startDelayProxy(ctx, {
+          delayUs: d,
+          netns: a,
+          maps: [{ listen: '127.0.0.1:0', target: server.address }],
+        });
+        try {
+          const p = await ping(ctx, {
+            server: `127.0.0.1:${proxy.ports[0]}`,
+            pages,
+            count: d ? count / 4 : count,
+            netns: a,
+          });
+          values[`rtt${2 * d}P50Us`] = p.p50Us;
+          values[`rtt${2 * d}P99Us`] = p.p99Us;
+        } finally {
+          await proxy.stop().catch(() => proxy.kill());
+        }
+      }
+      values['proxyAddedP50Us'] = values['rtt0P50Us']! - direct.p50Us;
+      await server.stop();
+      return { values, verified: true, problems: [] };
+    } finally {
+      server.kill();
+    }
+  },
+};
+
+function linkDemand(delayUs: number): Scenario {
+  const name = `link/rtt${2 * delayUs}/demand-idle`;
+  return {
+    name,
+    group: 'link',
+    describe: (ctx) =>
+      `demand-idle (${fmtBytes(sizes(ctx.quick).demandImage.sizeBytes)}, 1 thread, ` +
+      `${sizes(ctx.quick).demandTouches} random first touches, background held back) with the ` +
+      `dest and the source in two namespaces, through the delay proxy at ${delayUs} µs each way`,
+    verification: DEMAND_VERIFICATION,
+    metrics: { ...LATENCY, ...CPU_PER_FAULT, ...PROXY_LATENESS, ...DAEMONS },
+    partners: ['link/calibration'],
+    requires: ['local-floor'],
+    guestRamBytes: (ctx) => sizes(ctx.quick).demandImage.sizeBytes,
+    async runOnce(ctx, index) {
+      const s = sizes(ctx.quick);
+      const setting = linkSetting(ctx, delayUs, ctx.noBackgroundConfig);
+      const image = await ctx.image(s.demandImage);
+      return runDemandTouches(ctx, index, {
+        image: image.path,
+        workers: 1,
+        touches: s.demandTouches,
+        withRate: false,
+        setting,
+      });
+    },
+  };
+}
+
+function linkDataHeavy(delayUs: number): Scenario {
+  const name = `link/rtt${2 * delayUs}/data-heavy`;
+  const spec = (ctx: BenchContext): ImageSpec => ({
+    sizeBytes: ctx.quick ? 256 * MiB : GiB,
+    seed: 3,
+    zeroFraction: 0.1,
+  });
+  return {
+    name,
+    group: 'link',
+    describe: (ctx) =>
+      `background/data-heavy's image (${fmtBytes(spec(ctx).sizeBytes)}) streamed to the dest ` +
+      `across the link, through the delay proxy at ${delayUs} µs each way`,
+    verification: 'every page byte-for-byte after complete',
+    metrics: { ...BACKGROUND_METRICS, ...PROXY_LATENESS, ...DAEMONS },
+    partners: ['link/calibration'],
+    guestRamBytes: (ctx) => spec(ctx).sizeBytes,
+    async runOnce(ctx, index) {
+      const setting = linkSetting(ctx, delayUs);
+      const image = await ctx.image(spec(ctx));
+      return runBackgroundFill(
+        ctx,
+        index,
+        { path: image.path, sizeBytes: image.sizeBytes, zeroPages: image.pages.zero },
+        setting,
+      );
+    },
+    finish: (ctx) => ctx.dropImage(spec(ctx)),
+  };
+}
+
 // --- upgrade: the dest restarted mid-migration, resuming from systemd's fd store ---
 
 const upgrade: Scenario = {
@@ -1043,6 +1243,9 @@ export const SCENARIOS: Scenario[] = [
   remoteFloor,
   upgrade,
   ...FIRECRACKER_SCENARIOS,
+  linkCalibration,
+  ...LINK_DELAYS_US.map(linkDemand),
+  ...LINK_DELAYS_US.map(linkDataHeavy),
 ];
 
 export function fmtBytes(n: number): string {
