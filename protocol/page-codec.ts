@@ -204,6 +204,41 @@ export function encodeZero(flags: number, offset: number, length: number): Buffe
   return buf;
 }
 
+// --- the source's times in a DEMAND answer: DATA/ZERO bytes 20..23 (protocol/README.md) ---
+
+/** The unit of the source's times: 100 ns; each is a u16, so it saturates at 6.5535 ms. */
+export const SOURCE_TIME_UNIT_SECONDS = 1e-7;
+const SOURCE_TIME_MAX = 0xffff;
+
+function sourceTicks(ms: number): number {
+  const t = Math.round(ms * 1e4);
+  return t <= 0 ? 0 : t >= SOURCE_TIME_MAX ? SOURCE_TIME_MAX : t;
+}
+
+/**
+ * Writes the source's times into a DEMAND DATA or ZERO frame (bytes 20..23, outside its
+ * checksum, so after it was encoded): `readMs` from the REQUEST's arrival to its pages read,
+ * `sendMs` from then to the frame being handed to the socket, both in milliseconds.
+ */
+export function stampSourceTimes(frame: Uint8Array, readMs: number, sendMs: number): void {
+  const r = sourceTicks(readMs);
+  const w = sourceTicks(sendMs);
+  frame[20] = r & 0xff;
+  frame[21] = r >>> 8;
+  frame[22] = w & 0xff;
+  frame[23] = w >>> 8;
+}
+
+/** The source's read time in a DEMAND DATA or ZERO message, seconds (0 when not stamped). */
+export function sourceReadSeconds(message: Uint8Array): number {
+  return (message[20]! | (message[21]! << 8)) * SOURCE_TIME_UNIT_SECONDS;
+}
+
+/** The source's send time in a DEMAND DATA or ZERO message, seconds (0 when not stamped). */
+export function sourceSendSeconds(message: Uint8Array): number {
+  return (message[22]! | (message[23]! << 8)) * SOURCE_TIME_UNIT_SECONDS;
+}
+
 // --- HAVE: u8 type, u8 flags, u16 count, u32 checksum, then count x (u64 offset, u64 length) ---
 /** Encodes the ranges a dest holds; checksum is CRC-32 of bytes 0..3 then the entries. */
 export function encodeHave(flags: number, ranges: readonly PageRange[]): Buffer {

@@ -10,16 +10,21 @@ import type { PageMap } from './page-map.js';
 import { isSettled } from './page-map.js';
 import type { GuestRegion } from './regions.js';
 
-interface Awaited {
+/** A fault awaiting its page. */
+export interface AwaitedFault {
   r: GuestRegion;
   page: number;
+  /** Image offset of the page. */
+  offset: number;
   /** performance.now() when the fault was read. */
   at: number;
+  /** performance.now() when its page was first requested (0: not yet). */
+  sentAt: number;
 }
 
 export class FaultTracker {
   /** By image offset of the page. */
-  private readonly awaited = new Map<number, Awaited>();
+  private readonly awaited = new Map<number, AwaitedFault>();
   private pending: PageRange[] = [];
 
   /** Faults awaiting their page. */
@@ -30,8 +35,13 @@ export class FaultTracker {
   /** A fault on a missing page (now REQUESTED in the map): request it at the next flush. */
   add(r: GuestRegion, page: number, at: number): void {
     const offset = r.imageOffset(page);
-    this.awaited.set(offset, { r, page, at });
+    this.awaited.set(offset, { r, page, offset, at, sentAt: 0 });
     this.queue(offset, r.pageSizeBytes);
+  }
+
+  /** The requests taken were handed to the demand connection at `now`. */
+  requested(now: number): void {
+    for (const a of this.awaited.values()) if (a.sentAt === 0) a.sentAt = now;
   }
 
   /** Queues every awaited page again (a new demand connection). */
@@ -54,15 +64,16 @@ export class FaultTracker {
   }
 
   /**
-   * Forgets the awaited pages that are settled now, calling `served` with how long each vCPU
-   * waited (ms). Walks the awaited faults (a handful), not the pages placed. Returns how many.
+   * Forgets the awaited pages that are settled now, calling `served` with each fault (its vCPU
+   * waited `now - at`). Walks the awaited faults (a handful), not the pages placed. Returns how
+   * many.
    */
-  sweep(map: PageMap, now: number, served: (waitedMs: number) => void): number {
+  sweep(map: PageMap, now: number, served: (fault: AwaitedFault, now: number) => void): number {
     let n = 0;
     for (const [offset, a] of this.awaited) {
       if (isSettled(map.state(a.r, a.page))) {
         this.awaited.delete(offset);
-        served(now - a.at);
+        served(a, now);
         n++;
       }
     }

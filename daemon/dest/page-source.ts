@@ -50,6 +50,22 @@ export interface PageSource {
   readonly links: Readonly<Record<'demand' | 'background', LinkStatus>>;
   /** Bytes received from the source (frames on both channels), or read from the file. */
   readonly receivedBytes: number;
+  /** A remote source's DEMAND answer while it is placed, for the fault stages (a file: none). */
+  readonly answer?: DemandAnswer;
+}
+
+/**
+ * The DEMAND answer being placed, while it is (`end` is -1 otherwise): its image range and its
+ * times, so the session can time the stages of the faults it answers. One object, reused.
+ */
+export interface DemandAnswer {
+  offset: number;
+  end: number;
+  /** performance.now() when its message was received, and when it was decoded and verified. */
+  receivedAt: number;
+  verifiedAt: number;
+  /** The message (its source times: protocol/README.md). */
+  message: Uint8Array | null;
 }
 
 /**

@@ -14,6 +14,7 @@
  *    source's close after its acknowledgement is never mistaken for a lost connection), and
  *    again on every restored demand connection until acknowledged.
  */
+import { performance } from 'node:perf_hooks';
 import { encodeComplete, encodeRequest } from '../../protocol/page-codec.js';
 import { codeOf, HANDOFF_ERROR_CODES, ProtocolError } from '../../protocol/errors.js';
 import { checkRun } from '../../protocol/ranges.js';
@@ -37,6 +38,7 @@ import { SessionError } from './session-error.js';
 import type {
   LinkState,
   LinkStatus,
+  DemandAnswer,
   PageSource,
   PageSourceFactory,
   SourceHooks,
@@ -78,6 +80,13 @@ export interface RemoteSourceDeps {
 }
 
 export class RemoteSource implements PageSource {
+  readonly answer: DemandAnswer = {
+    offset: 0,
+    end: -1,
+    receivedAt: 0,
+    verifiedAt: 0,
+    message: null,
+  };
   private readonly demand: Link;
   private readonly background: BulkLane;
   private backgroundSerial = 0;
@@ -303,12 +312,26 @@ export class RemoteSource implements PageSource {
               : null;
           const length = data ? data.byteLength : (frame as { length: number }).length;
           checkRun(ch.welcome.regions, frame.offset, length);
-          this.hooks.run({
-            offset: frame.offset,
-            length,
-            data,
-            path: frame.flags & DataFlag.DEMAND ? 'demand' : 'background',
-          });
+          const demand = (frame.flags & DataFlag.DEMAND) !== 0;
+          if (demand) {
+            const a = this.answer;
+            a.offset = frame.offset;
+            a.end = frame.offset + length;
+            a.verifiedAt = performance.now();
+            a.receivedAt = ch.receivedAt ?? a.verifiedAt;
+            a.message = message;
+          }
+          try {
+            this.hooks.run({
+              offset: frame.offset,
+              length,
+              data,
+              path: demand ? 'demand' : 'background',
+            });
+          } finally {
+            this.answer.end = -1;
+            this.answer.message = null;
+          }
           this.demand.healthy(ch);
           break;
         }

@@ -27,7 +27,8 @@ import type { HandoffRegion, HandoffReply } from '../../protocol/handoff.js';
 import type { Logger } from '../ops/log.js';
 import type { DestMetrics, DestMigrationSample } from '../ops/metric-ports.js';
 import type { BulkLaneFactory } from './bulk.js';
-import { FaultTracker } from './faults.js';
+import { FaultTracker, type AwaitedFault } from './faults.js';
+import { sourceReadSeconds, sourceSendSeconds } from '../../protocol/page-codec.js';
 import type { LinkStatus, PageSource, PageSourceFactory } from './page-source.js';
 import { Placement, type Run } from './placement.js';
 import { RegionTable } from './regions.js';
@@ -348,21 +349,39 @@ export class Session {
     // While the demand channel is down these are dropped: the next connection asks again for
     // every awaited page (requeueAll).
     const batches = this.faults.takeRequests();
-    if (batches.length > 0) this.source?.request(batches);
+    if (batches.length > 0 && this.source?.request(batches)) {
+      this.faults.requested(performance.now());
+    }
   }
 
   /** Placement settled pages: time the faults they answer, send new requests, maybe complete. */
   private onSettled(): void {
     if (this.faults.size > 0) {
-      const m = this.deps.metrics;
-      const served = this.faults.sweep(this.placement.map, performance.now(), (ms) =>
-        m.faultServiceSeconds(ms / 1000),
-      );
+      const served = this.faults.sweep(this.placement.map, performance.now(), this.served);
       this.deps.bulk.faultsAwaited(-served);
     }
     this.flushRequests();
     this.checkComplete();
   }
+
+  /**
+   * A fault's page is settled: how long its vCPU waited and, when a DEMAND answer of the
+   * connection that carried its REQUEST placed it, the time of each stage (FaultStage).
+   */
+  private readonly served = (f: AwaitedFault, now: number): void => {
+    const m = this.deps.metrics;
+    m.faultServiceSeconds((now - f.at) / 1000);
+    const a = this.source?.answer;
+    if (!a || f.sentAt === 0 || a.message === null) return; // a file's pages: no wire
+    if (f.offset < a.offset || f.offset >= a.end) return;
+    if (a.receivedAt < f.sentAt) return; // answers a REQUEST sent before (a reconnect's)
+    m.faultStage('request', (f.sentAt - f.at) / 1000);
+    m.faultStage('wire', (a.receivedAt - f.sentAt) / 1000);
+    m.faultStage('source_read', sourceReadSeconds(a.message));
+    m.faultStage('source_send', sourceSendSeconds(a.message));
+    m.faultStage('verify', (a.verifiedAt - a.receivedAt) / 1000);
+    m.faultStage('place', (now - a.verifiedAt) / 1000);
+  };
 
   private checkComplete(): void {
     if (this.stateValue !== 'running' || !this.placement.map.complete) return;

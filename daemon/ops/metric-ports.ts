@@ -42,6 +42,24 @@ export interface SourceMigrationSample {
   heldRequests: number;
 }
 
+/**
+ * The stages of a demand fault on the dest, in order (each from the end of the one before):
+ * `request` fault read → its REQUEST handed to the connection; `wire` → the answer's message
+ * received (the network both ways and the source, whose own part is `source_read` (REQUEST
+ * read → pages read) and `source_send` (→ frame handed to its connection), from the answer);
+ * `verify` → the frame decoded and its checksum verified; `place` → UFFDIO_COPY (or ZEROPAGE)
+ * returned, which also wakes the faulting threads.
+ */
+export type FaultStage = 'request' | 'wire' | 'source_read' | 'source_send' | 'verify' | 'place';
+export const FAULT_STAGES: readonly FaultStage[] = [
+  'request',
+  'wire',
+  'source_read',
+  'source_send',
+  'verify',
+  'place',
+];
+
 export interface SourceMetrics {
   /** Pages sent, by why (demand answer or background stream) and how (DATA or ZERO run). */
   pagesSent(path: PagePath, kind: PageKind, pages: number): void;
@@ -67,6 +85,8 @@ export interface DestMetrics {
   fault(): void;
   /** Time from reading a fault to the page being placed (what the vCPU feels). */
   faultServiceSeconds(seconds: number): void;
+  /** One stage of a demand fault answered by a DEMAND frame (FaultStage). */
+  faultStage(stage: FaultStage, seconds: number): void;
   /** Pages placed, by path and kind. */
   pagesPlaced(path: PagePath, kind: PageKind, pages: number): void;
   /** Frame bytes received on a connection. */
@@ -110,6 +130,7 @@ export const noopSourceMetrics: SourceMetrics = {
 export const noopDestMetrics: DestMetrics = {
   fault: noop,
   faultServiceSeconds: noop,
+  faultStage: noop,
   pagesPlaced: noop,
   bytesReceived: noop,
   placeExists: noop,

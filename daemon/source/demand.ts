@@ -4,6 +4,7 @@
  * them yet). Requests that arrive before the migration is frozen wait in arrival order: the
  * guest may still be writing those pages, so serving them early could install stale data.
  */
+import { performance } from 'node:perf_hooks';
 import { codeOf, PAGE_ERROR_CODES, ProtocolError } from '../../protocol/errors.js';
 import { DataFlag, type PageRange } from '../../protocol/wire.js';
 import type { SourceChannel } from '../transport/source-channel.js';
@@ -14,7 +15,8 @@ import type { SentMap } from './sent-map.js';
 interface Pending {
   channel: SourceChannel;
   pieces: PagePiece[];
-  arrivedNs: bigint;
+  /** performance.now() when the REQUEST arrived. */
+  arrivedAt: number;
 }
 
 export interface DemandOptions {
@@ -50,7 +52,7 @@ export class DemandServer {
 
   /** A REQUEST arrived; `frozen` says whether the image may be read yet. */
   request(channel: SourceChannel, ranges: readonly PageRange[], frozen: boolean): void {
-    const arrivedNs = process.hrtime.bigint();
+    const arrivedAt = performance.now();
     let pieces: PagePiece[];
     try {
       pieces = this.resolve(ranges);
@@ -62,7 +64,7 @@ export class DemandServer {
       return;
     }
     if (frozen) {
-      this.serve({ channel, pieces, arrivedNs });
+      this.serve({ channel, pieces, arrivedAt });
       return;
     }
     if (this.pending.length >= this.opts.maxPendingRequests) {
@@ -73,7 +75,7 @@ export class DemandServer {
       );
       return;
     }
-    this.pending.push({ channel, pieces, arrivedNs });
+    this.pending.push({ channel, pieces, arrivedAt });
   }
 
   /** The migration froze: serve what waited, in arrival order. */
@@ -121,6 +123,8 @@ export class DemandServer {
           this.opts.readBytes,
           sink,
           stats,
+          undefined,
+          p.arrivedAt,
         );
         this.sent.mark(piece.page, piece.count, r.pageSizeBytes);
         next = piece.page + piece.count;
@@ -132,7 +136,7 @@ export class DemandServer {
       p.channel.fail('IMAGE_IO', (err as Error).message);
       return;
     }
-    const seconds = Number(process.hrtime.bigint() - p.arrivedNs) / 1e9;
+    const seconds = (performance.now() - p.arrivedAt) / 1000;
     this.hooks.served(stats, seconds, next);
   }
 }

@@ -6,8 +6,9 @@
  * ZERO runs; the DATA frame after such a run writes its header into the last 24 bytes of the zero
  * page before it, which is never sent.
  */
-import { encodeDataHeaderInto, encodeZero } from '../../protocol/page-codec.js';
-import { HeaderSize } from '../../protocol/wire.js';
+import { performance } from 'node:perf_hooks';
+import { encodeDataHeaderInto, encodeZero, stampSourceTimes } from '../../protocol/page-codec.js';
+import { DataFlag, HeaderSize } from '../../protocol/wire.js';
 import { PageClass, type ImageRegion, type MemoryImage } from './image.js';
 import type { SlabPool } from './slab-pool.js';
 
@@ -59,6 +60,13 @@ const MAX_ZERO_RUN_BYTES = 0xffffffff;
 const isSkip = (cls: number): boolean => cls === PageClass.HOLE || cls === PageClass.ZERO;
 
 export class PageWriter {
+  /**
+   * While a demand answer is written: performance.now() when its REQUEST arrived, and when its
+   * last pages were read (the source times of protocol/README.md); -1 otherwise.
+   */
+  private since = -1;
+  private readAt = -1;
+
   constructor(
     private readonly image: MemoryImage,
     private readonly pool: SlabPool,
@@ -68,7 +76,9 @@ export class PageWriter {
   flushZero(z: PendingZero, sink: FrameSink, stats: SpanStats): void {
     if (z.count === 0 || !z.region) return;
     const size = z.region.pageSizeBytes;
-    sink(encodeZero(z.flags, this.image.pageOffset(z.region, z.start), z.count * size));
+    const frame = encodeZero(z.flags, this.image.pageOffset(z.region, z.start), z.count * size);
+    if (this.since >= 0 && z.flags & DataFlag.DEMAND) this.stamp(frame, 0);
+    sink(frame);
     stats.zeroFrames++;
     stats.zeroPages += z.count;
     stats.frameBytes += HeaderSize.ZERO;
@@ -78,10 +88,37 @@ export class PageWriter {
   /**
    * Emits `count` pages of region `r` from global page `page`. DATA frames carry at most
    * max(`readBytes`, one page) of payload. Zero pages at the end stay in `carry` when given (the
-   * caller flushes it), so the next write can extend the run. Throws SourceError IMAGE_IO /
-   * IMAGE_CLOSED.
+   * caller flushes it), so the next write can extend the run. `since` (performance.now() when
+   * the REQUEST arrived) stamps the source times into DEMAND frames. Throws SourceError
+   * IMAGE_IO / IMAGE_CLOSED.
    */
   write(
+    r: ImageRegion,
+    page: number,
+    count: number,
+    flags: number,
+    readBytes: number,
+    sink: FrameSink,
+    stats: SpanStats,
+    carry?: PendingZero,
+    since = -1,
+  ): void {
+    this.since = since;
+    try {
+      this.writeSpan(r, page, count, flags, readBytes, sink, stats, carry);
+    } finally {
+      this.since = -1;
+    }
+  }
+
+  /** `readTime`: since the REQUEST's arrival to the pages read (0: none read); `sendTime`: to now. */
+  private stamp(frame: Uint8Array, readTime: number): void {
+    const now = performance.now();
+    const read = readTime > 0 ? readTime - this.since : 0;
+    stampSourceTimes(frame, read, now - (readTime > 0 ? readTime : this.since));
+  }
+
+  private writeSpan(
     r: ImageRegion,
     page: number,
     count: number,
@@ -137,6 +174,7 @@ export class PageWriter {
         slab.release();
         throw err;
       }
+      if (this.since >= 0) this.readAt = performance.now();
       stats.readBytes += n * size;
       image.classify(r, p, n, buf, HeaderSize.DATA);
       let i = 0;
@@ -153,6 +191,7 @@ export class PageWriter {
         // zero page i - 1, which is not sent.
         const frame = buf.subarray(i * size, HeaderSize.DATA + j * size);
         encodeDataHeaderInto(frame, flags, image.pageOffset(r, p + i));
+        if (this.since >= 0 && flags & DataFlag.DEMAND) this.stamp(frame, this.readAt);
         sink(frame, slab.retain().release);
         stats.dataPages += j - i;
         stats.payloadBytes += (j - i) * size;

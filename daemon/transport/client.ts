@@ -7,6 +7,7 @@ import type { LookupFunction } from 'node:net';
 import WebSocket from 'ws';
 import { helloProof, NONCE_HEADER, parseNonce } from '../../protocol/auth.js';
 import { formatHostPort, pagesUrl, type SourceAddress } from '../../protocol/source-url.js';
+import { performance } from 'node:perf_hooks';
 import { decodeFrame, encodeError, encodeHello } from '../../protocol/page-codec.js';
 import {
   CodedError,
@@ -61,6 +62,11 @@ export interface PageChannel {
   pause(): void;
   resume(): void;
   readonly isOpen: boolean;
+  /**
+   * performance.now() when the message of the frame being delivered was received, before it
+   * was decoded (its checksum verified): the start of a fault's `verify` stage.
+   */
+  readonly receivedAt?: number;
 }
 
 /** TLS for wss sources: the CAs to verify the source with, and our client certificate. */
@@ -272,8 +278,11 @@ class ChannelImpl implements PageChannel {
     return this.open;
   }
 
+  receivedAt = 0;
+
   deliver(data: Buffer, isBinary: boolean): void {
     if (!this.open) return;
+    this.receivedAt = performance.now();
     const frame = decodeMessage(data, isBinary);
     if ('bad' in frame) {
       this.closeWith(frame.bad);

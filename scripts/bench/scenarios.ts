@@ -42,6 +42,7 @@ import {
   type ImageSpec,
 } from './harness.js';
 import { cpuSeconds } from './proc.js';
+import { STAGE_METRICS, stageValues } from './stages.js';
 import type { CpuMeter } from './proc.js';
 import { median } from './stats.js';
 
@@ -306,7 +307,15 @@ function watch(ctx: BenchContext, label: string, print = true) {
 export async function runDemandTouches(
   ctx: BenchContext,
   index: number,
-  o: { image: string; workers: number; touches: number; withRate: boolean; setting: RunSetting },
+  o: {
+    image: string;
+    workers: number;
+    touches: number;
+    withRate: boolean;
+    setting: RunSetting;
+    /** Read the fault stages from the dest's /metrics (reachable only from here). */
+    stages?: boolean;
+  },
 ): Promise<RunOutcome> {
   return withSetting(ctx, o.image, o.setting, async (pair, url) => {
     const meter = pair.meter();
@@ -323,6 +332,9 @@ export async function runDemandTouches(
     const v = verdict(r, true);
     const touchSec = (r.touchPhaseMs ?? r.elapsedMs) / 1000;
     const faults = Math.max(1, r.workload.faults);
+    const stages = o.stages
+      ? stageValues(await (await fetch(`${pair.dest.http}/metrics`)).text())
+      : {};
     return {
       values: {
         ...latencyValues(r.faultLatencyUs),
@@ -331,6 +343,7 @@ export async function runDemandTouches(
           : {}),
         destCpuUsPerFault: (meter.seconds(0) * 1e6) / faults,
         sourceCpuUsPerFault: (meter.seconds(1) * 1e6) / faults,
+        ...stages,
         ...daemonValues(pair, meter, r.presentPages * PAGE),
       },
       ...v,
@@ -349,6 +362,8 @@ function demandNoBackground(o: {
   withRate: boolean;
   partners?: string[];
   extraMetrics?: Record<string, MetricDef>;
+  /** Report the stages of the faults (the dest's fault stage histogram). */
+  stages?: boolean;
 }): Scenario {
   return {
     name: o.name,
@@ -373,6 +388,7 @@ function demandNoBackground(o: {
         : {}),
       ...(o.extraMetrics ?? {}),
       ...CPU_PER_FAULT,
+      ...(o.stages ? STAGE_METRICS : {}),
       ...DAEMONS,
     },
     ...(o.partners ? { partners: o.partners } : {}),
@@ -385,6 +401,7 @@ function demandNoBackground(o: {
         touches: o.touches(ctx),
         withRate: o.withRate,
         setting: { destConfig: ctx.noBackgroundConfig },
+        stages: o.stages,
       });
     },
   };
@@ -397,6 +414,7 @@ const demandIdle = demandNoBackground({
   withRate: false,
   // The floors and under-load run interleaved with it: their ratios are taken run by run.
   partners: ['local-floor', 'remote-floor', 'demand-under-load'],
+  stages: true,
   extraMetrics: {
     vsLocalFloor: {
       label: 'p50 / local floor p50',

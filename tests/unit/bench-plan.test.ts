@@ -12,6 +12,7 @@ import {
   type RowSpec,
 } from '../../scripts/bench/plan.js';
 import type { ScenarioResult } from '../../scripts/bench/report.js';
+import { bucketQuantile, stageValues } from '../../scripts/bench/stages.js';
 import { evaluateTargets } from '../../scripts/bench/targets.js';
 
 const ROWS: RowSpec[] = [
@@ -103,4 +104,52 @@ t.test('evaluateTargets: pass, fail, not measured', async (t) => {
   t.equal(by.get('link-rtt100-p50')!.value, 0.75);
   t.equal(by.get('link-rtt100-p50')!.pass, true);
   t.equal(by.get('link-rtt500-p50')!.pass, null);
+});
+
+t.test('stage quantiles from the dest histogram, as histogram_quantile', async (t) => {
+  t.equal(
+    bucketQuantile(
+      [
+        [1, 0],
+        [2, 10],
+        [Infinity, 10],
+      ],
+      0.5,
+    ),
+    1.5,
+  );
+  t.equal(
+    bucketQuantile(
+      [
+        [1, 5],
+        [Infinity, 10],
+      ],
+      0.99,
+    ),
+    1,
+    'in +Inf: the last finite bound',
+  );
+  t.ok(
+    Number.isNaN(
+      bucketQuantile(
+        [
+          [1, 0],
+          [Infinity, 0],
+        ],
+        0.5,
+      ),
+    ),
+    'nothing observed',
+  );
+  const text = [
+    '# TYPE yabusame_dest_fault_stage_seconds histogram',
+    'yabusame_dest_fault_stage_seconds_bucket{le="0.00001",stage="wire"} 0',
+    'yabusame_dest_fault_stage_seconds_bucket{le="0.00002",stage="wire"} 4',
+    'yabusame_dest_fault_stage_seconds_bucket{le="+Inf",stage="wire"} 4',
+    'yabusame_dest_fault_stage_seconds_bucket{le="0.00001",stage="place"} 0',
+    'yabusame_dest_fault_stage_seconds_bucket{le="+Inf",stage="place"} 0',
+  ].join('\n');
+  const v = stageValues(text);
+  t.ok(Math.abs(v['stageWireP50Us']! - 15) < 1e-9, 'wire p50 halfway through its bucket');
+  t.notOk('stagePlaceP50Us' in v, 'a stage never observed is left out');
 });

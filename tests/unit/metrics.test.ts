@@ -12,6 +12,7 @@ import {
 import type { DestMigrationSample, SourceMigrationSample } from '../../daemon/ops/metric-ports.js';
 
 const createMetricsRegistry = () => createRegistry({ version: '9.8.7-test' });
+import { FAULT_STAGES } from '../../daemon/ops/metric-ports.js';
 
 interface Family {
   help?: string;
@@ -76,6 +77,8 @@ t.test('dest metrics: every port method shows up in the exposition', async (t) =
   m.faultServiceSeconds(2); // past 1 s: the 2.5 s bucket
   m.faultServiceSeconds(121); // a 2-minute stall behind a reconnect: the 5-minute bucket
   m.faultServiceSeconds(301); // past the last bucket: only +Inf
+  m.faultStage('wire', 0.000012); // the 15 µs bucket
+  m.faultStage('source_read', 0.000002);
   m.pagesPlaced('demand', 'data', 3);
   m.pagesPlaced('background', 'zero', 512);
   m.bytesReceived('background', 1 << 20);
@@ -103,6 +106,12 @@ t.test('dest metrics: every port method shows up in the exposition', async (t) =
   t.equal(s('yabusame_dest_fault_service_seconds_bucket{le="300"}'), 3, 'not only in +Inf');
   t.equal(s('yabusame_dest_fault_service_seconds_bucket{le="+Inf"}'), 4);
   t.equal(s('yabusame_dest_fault_service_seconds_count'), 4);
+  t.equal(s('yabusame_dest_fault_stage_seconds_bucket{le="0.00001",stage="wire"}'), 0);
+  t.equal(s('yabusame_dest_fault_stage_seconds_bucket{le="0.000015",stage="wire"}'), 1);
+  t.equal(s('yabusame_dest_fault_stage_seconds_count{stage="source_read"}'), 1);
+  for (const stage of FAULT_STAGES) {
+    t.ok(s(`yabusame_dest_fault_stage_seconds_count{stage="${stage}"}`) !== undefined, stage);
+  }
   t.equal(s('yabusame_dest_pages_placed_total{path="demand",kind="data"}'), 3);
   t.equal(s('yabusame_dest_pages_placed_total{path="background",kind="zero"}'), 512);
   t.equal(s('yabusame_dest_pages_placed_total{path="demand",kind="zero"}'), 0, 'pre-created');
@@ -121,7 +130,7 @@ t.test('dest metrics: every port method shows up in the exposition', async (t) =
 
   const ours = [...families].filter(([name]) => name.startsWith('yabusame_dest_'));
   // One per DestMetrics method, 7 per-migration families and migrations_untracked.
-  t.equal(ours.length, 12 + 7 + 1, 'the families of the dest');
+  t.equal(ours.length, 13 + 7 + 1, 'the families of the dest');
   for (const [name, f] of ours) {
     t.ok(f.help, `${name} has HELP`);
     if (f.type === 'counter') t.match(name, /_total$/, `${name}: counters end in _total`);

@@ -21,6 +21,9 @@ import {
   encodeRequest,
   encodeWelcome,
   encodeZero,
+  sourceReadSeconds,
+  sourceSendSeconds,
+  stampSourceTimes,
 } from '../../protocol/page-codec.js';
 import {
   Channel,
@@ -669,6 +672,21 @@ t.test('reserved bytes are ignored on receipt', async (t) => {
   t.equal(reservedFlag.type, FrameType.DATA, 'DATA flag 0x02 (reserved) does not matter');
   t.equal(decodeFrame(patched('REQUEST', 1, 'ff')).type, FrameType.REQUEST, 'REQUEST byte 1');
   t.equal(decodeFrame(patched('CREDIT', 1, 'ffffff')).type, FrameType.CREDIT, 'CREDIT 1..3');
+});
+
+t.test("the source's times in a DEMAND answer: outside the checksum, 100 ns units", async (t) => {
+  const data = encodeData(DataFlag.DEMAND, 4096, new Uint8Array(4096).fill(7));
+  const zero = encodeZero(DataFlag.DEMAND, 8192, 4096);
+  t.equal(sourceReadSeconds(data), 0, 'unstamped: 0');
+  stampSourceTimes(data, 0.0123, 0.5); // ms
+  stampSourceTimes(zero, 0, 10); // 10 ms saturates
+  t.same(data.subarray(20, 24), Buffer.from([123, 0, 0x88, 0x13]), 'u16 LE each');
+  t.ok(Math.abs(sourceReadSeconds(data) - 12.3e-6) < 1e-12);
+  t.ok(Math.abs(sourceSendSeconds(data) - 500e-6) < 1e-12);
+  t.equal(sourceReadSeconds(zero), 0);
+  t.ok(Math.abs(sourceSendSeconds(zero) - 0xffff * 1e-7) < 1e-12, 'saturates at 6.5535 ms');
+  t.equal(decodeFrame(data).type, FrameType.DATA, 'DATA still verifies');
+  t.equal(decodeFrame(zero).type, FrameType.ZERO, 'ZERO still verifies');
 });
 
 /**
