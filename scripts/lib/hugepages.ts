@@ -1,6 +1,7 @@
 /**
  * Huge pages for the tests and the bench: a hugetlbfs guest needs pages reserved in the kernel's
- * pool (/proc/sys/vm/nr_hugepages, root only). The pool is put back as it was afterwards.
+ * pool (/proc/sys/vm/nr_hugepages, root only). Each reservation adds to the pool and takes the
+ * same number back afterwards.
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 
@@ -20,7 +21,12 @@ export function reserveHugePages(pages: number, needed: number): HugePageReserva
   } catch (err) {
     return { skip: `cannot reserve huge pages through ${POOL}: ${(err as Error).message}` };
   }
-  const release = (): void => writeFileSync(POOL, String(before));
+  // Gives back what it added, not the size it read: another reservation (a second test file
+  // or suite at the same time) may have grown the pool since, and keeps its pages.
+  const release = (): void => {
+    const now = Number(readFileSync(POOL, 'utf8'));
+    writeFileSync(POOL, String(Math.max(0, now - pages)));
+  };
   const free = Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1]);
   if (!(free >= needed)) {
     release();
