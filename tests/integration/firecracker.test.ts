@@ -841,7 +841,8 @@ t.test('the socket is 0660 and the peers policy applies', async (t) => {
          s.on('error', (e) => { console.log(e.code); process.exit(0); });
          s.on('connect', () => s.on('close', () => { console.log('closed'); process.exit(0); }));`,
       ],
-      { ...nobody, encoding: 'utf8', timeout: 10_000 },
+      // Without tap's NODE_OPTIONS: its hooks would write into the root-owned .tap folder.
+      { ...nobody, env: { PATH: process.env['PATH'] }, encoding: 'utf8', timeout: 10_000 },
     );
     return r.stdout.trim();
   };
