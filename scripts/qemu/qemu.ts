@@ -238,14 +238,26 @@ export class Qemu extends EventEmitter<{
       await new Promise((r) => setTimeout(r, 20));
     }
     let qmp: QmpClient;
-    try {
-      qmp = await connectQmp(qmpPath, { timeoutMs: o.qmpTimeoutMs ?? 10_000 });
-    } catch (err) {
-      proc.kill('SIGKILL');
-      const said = stderr.map((l) => l.text).join(' | ');
-      throw new Error(`${o.name}: QMP: ${(err as Error).message}; QEMU's stderr: ${said}`, {
-        cause: err,
-      });
+    const qmpTimeoutMs = o.qmpTimeoutMs ?? 10_000;
+    const connectBy = Date.now() + qmpTimeoutMs;
+    for (;;) {
+      try {
+        qmp = await connectQmp(qmpPath, { timeoutMs: qmpTimeoutMs });
+        break;
+      } catch (err) {
+        // The socket's file exists from QEMU's bind(2); until its listen(2) (a busy machine can
+        // hold QEMU between the two) a connection is refused: try again while QEMU lives.
+        const refused = (err as { code?: string }).code === 'QMP_CONNECT';
+        if (refused && exited === undefined && Date.now() < connectBy) {
+          await new Promise((r) => setTimeout(r, 50));
+          continue;
+        }
+        proc.kill('SIGKILL');
+        const said = stderr.map((l) => l.text).join(' | ');
+        throw new Error(`${o.name}: QMP: ${(err as Error).message}; QEMU's stderr: ${said}`, {
+          cause: err,
+        });
+      }
     }
     vm = new Qemu(o, proc, qmp, startedAtMs, tracePath, stderr);
     for (const l of early) vm.push(l);
