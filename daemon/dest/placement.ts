@@ -43,6 +43,8 @@ const EVENT_BATCH = 64; // uffd_msg per read(2)
 const MAX_IMMEDIATE_RETRIES = 8;
 const RETRY_FIRST_MS = 1;
 const RETRY_MAX_MS = 64;
+/** How long a VMA probe keeps reading events and trying again while it meets EAGAIN. */
+const PROBE_RETRY_MS = 250;
 /** Faults on one already-placed page, within one SPURIOUS_WINDOW_MS, that mean a loop. */
 const MAX_SPURIOUS_FAULTS = 3;
 const SPURIOUS_WINDOW_MS = 1000;
@@ -71,6 +73,8 @@ export class Placement {
   private watch: sys.FdWatch | null = null;
   private readonly eventBuf = Buffer.alloc(32 * EVENT_BATCH);
   private readonly events: uffd.UffdEvent[] = [];
+  /** Events the last pump() read. */
+  private pumped = 0;
   /** Zero placements that faults asked for while events were being handled. */
   private readonly zeroFaults: Array<{ r: GuestRegion; page: number }> = [];
   private depth = 0;
@@ -205,6 +209,7 @@ export class Placement {
     const events = this.depth > 1 ? [] : this.events;
     events.length = 0;
     const status = uffd.drainEvents(this.fd, this.eventBuf, events);
+    this.pumped = events.length;
     const now = performance.now();
     let discarded = false;
     for (const e of events) {
@@ -528,12 +533,23 @@ export class Placement {
     return found;
   }
 
-  /** Runs a probe, reading pending events while it answers 'retry' (EAGAIN), a few times. */
+  /**
+   * Runs a probe, reading pending events while it answers 'retry' (EAGAIN). A balloon that
+   * discards run after run as the VM starts queues a new REMOVE as soon as the last one is read
+   * (its thread waits for each to be read), so a probe can lose that race many times in a row:
+   * it keeps trying while events keep coming, for up to PROBE_RETRY_MS (a bound on how long a
+   * VMM can hold the event loop here).
+   */
   private retrying<T>(probe: () => T | 'retry'): T | 'retry' {
-    for (let attempt = 0; ; attempt++) {
+    const until = performance.now() + PROBE_RETRY_MS;
+    // Tries that read no event: EAGAIN with nothing queued is not a race to win again.
+    let idle = 0;
+    for (;;) {
       const res = probe();
-      if (res !== 'retry' || attempt >= MAX_IMMEDIATE_RETRIES) return res;
+      if (res !== 'retry') return res;
+      if (idle >= MAX_IMMEDIATE_RETRIES || performance.now() > until) return res;
       this.pump();
+      if (this.pumped === 0) idle++;
     }
   }
 }
