@@ -75,6 +75,8 @@ export class Placement {
   private readonly events: uffd.UffdEvent[] = [];
   /** Events the last pump() read. */
   private pumped = 0;
+  /** Something to Atomics.wait on: a probe's 1 ms sleep (retrying). */
+  private readonly nap = new Int32Array(new SharedArrayBuffer(4));
   /** Zero placements that faults asked for while events were being handled. */
   private readonly zeroFaults: Array<{ r: GuestRegion; page: number }> = [];
   private depth = 0;
@@ -534,22 +536,20 @@ export class Placement {
   }
 
   /**
-   * Runs a probe, reading pending events while it answers 'retry' (EAGAIN). A balloon that
-   * discards run after run as the VM starts queues a new REMOVE as soon as the last one is read
-   * (its thread waits for each to be read), so a probe can lose that race many times in a row:
-   * it keeps trying while events keep coming, for up to PROBE_RETRY_MS (a bound on how long a
-   * VMM can hold the event loop here).
+   * Runs a probe, reading pending events while it answers 'retry' (EAGAIN). After a REMOVE is
+   * read, the kernel keeps answering EAGAIN until the thread that discarded (a balloon's) runs
+   * again and finishes its madvise; and a balloon that discards run after run queues the next
+   * REMOVE at once. So with nothing to read the probe sleeps 1 ms (that thread needs the CPU,
+   * which spinning here would take), and it gives up after PROBE_RETRY_MS: a bound on how long
+   * a VMM can hold the event loop here.
    */
   private retrying<T>(probe: () => T | 'retry'): T | 'retry' {
     const until = performance.now() + PROBE_RETRY_MS;
-    // Tries that read no event: EAGAIN with nothing queued is not a race to win again.
-    let idle = 0;
     for (;;) {
       const res = probe();
-      if (res !== 'retry') return res;
-      if (idle >= MAX_IMMEDIATE_RETRIES || performance.now() > until) return res;
+      if (res !== 'retry' || performance.now() > until) return res;
       this.pump();
-      if (this.pumped === 0) idle++;
+      if (this.pumped === 0) Atomics.wait(this.nap, 0, 0, 1);
     }
   }
 }
