@@ -155,13 +155,17 @@ t.test('a Firecracker restore outlives a dest upgrade, from the fd store', async
   const systemd = new FakeSystemd(dir);
   t.teardown(() => systemd.close());
   const socket = join(dir, 'fc.sock');
-  const fcConfig = join(dir, 'dest-fc.json');
-  // The sweep waits 3 s at each start: the restart lands while pages are still missing.
-  writeFileSync(
-    fcConfig,
-    JSON.stringify({ backgroundDelayMs: 3000, firecracker: [{ socket, memFile: image }] }),
-  );
-  const first = await startDest(dir, ['--config', fcConfig], 'fc-0', { systemd });
+  // The first daemon never sweeps (demand only), so pages are surely missing at its restart,
+  // however slow the machine; the second one sweeps at once and finishes.
+  const fcConfig = (delayMs: number): string => {
+    const path = join(dir, `dest-fc-${delayMs}.json`);
+    writeFileSync(
+      path,
+      JSON.stringify({ backgroundDelayMs: delayMs, firecracker: [{ socket, memFile: image }] }),
+    );
+    return path;
+  };
+  const first = await startDest(dir, ['--config', fcConfig(3_600_000)], 'fc-0', { systemd });
   daemons.push(first);
   await buildFcVmm();
   const fc = await startFcVmm({ socket, memFile: image, format: 'v1.12', vcpus: 2 });
@@ -184,7 +188,7 @@ t.test('a Firecracker restore outlives a dest upgrade, from the fd store', async
   );
   t.equal(fc.child.exitCode, null, 'Firecracker still waits for pages (neither killed nor done)');
 
-  const second = await startDest(dir, ['--config', fcConfig], 'fc-1', {
+  const second = await startDest(dir, ['--config', fcConfig(0)], 'fc-1', {
     systemd,
     port: first.port,
   });
