@@ -190,6 +190,7 @@ export function destOptions(
       heartbeatMs: config.heartbeatMs,
       reconnectTimeoutMs: config.reconnectTimeoutMs,
       backgroundDelayMs: config.backgroundDelayMs,
+      demandPrefetchBytes: config.demandPrefetchBytes,
       requireSecret: !config.insecureNoAuth,
       sourcePolicy: {
         allowed: config.allowedSources,

@@ -4,11 +4,21 @@
  * its fault was read until its page is settled, by whichever channel. A new demand connection
  * asks again for every page still awaited (the lost one may have swallowed the request or its
  * answer).
+ *
+ * Prefetch: a fault may also ask for the missing pages after it (Session, demandPrefetchBytes).
+ * Those go in entries of their own, after every fault's own entry of the same REQUEST, so the
+ * source answers (and the dest places, waking the vCPU) the faulting pages first. A fault on a
+ * prefetched page waits for it without asking again; a prefetched page nobody waits for when
+ * its demand connection is lost goes back to MISSING (the background brings it, or its fault
+ * asks again).
  */
 import { Limits, type PageRange } from '../../protocol/wire.js';
 import type { PageMap } from './page-map.js';
-import { isSettled } from './page-map.js';
+import { isSettled, PageState } from './page-map.js';
 import type { GuestRegion } from './regions.js';
+
+/** Prefetched runs remembered (to undo on a lost connection) before settled ones are dropped. */
+const PREFETCH_PRUNE_AT = 1024;
 
 /** A fault awaiting its page. */
 export interface AwaitedFault {
@@ -26,6 +36,10 @@ export class FaultTracker {
   /** By image offset of the page. */
   private readonly awaited = new Map<number, AwaitedFault>();
   private pending: PageRange[] = [];
+  /** Prefetch entries for the next REQUEST, after `pending`. */
+  private pendingPrefetch: PageRange[] = [];
+  /** Runs prefetched on the current demand connection (REQUESTED unless settled since). */
+  private prefetched: Array<{ r: GuestRegion; first: number; count: number }> = [];
 
   /** Faults awaiting their page. */
   get size(): number {
@@ -39,14 +53,46 @@ export class FaultTracker {
     this.queue(offset, r.pageSizeBytes);
   }
 
+  /**
+   * A fault on a page already in flight (REQUESTED): waits for it. Only a prefetched page is
+   * not awaited yet; it is timed from this fault, as requested now.
+   */
+  addInFlight(r: GuestRegion, page: number, at: number): boolean {
+    const offset = r.imageOffset(page);
+    if (this.awaited.has(offset)) return false;
+    this.awaited.set(offset, { r, page, offset, at, sentAt: at });
+    return true;
+  }
+
+  /** Pages [first, first + count) of `r` (now REQUESTED in the map) go in the next REQUEST. */
+  prefetch(map: PageMap, r: GuestRegion, first: number, count: number): void {
+    const offset = r.imageOffset(first);
+    const length = count * r.pageSizeBytes;
+    const last = this.pendingPrefetch[this.pendingPrefetch.length - 1];
+    if (last && last.offset + last.length === offset) last.length += length;
+    else this.pendingPrefetch.push({ offset, length });
+    if (this.prefetched.length >= PREFETCH_PRUNE_AT) this.prunePrefetched(map);
+    this.prefetched.push({ r, first, count });
+  }
+
   /** The requests taken were handed to the demand connection at `now`. */
   requested(now: number): void {
     for (const a of this.awaited.values()) if (a.sentAt === 0) a.sentAt = now;
   }
 
-  /** Queues every awaited page again (a new demand connection). */
-  requeueAll(): void {
+  /**
+   * Queues every awaited page again (a new demand connection); prefetched pages nobody awaits
+   * go back to MISSING in `map`.
+   */
+  requeueAll(map: PageMap): void {
     this.pending = [];
+    this.pendingPrefetch = [];
+    for (const { r, first, count } of this.prefetched) {
+      for (let p = first; p < first + count; p++) {
+        if (!this.awaited.has(r.imageOffset(p))) map.unrequest(r, p);
+      }
+    }
+    this.prefetched = [];
     for (const [offset, a] of [...this.awaited].sort((x, y) => x[0] - y[0])) {
       this.queue(offset, a.r.pageSizeBytes);
     }
@@ -54,12 +100,15 @@ export class FaultTracker {
 
   /** The queued requests, at most Limits.MAX_REQUEST_ENTRIES per REQUEST frame. */
   takeRequests(): PageRange[][] {
-    if (this.pending.length === 0) return [];
+    if (this.pending.length === 0 && this.pendingPrefetch.length === 0) return [];
+    const all =
+      this.pendingPrefetch.length === 0 ? this.pending : this.pending.concat(this.pendingPrefetch);
     const out: PageRange[][] = [];
-    for (let i = 0; i < this.pending.length; i += Limits.MAX_REQUEST_ENTRIES) {
-      out.push(this.pending.slice(i, i + Limits.MAX_REQUEST_ENTRIES));
+    for (let i = 0; i < all.length; i += Limits.MAX_REQUEST_ENTRIES) {
+      out.push(all.slice(i, i + Limits.MAX_REQUEST_ENTRIES));
     }
     this.pending = [];
+    this.pendingPrefetch = [];
     return out;
   }
 
@@ -85,7 +134,19 @@ export class FaultTracker {
     const n = this.awaited.size;
     this.awaited.clear();
     this.pending = [];
+    this.pendingPrefetch = [];
+    this.prefetched = [];
     return n;
+  }
+
+  /** Forgets prefetched runs whose pages are all settled or discarded (no longer REQUESTED). */
+  private prunePrefetched(map: PageMap): void {
+    this.prefetched = this.prefetched.filter(({ r, first, count }) => {
+      for (let p = first; p < first + count; p++) {
+        if (map.state(r, p) === PageState.REQUESTED) return true;
+      }
+      return false;
+    });
   }
 
   private queue(offset: number, length: number): void {

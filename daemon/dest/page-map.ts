@@ -5,7 +5,7 @@
  * exact: every settled page is counted in exactly one bucket, so the buckets of `complete` add
  * up to the number of pages (protocol/README.md, `complete`).
  *
- *   MISSING ──fault──► REQUESTED
+ *   MISSING ──fault or prefetch──► REQUESTED ──demand connection lost, not awaited──► MISSING
  *      └──────────────────┴──placed──► DEMAND | BACKGROUND | ZERO | EXISTED
  *   any ──REMOVE event──► DISCARDED (stays so: a later touch gets zeros, counted as discarded)
  */
@@ -15,7 +15,7 @@ import type { GuestRegion, RegionTable } from './regions.js';
 export const PageState = {
   /** Not placed, nobody asked yet. */
   MISSING: 0,
-  /** A fault asked for it on the demand channel; the answer is awaited. */
+  /** A fault (or a fault's prefetch) asked for it on the demand channel; the answer is awaited. */
   REQUESTED: 1,
   /** Settled: data from a demand answer. */
   DEMAND: 2,
@@ -96,6 +96,12 @@ export class PageMap {
     const from = s[page] as PageStateValue;
     if (from === PageState.MISSING) this.set(s, page, PageState.REQUESTED);
     return from;
+  }
+
+  /** REQUESTED → MISSING (a prefetch lost with its demand connection); other states stay. */
+  unrequest(r: GuestRegion, page: number): void {
+    const s = this.states[r.index]!;
+    if (s[page] === PageState.REQUESTED) this.set(s, page, PageState.MISSING);
   }
 
   /** Settles pages [first, first + count), all unsettled (the placer checked), as `how`. */

@@ -18,7 +18,8 @@
  *
  * Faults:
  *  - on a missing page: the session is told (it requests the page on the demand channel);
- *  - on a requested page: nothing (the placement that answers the first fault wakes them all);
+ *  - on a requested page: the session is told (the placement that answers the first fault, or
+ *    the prefetch that asked for it, wakes them all; the session only starts waiting on it);
  *  - on a discarded page: zeros (a page the guest freed reads as zero, never as source data);
  *  - on a page already placed: zeros are placed, which the kernel refuses (EEXIST) when the
  *    page is there (the fault was queued before its placement woke it: wake it again), and
@@ -34,7 +35,7 @@ import * as sys from '../linux/sys.js';
 import { UFFD_IOCTL_BIT_COPY, UFFD_IOCTL_BIT_WAKE, UFFD_IOCTL_BIT_ZEROPAGE } from '../linux/abi.js';
 import type { Logger } from '../ops/log.js';
 import type { DestMetrics, PagePath } from '../ops/metric-ports.js';
-import { PageMap, PageState, isSettled, type PlacedState } from './page-map.js';
+import { PageMap, PageState, type PlacedState } from './page-map.js';
 import type { GuestRegion, RegionTable } from './regions.js';
 import { SessionError, type SessionEndCode } from './session-error.js';
 
@@ -52,6 +53,8 @@ const SPURIOUS_WINDOW_MS = 1000;
 export interface PlacementHooks {
   /** A fault on a page nobody had asked for: it is REQUESTED now; fetch it. */
   missing(r: GuestRegion, page: number, faultedAt: number): void;
+  /** A fault on a page already asked for (by another fault, or prefetched): it is in flight. */
+  inFlight(r: GuestRegion, page: number, faultedAt: number): void;
   /** Pages were settled (a placement, a discard): awaited faults and completion may be done. */
   settled(): void;
   /** Every queued uffd event was handled (send the requests its faults queued). */
@@ -264,7 +267,8 @@ export class Placement {
     const page = r.pageAt(e.address);
     const state = this.map.request(r, page);
     if (state === PageState.MISSING) this.hooks.missing(r, page, now);
-    else if (isSettled(state)) this.settledFault(r, page, now);
+    else if (state === PageState.REQUESTED) this.hooks.inFlight(r, page, now);
+    else this.settledFault(r, page, now);
   }
 
   /** A fault on a settled page (see the top of this file): zeros, or a wake; never a loop. */

@@ -201,6 +201,11 @@ export const DestConfigSchema = z.strictObject({
   bulkThreadNice: int(0, 19).default(0),
   /** Hold the background stream back this long after a session starts (benchmarks). */
   backgroundDelayMs: int(0, 3_600_000).default(0),
+  /**
+   * With each page a fault asks for, ask also for the missing pages right after it, up to this
+   * many bytes (answered after the faulting page). 0 turns it off.
+   */
+  demandPrefetchBytes: int(0, 1 * MiB).default(0),
   /** How long a lost connection to the source may stay down before the session fails. */
   reconnectTimeoutMs: timeoutMs.default(120_000),
   /** ws ping interval on both channels; a missed pong closes the channel. 0 disables. */
@@ -473,6 +478,12 @@ export const DEST_KEYS: readonly KeySpec[] = [
     kind: 'int',
     arg: 'MS',
     help: 'hold the background stream back (default 0; not a recorded working set)',
+  },
+  {
+    key: 'demandPrefetchBytes',
+    kind: 'int',
+    arg: 'BYTES',
+    help: 'a fault also asks for the next pages, up to BYTES (default 0: off)',
   },
   {
     key: 'reconnectTimeoutMs',

@@ -315,6 +315,8 @@ export async function runDemandTouches(
     setting: RunSetting;
     /** Read the fault stages from the dest's /metrics (reachable only from here). */
     stages?: boolean;
+    /** Which pages the thread touches first (default random). */
+    pattern?: 'random' | 'sequential';
   },
 ): Promise<RunOutcome> {
   return withSetting(ctx, o.image, o.setting, async (pair, url) => {
@@ -323,7 +325,7 @@ export async function runDemandTouches(
     const r = await runVmSimTouches({
       ...vmAgainst(pair, o.image, w, url),
       workers: o.workers,
-      pattern: 'random',
+      pattern: o.pattern ?? 'random',
       touches: o.touches,
       opsAfterComplete: 0,
       timeoutMs: RUN_TIMEOUT_MS,
@@ -1131,6 +1133,78 @@ function linkDemand(delayUs: number): Scenario {
   };
 }
 
+/** What the prefetch rows ask for after each faulting page (the dest's demandPrefetchBytes). */
+const PREFETCH_BYTES = 64 * 1024;
+
+/**
+ * Prefetch on the demand channel, off and on, across the link: 1 thread first-touching random
+ * pages (where neighbours are rarely wanted) and sweeping pages in order (where they always are),
+ * background held back. Each run measures all four, in an order that alternates between runs.
+ */
+function linkPrefetch(delayUs: number): Scenario {
+  const name = `link/rtt${2 * delayUs}/prefetch`;
+  const touches = (ctx: BenchContext): number => sizes(ctx.quick).demandTouches / 4;
+  const metrics: Record<string, MetricDef> = {};
+  for (const p of ['random', 'sequential'] as const) {
+    for (const m of ['off', 'on'] as const) {
+      metrics[`${p}${m}P50Us`] = { label: `${p}, prefetch ${m}: fault p50`, unit: 'µs', digits: 1 };
+      metrics[`${p}${m}Faults`] = { label: `${p}, prefetch ${m}: faults`, unit: '', digits: 0 };
+      metrics[`${p}${m}Ms`] = { label: `${p}, prefetch ${m}: touch phase`, unit: 'ms', digits: 0 };
+    }
+    metrics[`${p}Speedup`] = {
+      label: `${p}: touch phase off / on (>1: prefetch wins)`,
+      unit: '×',
+      digits: 2,
+    };
+  }
+  return {
+    name,
+    group: 'link',
+    describe: (ctx) =>
+      `demand prefetch off and on (${PREFETCH_BYTES / 1024} KiB after each faulting page): 1 ` +
+      `thread first-touching ${touches(ctx)} random pages, then sweeping ${touches(ctx)} pages in ` +
+      `order, of ${fmtBytes(sizes(ctx.quick).demandImage.sizeBytes)}, background held back, ` +
+      `across the link through the delay proxy at ${delayUs} µs each way`,
+    verification: DEMAND_VERIFICATION,
+    metrics,
+    partners: ['link/calibration'],
+    guestRamBytes: (ctx) => sizes(ctx.quick).demandImage.sizeBytes,
+    async runOnce(ctx, index) {
+      const s = sizes(ctx.quick);
+      const onConfig = join(ctx.dir, 'dest-prefetch.json');
+      writeFileSync(
+        onConfig,
+        JSON.stringify({ backgroundDelayMs: 600_000, demandPrefetchBytes: PREFETCH_BYTES }) + '\n',
+      );
+      const image = await ctx.image(s.demandImage);
+      const values: Record<string, number> = {};
+      const problems: string[] = [];
+      let verified = true;
+      const modes = index % 2 === 0 ? (['off', 'on'] as const) : (['on', 'off'] as const);
+      for (const pattern of ['random', 'sequential'] as const) {
+        for (const m of modes) {
+          const config = m === 'on' ? onConfig : ctx.noBackgroundConfig;
+          const r = await runDemandTouches(ctx, index, {
+            image: image.path,
+            workers: 1,
+            touches: touches(ctx),
+            withRate: true,
+            pattern,
+            setting: linkSetting(ctx, delayUs, config),
+          });
+          values[`${pattern}${m}P50Us`] = r.values['faultP50Us']!;
+          values[`${pattern}${m}Faults`] = r.values['faults']!;
+          values[`${pattern}${m}Ms`] = r.values['touchPhaseMs']!;
+          verified &&= r.verified;
+          problems.push(...r.problems.map((x) => `${pattern}, prefetch ${m}: ${x}`));
+        }
+        values[`${pattern}Speedup`] = values[`${pattern}offMs`]! / values[`${pattern}onMs`]!;
+      }
+      return { values, verified, problems };
+    },
+  };
+}
+
 function linkDataHeavy(delayUs: number): Scenario {
   const name = `link/rtt${2 * delayUs}/data-heavy`;
   const spec = (ctx: BenchContext): ImageSpec => ({
@@ -1263,6 +1337,7 @@ export const SCENARIOS: Scenario[] = [
   ...FIRECRACKER_SCENARIOS,
   linkCalibration,
   ...LINK_DELAYS_US.map(linkDemand),
+  ...LINK_DELAYS_US.map(linkPrefetch),
   ...LINK_DELAYS_US.map(linkDataHeavy),
 ];
 

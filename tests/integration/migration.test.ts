@@ -28,6 +28,8 @@ let source: Awaited<ReturnType<typeof startSource>>;
 let dest: Awaited<ReturnType<typeof startDest>>;
 /** A dest that holds the background stream back for a while: faults have the field to themselves. */
 let slowDest: Awaited<ReturnType<typeof startDest>>;
+/** A dest that asks for 64 KiB after each faulting page and never opens the background stream. */
+let prefetchDest: Awaited<ReturnType<typeof startDest>>;
 
 t.before(async () => {
   source = await startSource(dir);
@@ -41,6 +43,12 @@ t.before(async () => {
   );
   slowDest = await startDest(dir, ['--config', config], 'slow-dest');
   daemons.push(slowDest);
+  prefetchDest = await startDest(
+    dir,
+    ['--demand-prefetch-bytes', String(64 * 1024), '--background-delay-ms', '3600000'],
+    'prefetch-dest',
+  );
+  daemons.push(prefetchDest);
 });
 
 let imageSeed = 1;
@@ -125,6 +133,29 @@ t.test('pages written by the guest before their data arrives', async (t) => {
   t.ok(
     r.workload.faults > 0 && r.workload.writes > 0,
     `${r.workload.faults} write faults; the writes landed on placed pages`,
+  );
+});
+
+t.test('demand prefetch: sequential first touches fault on a fraction of the pages', async (t) => {
+  // Only the demand channel brings pages here; each fault also asks for the next 16 pages, answered
+  // after the faulting page, so a thread sweeping its pages faults on about one page in 17.
+  const img = await image(16 * MiB);
+  const r = await migrate('vm-prefetch', img, {
+    destSocket: prefetchDest.socket,
+    workers: 2,
+    pattern: 'sequential',
+    touches: (16 * MiB) / 4096,
+  });
+  assertVerified(t, r);
+  const d = r.daemonReport;
+  t.equal(d.backgroundPages, 0, 'no page came by the background stream');
+  t.ok(
+    r.workload.faults * 4 < r.totalPages,
+    `${r.workload.faults} faults for ${r.totalPages} pages touched in order`,
+  );
+  t.ok(
+    d.demandPages + d.zeroPages > r.workload.faults * 4,
+    `${d.demandPages} data and ${d.zeroPages} zero pages came by demand`,
   );
 });
 

@@ -6,6 +6,7 @@
 import t from 'tap';
 import { PageMap, PageState } from '../../daemon/dest/page-map.js';
 import { RegionTable } from '../../daemon/dest/regions.js';
+import { FaultTracker } from '../../daemon/dest/faults.js';
 
 const P = 4096;
 const region = (name: string, pages: number, base: number, offset: number, ps = P) => ({
@@ -137,3 +138,52 @@ t.test('settledRanges leaves out unsettled pages, region by region', async (t) =
     { offset: 21 * P, length: P },
   ]);
 });
+
+t.test(
+  'fault tracker: prefetched entries follow every fault, a lost connection undoes them',
+  async (t) => {
+    const table = new RegionTable([region('ram', 64, 0x7f00_0000_0000, 0)]);
+    const r = table.regions[0]!;
+    const map = new PageMap(table);
+    const faults = new FaultTracker();
+    // Two faults (pages 3 and 20), each with the next 4 pages prefetched (as Session does).
+    for (const page of [3, 20]) {
+      t.equal(map.request(r, page), PageState.MISSING);
+      faults.add(r, page, 1);
+      for (let p = page + 1; p <= page + 4; p++) t.equal(map.request(r, p), PageState.MISSING);
+      faults.prefetch(map, r, page + 1, 4);
+    }
+    // The faulting pages first (one entry each, not merged with their neighbours), then prefetch.
+    t.same(faults.takeRequests(), [
+      [
+        { offset: 3 * P, length: P },
+        { offset: 20 * P, length: P },
+        { offset: 4 * P, length: 4 * P },
+        { offset: 21 * P, length: 4 * P },
+      ],
+    ]);
+    t.same(faults.takeRequests(), [], 'taken once');
+    // A fault on a prefetched page waits for it without asking again; on an awaited page, no-op.
+    t.ok(faults.addInFlight(r, 5, 2), 'page 5 (prefetched) is awaited now');
+    t.notOk(faults.addInFlight(r, 3, 2), 'page 3 was awaited already');
+    t.equal(faults.size, 3);
+    // Page 21..24 arrive; the demand connection is lost before the rest.
+    map.settle(r, 21, 4, PageState.DEMAND);
+    faults.requeueAll(map);
+    // Awaited pages are asked again; prefetched pages nobody waits for are MISSING again.
+    t.same(faults.takeRequests(), [
+      [
+        { offset: 3 * P, length: P },
+        { offset: 5 * P, length: P },
+        { offset: 20 * P, length: P },
+      ],
+    ]);
+    for (const p of [4, 6, 7])
+      t.equal(map.state(r, p), PageState.MISSING, `page ${p} missing again`);
+    for (const p of [3, 5, 20])
+      t.equal(map.state(r, p), PageState.REQUESTED, `page ${p} requested`);
+    for (const p of [21, 24]) t.equal(map.state(r, p), PageState.DEMAND, `page ${p} stays placed`);
+    t.equal(map.settledPages, 4, 'only the four placed pages are settled');
+    t.equal(map.counts().demand, 4);
+  },
+);
