@@ -5,7 +5,7 @@
  * asks again for every page still awaited (the lost one may have swallowed the request or its
  * answer).
  *
- * Prefetch: a fault may also ask for the missing pages after it (Session, demandPrefetchBytes).
+ * Prefetch: a fault in a sweep may also ask for the missing pages after it (prefetch.ts).
  * Those go in entries of their own, after every fault's own entry of the same REQUEST, so the
  * source answers (and the dest places, waking the vCPU) the faulting pages first. A fault on a
  * prefetched page waits for it without asking again; a prefetched page nobody waits for when

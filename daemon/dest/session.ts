@@ -33,6 +33,7 @@ import type { LinkStatus, PageSource, PageSourceFactory } from './page-source.js
 import { Placement, type Run } from './placement.js';
 import { RegionTable, type GuestRegion } from './regions.js';
 import { PageState } from './page-map.js';
+import { StreamDetector } from './prefetch.js';
 import { SessionError } from './session-error.js';
 import type { SourcePolicy } from './source-policy.js';
 import type { ClientTls } from '../transport/client.js';
@@ -55,8 +56,8 @@ export interface SessionConfig {
   /** Withhold the background channel's first CREDIT this long (0: at once). */
   backgroundDelayMs?: number;
   /**
-   * With each missing page a fault asks for, ask also for the missing pages right after it, up
-   * to this many bytes, in the same REQUEST (answered after every faulting page). 0: off.
+   * A fault that continues a sweep (prefetch.ts) asks also for the missing pages right after
+   * it, up to this many bytes, in the same REQUEST (answered after every faulting page). 0: off.
    */
   demandPrefetchBytes?: number;
   /** A handoff must carry the migration's secret (false only for --insecure-no-auth). */
@@ -169,6 +170,8 @@ export class Session {
   private readonly prefetchBytes: number;
   /** Pages asked for as a fault's neighbours. */
   private prefetchedPages = 0;
+  /** Which faults continue a stream (only those prefetch). */
+  private readonly streams = new StreamDetector();
   /** A channel's status before the source exists. */
   private readonly notYet: LinkStatus = { state: 'connecting', since: Date.now() };
   private progressTimer: NodeJS.Timeout | null = null;
@@ -208,7 +211,9 @@ export class Session {
           this.faultCount++;
           this.faults.add(r, page, at);
           this.deps.bulk.faultsAwaited(1);
-          if (this.prefetchBytes >= r.pageSizeBytes) this.prefetchAfter(r, page);
+          if (this.prefetchBytes >= r.pageSizeBytes && this.streams.continues(r.index, page)) {
+            this.prefetchAfter(r, page);
+          }
         },
         inFlight: (r, page, at) => {
           this.faultCount++;
@@ -223,7 +228,10 @@ export class Session {
     );
   }
 
-  /** The missing pages right after a faulting one, up to demandPrefetchBytes: ask for them too. */
+  /**
+   * The missing pages right after a faulting one that continues a stream (prefetch.ts), up to
+   * demandPrefetchBytes: ask for them too.
+   */
   private prefetchAfter(r: GuestRegion, page: number): void {
     const map = this.placement.map;
     const end = Math.min(r.pages, page + 1 + Math.floor(this.prefetchBytes / r.pageSizeBytes));
@@ -232,6 +240,7 @@ export class Session {
     if (p > page + 1) {
       this.faults.prefetch(map, r, page + 1, p - page - 1);
       this.prefetchedPages += p - page - 1;
+      this.streams.extend(r.index, page, p);
     }
   }
 

@@ -202,10 +202,11 @@ export const DestConfigSchema = z.strictObject({
   /** Hold the background stream back this long after a session starts (benchmarks). */
   backgroundDelayMs: int(0, 3_600_000).default(0),
   /**
-   * With each page a fault asks for, ask also for the missing pages right after it, up to this
-   * many bytes (answered after the faulting page). 0 turns it off.
+   * A fault that continues a sweep (it lies where an earlier fault's request ended) asks also for
+   * the missing pages right after it, up to this many bytes, answered after the faulting page
+   * (prefetch.ts has the measurements behind the default). 0 turns it off.
    */
-  demandPrefetchBytes: int(0, 1 * MiB).default(0),
+  demandPrefetchBytes: int(0, 1 * MiB).default(64 * KiB),
   /** How long a lost connection to the source may stay down before the session fails. */
   reconnectTimeoutMs: timeoutMs.default(120_000),
   /** ws ping interval on both channels; a missed pong closes the channel. 0 disables. */
@@ -483,7 +484,7 @@ export const DEST_KEYS: readonly KeySpec[] = [
     key: 'demandPrefetchBytes',
     kind: 'int',
     arg: 'BYTES',
-    help: 'a fault also asks for the next pages, up to BYTES (default 0: off)',
+    help: 'a fault in a sweep also asks for the next BYTES (default 65536; 0 off)',
   },
   {
     key: 'reconnectTimeoutMs',

@@ -1171,11 +1171,15 @@ function linkPrefetch(delayUs: number): Scenario {
     guestRamBytes: (ctx) => sizes(ctx.quick).demandImage.sizeBytes,
     async runOnce(ctx, index) {
       const s = sizes(ctx.quick);
-      const onConfig = join(ctx.dir, 'dest-prefetch.json');
-      writeFileSync(
-        onConfig,
-        JSON.stringify({ backgroundDelayMs: 600_000, demandPrefetchBytes: PREFETCH_BYTES }) + '\n',
-      );
+      const config = (m: 'off' | 'on'): string => {
+        const path = join(ctx.dir, `dest-prefetch-${m}.json`);
+        const bytes = m === 'on' ? PREFETCH_BYTES : 0;
+        writeFileSync(
+          path,
+          JSON.stringify({ backgroundDelayMs: 600_000, demandPrefetchBytes: bytes }) + '\n',
+        );
+        return path;
+      };
       const image = await ctx.image(s.demandImage);
       const values: Record<string, number> = {};
       const problems: string[] = [];
@@ -1183,14 +1187,13 @@ function linkPrefetch(delayUs: number): Scenario {
       const modes = index % 2 === 0 ? (['off', 'on'] as const) : (['on', 'off'] as const);
       for (const pattern of ['random', 'sequential'] as const) {
         for (const m of modes) {
-          const config = m === 'on' ? onConfig : ctx.noBackgroundConfig;
           const r = await runDemandTouches(ctx, index, {
             image: image.path,
             workers: 1,
             touches: touches(ctx),
             withRate: true,
             pattern,
-            setting: linkSetting(ctx, delayUs, config),
+            setting: linkSetting(ctx, delayUs, config(m)),
           });
           values[`${pattern}${m}P50Us`] = r.values['faultP50Us']!;
           values[`${pattern}${m}Faults`] = r.values['faults']!;

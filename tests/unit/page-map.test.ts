@@ -7,6 +7,8 @@ import t from 'tap';
 import { PageMap, PageState } from '../../daemon/dest/page-map.js';
 import { RegionTable } from '../../daemon/dest/regions.js';
 import { FaultTracker } from '../../daemon/dest/faults.js';
+import { StreamDetector } from '../../daemon/dest/prefetch.js';
+import { prng } from '../../scripts/chaos/proxy.js';
 
 const P = 4096;
 const region = (name: string, pages: number, base: number, offset: number, ps = P) => ({
@@ -185,5 +187,31 @@ t.test(
     for (const p of [21, 24]) t.equal(map.state(r, p), PageState.DEMAND, `page ${p} stays placed`);
     t.equal(map.settledPages, 4, 'only the four placed pages are settled');
     t.equal(map.counts().demand, 4);
+  },
+);
+
+t.test(
+  'stream detector: a sweep prefetches after its second fault, random faults never',
+  async (t) => {
+    const s = new StreamDetector();
+    t.notOk(s.continues(0, 100), 'a first fault starts nothing');
+    t.ok(s.continues(0, 101), 'the page after it continues the stream');
+    s.extend(0, 101, 118); // pages 102..117 prefetched
+    t.ok(s.continues(0, 118), 'the page after the prefetch window continues it');
+    t.notOk(s.continues(1, 119), 'the same page number in another region does not');
+    t.notOk(s.continues(0, 5000), 'a page far away does not');
+    // Random faults over a 1 GiB region: next to none continue a stream.
+    const rand = prng(20261129);
+    let hits = 0;
+    for (let i = 0; i < 10000; i++) if (s.continues(2, Math.floor(rand() * 262144))) hits++;
+    t.ok(hits < 20, `${hits} of 10000 random faults looked like a sweep`);
+    // Two sweeps at once (two vCPUs) are both followed.
+    const two = new StreamDetector();
+    let continued = 0;
+    for (let i = 0; i < 100; i++) {
+      if (two.continues(0, 1000 + i)) continued++;
+      if (two.continues(0, 9000 + i)) continued++;
+    }
+    t.equal(continued, 198, 'every fault but the first of each sweep continues it');
   },
 );
