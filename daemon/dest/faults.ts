@@ -28,7 +28,10 @@ export interface AwaitedFault {
   offset: number;
   /** performance.now() when the fault was read. */
   at: number;
-  /** performance.now() when its page was first requested (0: not yet). */
+  /**
+   * performance.now() when its page was first requested (0: not yet; -1: it was in flight
+   * already, asked by another fault or a prefetch: no stage of its own to time).
+   */
   sentAt: number;
 }
 
@@ -55,12 +58,12 @@ export class FaultTracker {
 
   /**
    * A fault on a page already in flight (REQUESTED): waits for it. Only a prefetched page is
-   * not awaited yet; it is timed from this fault, as requested now.
+   * not awaited yet; its wait is timed from this fault, its stages are not (see sentAt).
    */
   addInFlight(r: GuestRegion, page: number, at: number): boolean {
     const offset = r.imageOffset(page);
     if (this.awaited.has(offset)) return false;
-    this.awaited.set(offset, { r, page, offset, at, sentAt: at });
+    this.awaited.set(offset, { r, page, offset, at, sentAt: -1 });
     return true;
   }
 

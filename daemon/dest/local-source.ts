@@ -55,6 +55,8 @@ export class LocalFileSource implements PageSource {
   readonly reconnects = 0;
   sourceDone = false;
   readonly label: string;
+  /** Demand prefetch (page-source.ts): not for a file. */
+  readonly prefetches = false;
   prefetch: PrefetchMode = 'off';
   /** Pages streamed first (replay), or recorded so far (record). */
   prefetchPages = 0;

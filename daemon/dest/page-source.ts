@@ -52,6 +52,12 @@ export interface PageSource {
   readonly receivedBytes: number;
   /** A remote source's DEMAND answer while it is placed, for the fault stages (a file: none). */
   readonly answer?: DemandAnswer;
+  /**
+   * Whether a sweep's fault should also ask for the pages after it (demandPrefetchBytes): worth
+   * it across a network round trip; a local file reads a page in microseconds, and what its
+   * faults ask for is the working set it records.
+   */
+  readonly prefetches: boolean;
 }
 
 /**

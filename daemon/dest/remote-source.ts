@@ -95,6 +95,7 @@ export class RemoteSource implements PageSource {
   private completing = false;
   /** The source sent PROGRESS DONE at least once. */
   sourceDone = false;
+  readonly prefetches = true;
   /** Frame bytes received on both channels. */
   receivedBytes = 0;
   private readonly linkStatus: Record<'demand' | 'background', LinkStatus> = {

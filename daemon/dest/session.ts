@@ -166,8 +166,8 @@ export class Session {
   private source: PageSource | null = null;
   private readonly table: RegionTable;
   private faultCount = 0;
-  /** demandPrefetchBytes (0: off). */
-  private readonly prefetchBytes: number;
+  /** demandPrefetchBytes, once a source that prefetches is made (0: off). */
+  private prefetchBytes = 0;
   /** Pages asked for as a fault's neighbours. */
   private prefetchedPages = 0;
   /** Which faults continue a stream (only those prefetch). */
@@ -197,7 +197,6 @@ export class Session {
     private readonly deps: SessionDeps,
   ) {
     this.migrationId = request.migrationId;
-    this.prefetchBytes = deps.config.demandPrefetchBytes ?? 0;
     this.parkedName = deps.parked ?? null;
     this.log = deps.log.child({ migrationId: request.migrationId });
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
@@ -316,6 +315,7 @@ export class Session {
     let source: PageSource;
     try {
       source = this.source = this.makeSource();
+      if (source.prefetches) this.prefetchBytes = this.deps.config.demandPrefetchBytes ?? 0;
       this.placement.check();
       this.placement.start(() =>
         this.fail('VMM_GONE', 'the userfaultfd reports the address space is gone'),
@@ -412,7 +412,8 @@ export class Session {
     const m = this.deps.metrics;
     m.faultServiceSeconds((now - f.at) / 1000);
     const a = this.source?.answer;
-    if (!a || f.sentAt === 0 || a.message === null) return; // a file's pages: no wire
+    // A file's pages (no wire), or a fault on a page already in flight (no request of its own).
+    if (!a || f.sentAt <= 0 || a.message === null) return;
     if (f.offset < a.offset || f.offset >= a.end) return;
     if (a.receivedAt < f.sentAt) return; // answers a REQUEST sent before (a reconnect's)
     m.faultStage('request', (f.sentAt - f.at) / 1000);
