@@ -202,9 +202,9 @@ export const DestConfigSchema = z.strictObject({
   /** Hold the background stream back this long after a session starts (benchmarks). */
   backgroundDelayMs: int(0, 3_600_000).default(0),
   /**
-   * A fault that continues a sweep (it lies where an earlier fault's request ended) asks also for
-   * the missing pages right after it, up to this many bytes, answered after the faulting page
-   * (prefetch.ts has the measurements behind the default). 0 turns it off.
+   * A fault that continues a sweep (it lies where an earlier fault's request ended) asks a remote
+   * source also for the missing pages right after it, up to this many bytes, answered after the
+   * faulting page (prefetch.ts has the measurements behind the default). 0 turns it off.
    */
   demandPrefetchBytes: int(0, 1 * MiB).default(64 * KiB),
   /** How long a lost connection to the source may stay down before the session fails. */

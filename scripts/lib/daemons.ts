@@ -25,7 +25,14 @@ export async function freePort(): Promise<number> {
   return port;
 }
 
-/** Polls `ready` until it resolves true, or fails when the child exits or `timeoutMs` passes. */
+/** The end of each daemon's stderr, once its pipes closed. */
+const stderrTails = new WeakMap<ChildProcess, Promise<string>>();
+
+/**
+ * Polls `ready` until it resolves true, or fails when the child exits or `timeoutMs` passes. A
+ * daemon that exits because an address it was given is taken (freePort's port was taken in
+ * between, e.g. by a second copy of the suite) fails with `addressInUse` set.
+ */
 async function waitReady(
   what: string,
   ready: () => Promise<boolean>,
@@ -34,11 +41,30 @@ async function waitReady(
 ): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (let delayMs = 10; ; delayMs = Math.min(delayMs * 2, 200)) {
-    if (child.exitCode !== null)
-      throw new Error(`${what}: the daemon exited with ${child.exitCode}`);
+    if (child.exitCode !== null) {
+      const tail = (await stderrTails.get(child)) ?? '';
+      const last = tail.trimEnd().split('\n').pop() ?? '';
+      throw Object.assign(new Error(`${what}: the daemon exited with ${child.exitCode}: ${last}`), {
+        addressInUse: /EADDRINUSE/.test(tail),
+      });
+    }
     if (await ready().catch(() => false)) return;
     if (Date.now() > deadline) throw new Error(`${what} did not answer within ${timeoutMs} ms`);
     await new Promise((r) => setTimeout(r, delayMs));
+  }
+}
+
+/**
+ * Starts a daemon again (up to 3 tries) when an address it was given was taken before it could
+ * bind it: `start` chooses new ports with freePort each time (ports the caller fixed stay).
+ */
+async function onFreePorts<T>(start: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await start();
+    } catch (err) {
+      if (attempt >= 3 || !(err as { addressInUse?: boolean }).addressInUse) throw err;
+    }
   }
 }
 
@@ -73,6 +99,9 @@ function spawnCli(
     ? systemd.spawn(cmd, cmdArgs, { env })
     : spawn(cmd, cmdArgs, { stdio: ['ignore', 'pipe', 'pipe'], env });
   child.stderr!.pipe(createWriteStream(logPath));
+  let tail = '';
+  child.stderr!.on('data', (d: Buffer) => (tail = (tail + d.toString()).slice(-8192)));
+  stderrTails.set(child, new Promise((resolve) => child.on('close', () => resolve(tail))));
   let partial = '';
   child.stdout!.setEncoding('utf8').on('data', (s: string) => {
     partial += s;
@@ -166,6 +195,15 @@ export async function startSource(
     host?: string;
   } = {},
 ): Promise<SourceDaemon> {
+  return onFreePorts(() => startSourceOnce(dir, args, name, opts));
+}
+
+async function startSourceOnce(
+  dir: string,
+  args: string[],
+  name: string,
+  opts: Parameters<typeof startSource>[3] & object,
+): Promise<SourceDaemon> {
   const host = opts.host ?? '127.0.0.1';
   const port = opts.port ?? (await freePort());
   const metricsPort = await freePort();
@@ -244,13 +282,22 @@ export async function startSource(
  * under a new name, so each life keeps its log. With `opts.systemd` it runs as systemd would
  * start it (NOTIFY_SOCKET, the fd store's descriptors). `opts.netns` runs it in that network
  * namespace: its handoff and control sockets are paths, reachable from here; its metrics port
- * is not (readiness goes through the control socket's /v1/sessions).
+ * is not. Ready once its control socket answers.
  */
 export async function startDest(
   dir: string,
   args: string[] = [],
   name = 'dest',
   opts: { port?: number; socket?: string; systemd?: FakeSystemd; netns?: string } = {},
+): Promise<Daemon & { socket: string; port: number }> {
+  return onFreePorts(() => startDestOnce(dir, args, name, opts));
+}
+
+async function startDestOnce(
+  dir: string,
+  args: string[],
+  name: string,
+  opts: Parameters<typeof startDest>[3] & object,
 ): Promise<Daemon & { socket: string; port: number }> {
   const port = opts.port ?? (await freePort());
   const socket = opts.socket ?? join(dir, `${name}.sock`);
@@ -273,9 +320,10 @@ export async function startDest(
     opts.netns,
   );
   const http = `http://127.0.0.1:${port}`;
-  const healthy = opts.netns
-    ? async () => (await requestJson({ socketPath: control }, 'GET', '/v1/sessions')).status === 200
-    : async () => (await fetch(`${http}/healthz`)).ok;
+  // Ready once its control socket answers: the daemon serves it last, after the handoff socket and
+  // the metrics port, and its path is this dest's own (a port could be another daemon's).
+  const healthy = async (): Promise<boolean> =>
+    (await requestJson({ socketPath: control }, 'GET', '/v1/sessions')).status === 200;
   try {
     await waitReady(`dest ${name}`, healthy, child);
   } catch (err) {
