@@ -69,11 +69,7 @@ export class FaultTracker {
 
   /** Pages [first, first + count) of `r` (now REQUESTED in the map) go in the next REQUEST. */
   prefetch(map: PageMap, r: GuestRegion, first: number, count: number): void {
-    const offset = r.imageOffset(first);
-    const length = count * r.pageSizeBytes;
-    const last = this.pendingPrefetch[this.pendingPrefetch.length - 1];
-    if (last && last.offset + last.length === offset) last.length += length;
-    else this.pendingPrefetch.push({ offset, length });
+    append(this.pendingPrefetch, r.imageOffset(first), count * r.pageSizeBytes);
     if (this.prefetched.length >= PREFETCH_PRUNE_AT) this.prunePrefetched(map);
     this.prefetched.push({ r, first, count });
   }
@@ -153,8 +149,13 @@ export class FaultTracker {
   }
 
   private queue(offset: number, length: number): void {
-    const last = this.pending[this.pending.length - 1];
-    if (last && last.offset + last.length === offset) last.length += length;
-    else this.pending.push({ offset, length });
+    append(this.pending, offset, length);
   }
+}
+
+/** Appends a range to a REQUEST's entries, merged into the last one where it continues it. */
+function append(entries: PageRange[], offset: number, length: number): void {
+  const last = entries[entries.length - 1];
+  if (last && last.offset + last.length === offset) last.length += length;
+  else entries.push({ offset, length });
 }

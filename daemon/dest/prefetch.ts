@@ -1,12 +1,12 @@
 /**
  * When a fault's neighbours are worth asking for (demandPrefetchBytes). Measured with
- * `npm run bench` (the link's prefetch rows, e.g. link/rtt100/prefetch): asking for the 64 KiB after every faulting page makes a
- * vCPU that sweeps memory in order finish 5-10× sooner (RTT 0-500 µs), but makes random first
- * touches up to 1.45× slower, each fault waiting behind its predecessor's unwanted neighbours.
- * So, as the kernel's readahead does, a fault prefetches only when it continues a stream: it lies
- * right at (or one page from) where an earlier fault's request, prefetch included, ended. A run of
- * random faults then asks for nothing more; a sweep pays one fault without prefetch and then
- * one fault per window.
+ * `npm run bench` (the link's prefetch rows, e.g. link/rtt100/prefetch): asking for the 64 KiB
+ * after every faulting page made a vCPU that sweeps memory in order finish 5-10× sooner (RTT
+ * 0-500 µs), but made random first touches up to 1.45× slower, each fault waiting behind its
+ * predecessor's unwanted neighbours. So, as the kernel's readahead does, a fault prefetches only
+ * when it continues a stream: it lies right at (or one page from) where an earlier fault's
+ * request, prefetch included, ended. A run of random faults then asks for nothing more; a sweep
+ * pays one fault without prefetch and then one fault per window.
  */
 
 /** Recent request ends remembered: one per stream a guest may sweep at once (vCPUs). */

@@ -505,7 +505,6 @@ export class Session {
       totalPages: map.totalPages,
       presentPages: map.settledPages,
       faultsWaiting: this.faults.size,
-      ...(this.prefetchBytes > 0 ? { prefetchedPages: this.prefetchedPages } : {}),
       receivedBytes: this.source!.receivedBytes,
       reconnects: this.source!.reconnects,
       links,

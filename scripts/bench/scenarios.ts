@@ -1171,15 +1171,15 @@ function linkPrefetch(delayUs: number): Scenario {
     guestRamBytes: (ctx) => sizes(ctx.quick).demandImage.sizeBytes,
     async runOnce(ctx, index) {
       const s = sizes(ctx.quick);
-      const config = (m: 'off' | 'on'): string => {
-        const path = join(ctx.dir, `dest-prefetch-${m}.json`);
+      const config = { off: '', on: '' };
+      for (const m of ['off', 'on'] as const) {
+        config[m] = join(ctx.dir, `dest-prefetch-${m}.json`);
         const bytes = m === 'on' ? PREFETCH_BYTES : 0;
         writeFileSync(
-          path,
+          config[m],
           JSON.stringify({ backgroundDelayMs: 600_000, demandPrefetchBytes: bytes }) + '\n',
         );
-        return path;
-      };
+      }
       const image = await ctx.image(s.demandImage);
       const values: Record<string, number> = {};
       const problems: string[] = [];
@@ -1193,7 +1193,7 @@ function linkPrefetch(delayUs: number): Scenario {
             touches: touches(ctx),
             withRate: true,
             pattern,
-            setting: linkSetting(ctx, delayUs, config(m)),
+            setting: linkSetting(ctx, delayUs, config[m]),
           });
           values[`${pattern}${m}P50Us`] = r.values['faultP50Us']!;
           values[`${pattern}${m}Faults`] = r.values['faults']!;

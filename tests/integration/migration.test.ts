@@ -28,7 +28,7 @@ let source: Awaited<ReturnType<typeof startSource>>;
 let dest: Awaited<ReturnType<typeof startDest>>;
 /** A dest that holds the background stream back for a while: faults have the field to themselves. */
 let slowDest: Awaited<ReturnType<typeof startDest>>;
-/** A dest that asks for 64 KiB after each faulting page and never opens the background stream. */
+/** A dest that prefetches 64 KiB after each fault in a sweep and never opens the background stream. */
 let prefetchDest: Awaited<ReturnType<typeof startDest>>;
 
 t.before(async () => {
@@ -137,8 +137,9 @@ t.test('pages written by the guest before their data arrives', async (t) => {
 });
 
 t.test('demand prefetch: sequential first touches fault on a fraction of the pages', async (t) => {
-  // Only the demand channel brings pages here; each fault also asks for the next 16 pages, answered
-  // after the faulting page, so a thread sweeping its pages faults on about one page in 17.
+  // Only the demand channel brings pages here. A fault that continues a sweep also asks for the
+  // next 16 pages, each answer placed whole before its vCPUs wake, so a thread sweeping its pages
+  // faults at most once per answer frame (a touch of a page still in flight counts as a fault too).
   const img = await image(16 * MiB);
   const r = await migrate('vm-prefetch', img, {
     destSocket: prefetchDest.socket,
