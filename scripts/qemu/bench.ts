@@ -28,6 +28,7 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { machineInfo } from '../bench/machine.js';
+import { STAGE_METRICS } from '../bench/stages.js';
 import { round, stat, type Stat } from '../bench/stats.js';
 import { modeTable, runBaseline, type BaselineRun } from './baseline.js';
 import { buildGuest } from './guest/build.js';
@@ -64,6 +65,8 @@ export interface Figures {
   guestMaxBatchMs: number;
   guestErrors: number;
   wrongPages: number;
+  /** yabusame: p50/p99 of each stage of a demand fault, µs (scripts/bench/stages.ts keys). */
+  stagesUs: Record<string, number>;
 }
 
 function fromBaseline(r: BaselineRun): Figures {
@@ -84,6 +87,7 @@ function fromBaseline(r: BaselineRun): Figures {
     guestMaxBatchMs: r.guest.maxBatchMs,
     guestErrors: r.guest.errors,
     wrongPages: r.guest.mismatchLines.length,
+    stagesUs: {},
   };
 }
 
@@ -105,6 +109,7 @@ function fromYabusame(r: YabusameRun): Figures {
     guestMaxBatchMs: r.guest.maxBatchMs,
     guestErrors: r.guest.errors,
     wrongPages: r.guest.mismatchLines.length,
+    stagesUs: r.faultStagesUs,
   };
 }
 
@@ -126,6 +131,7 @@ function failedRun(mode: Mode, failure: string): Figures {
     guestMaxBatchMs: NaN,
     guestErrors: NaN,
     wrongPages: 0,
+    stagesUs: {},
   };
 }
 
@@ -151,6 +157,7 @@ export interface Summary {
   guestMaxBatchMs: Stat;
   guestErrors: number;
   wrongPages: number;
+  stagesUs: Record<string, Stat>;
 }
 
 export function summarize(mode: Mode, runs: Figures[]): Summary {
@@ -172,6 +179,9 @@ export function summarize(mode: Mode, runs: Figures[]): Summary {
     guestMaxBatchMs: s((r) => r.guestMaxBatchMs),
     guestErrors: runs.reduce((n, r) => n + (Number.isFinite(r.guestErrors) ? r.guestErrors : 1), 0),
     wrongPages: runs.reduce((n, r) => n + r.wrongPages, 0),
+    stagesUs: Object.fromEntries(
+      Object.keys(STAGE_METRICS).map((k) => [k, s((r) => r.stagesUs[k] ?? NaN)]),
+    ),
   };
 }
 
@@ -196,6 +206,11 @@ export function table(summaries: Summary[]): string {
     ['QEMU postcopy-blocktime, ms', (s) => fmt(s.blocktimeMs)],
     ['guest: slowest batch after resume, ms', (s) => fmt(s.guestMaxBatchMs)],
     ['guest: verification errors / wrong pages', (s) => `${s.guestErrors} / ${s.wrongPages}`],
+    // Where a yabusame fault's service time goes (the dest's stage histogram; QEMU has none).
+    ...Object.entries(STAGE_METRICS).map(([k, def]): [string, (s: Summary) => string] => [
+      `${def.label}, µs`,
+      (s) => fmt(s.stagesUs[k] ?? stat([]), 1),
+    ]),
   ];
   return modeTable(rows, summaries);
 }

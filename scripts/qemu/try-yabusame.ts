@@ -47,6 +47,7 @@ import {
   type FaultWaits,
 } from './kfaults.js';
 import { guestView, type GuestView } from './measure.js';
+import { stageValues } from '../bench/stages.js';
 import { buildPreload } from './preload-build.js';
 import {
   LogTail,
@@ -80,6 +81,11 @@ export interface YabusameRun {
   complete: Record<string, unknown> | null;
   /** The dest's fault service time from its metrics (the last dest's, after a restart). */
   faultServiceMs: { count: number; p50: number; p99: number } | null;
+  /**
+   * Where a demand fault's time went, p50 and p99 of each stage in µs (the dest's
+   * yabusame_dest_fault_stage_seconds, scripts/bench/stages.ts keys; the last dest's only).
+   */
+  faultStagesUs: Record<string, number>;
   guest: GuestView;
   /** The destination QEMU reached `running` (query-status after the migration). */
   destRunning: boolean;
@@ -146,9 +152,8 @@ export function histogramQuantile(buckets: [number, number][], q: number): numbe
   return prevLe;
 }
 
-/** Bucket counts of the dest's fault service histogram, from its /metrics. */
-export async function faultBuckets(metricsUrl: string): Promise<[number, number][]> {
-  const text = await (await fetch(metricsUrl)).text();
+/** Bucket counts of the dest's fault service histogram, from its /metrics text. */
+export function faultBuckets(text: string): [number, number][] {
   const buckets: [number, number][] = [];
   for (const m of text.matchAll(
     /^yabusame_dest_fault_service_seconds_bucket\{le="([^"]+)"\} (\d+)/gm,
@@ -156,6 +161,15 @@ export async function faultBuckets(metricsUrl: string): Promise<[number, number]
     buckets.push([m[1] === '+Inf' ? Infinity : Number(m[1]), Number(m[2])]);
   }
   return buckets;
+}
+
+/** A dest's /metrics text; empty if it cannot be fetched (its figures are then missing). */
+async function metricsText(http: string): Promise<string> {
+  try {
+    return await (await fetch(`${http}/metrics`)).text();
+  } catch {
+    return '';
+  }
 }
 
 function serviceFromBuckets(buckets: [number, number][]): YabusameRun['faultServiceMs'] {
@@ -212,6 +226,7 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
   let completeAtMs = NaN;
   let complete: Record<string, unknown> | null = null;
   let buckets: [number, number][] = [];
+  let faultStagesUs: Record<string, number> = {};
   let kernelFaults: FaultSummary | null = null;
   let ktrace: { trace: UserFaultTrace; base: number; startedAtMs: number } | null = null;
   let waits: FaultWaits | null = null;
@@ -394,7 +409,7 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     if (o.restartDestAfterMs !== undefined) {
       await afterResume(o.restartDestAfterMs);
       const killedAtMs = nowMs();
-      buckets = await faultBuckets(`${dest.http}/metrics`).catch(() => []);
+      buckets = faultBuckets(await metricsText(dest.http));
       const exited = new Promise<void>((r) => dest.child.once('exit', () => r()));
       dest.child.kill('SIGKILL');
       await exited;
@@ -418,7 +433,9 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
       throw new Error(`yabusame migrate exited with ${migrateExit}: ${migrateStderr.trim()}`);
     }
     step('RESUME → migrate done (all RAM present, image released)');
-    buckets = addBuckets(buckets, await faultBuckets(`${dest.http}/metrics`).catch(() => []));
+    const metrics = await metricsText(dest.http);
+    buckets = addBuckets(buckets, faultBuckets(metrics));
+    faultStagesUs = stageValues(metrics);
     const dstConsole = dst ?? dstLog!;
     const batches = (): number =>
       dstConsole.lines.filter((l) => /yb-workload batch=/.test(l.text)).length;
@@ -489,6 +506,7 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     migrateStopToCompleteMs,
     complete,
     faultServiceMs: serviceFromBuckets(buckets),
+    faultStagesUs,
     guest,
     destRunning,
     kernelFaults,
