@@ -7,6 +7,7 @@
  *
  *   MISSING ──fault or prefetch──► REQUESTED ──demand connection lost, not awaited──► MISSING
  *      └──────────────────┴──placed──► DEMAND | BACKGROUND | ZERO | EXISTED
+ *   MISSING ──ZERO run──► ZERO_UNPLACED (not placed; REQUESTED pages in the run are placed: ZERO)
  *   any ──REMOVE event──► DISCARDED (stays so: a later touch gets zeros, counted as discarded)
  */
 import type { PageRange } from '../../protocol/wire.js';
@@ -27,6 +28,12 @@ export const PageState = {
   EXISTED: 5,
   /** Settled: the guest discarded it (UFFD_EVENT_REMOVE): source data never lands here again. */
   DISCARDED: 6,
+  /**
+   * Settled: zeros (a ZERO run) for a page nobody asked for, left unplaced. Guest memory there
+   * is still missing: a fault before completion gets zeros placed then (placement.ts), and
+   * after completion the ranges are unregistered and the kernel's own zero fill answers.
+   */
+  ZERO_UNPLACED: 7,
 } as const;
 export type PageStateValue = (typeof PageState)[keyof typeof PageState];
 /** The states a placement settles a page in. */
@@ -34,7 +41,8 @@ export type PlacedState =
   | typeof PageState.DEMAND
   | typeof PageState.BACKGROUND
   | typeof PageState.ZERO
-  | typeof PageState.EXISTED;
+  | typeof PageState.EXISTED
+  | typeof PageState.ZERO_UNPLACED;
 
 export const isSettled = (s: number): boolean => s >= PageState.DEMAND;
 
@@ -51,7 +59,7 @@ export class PageMap {
   /** One state byte per page, by region index. */
   private readonly states: Uint8Array[];
   /** Pages in each PageState. */
-  private readonly byState = new Float64Array(7);
+  private readonly byState = new Float64Array(8);
   readonly totalPages: number;
 
   constructor(readonly table: RegionTable) {
@@ -78,7 +86,7 @@ export class PageMap {
     return {
       demand: b[PageState.DEMAND]!,
       background: b[PageState.BACKGROUND]!,
-      zero: b[PageState.ZERO]!,
+      zero: b[PageState.ZERO]! + b[PageState.ZERO_UNPLACED]!,
       existed: b[PageState.EXISTED]!,
       discarded: b[PageState.DISCARDED]!,
     };
@@ -108,6 +116,24 @@ export class PageMap {
   settle(r: GuestRegion, first: number, count: number, how: PlacedState): void {
     const s = this.states[r.index]!;
     for (let p = first; p < first + count; p++) this.set(s, p, how);
+  }
+
+  /**
+   * MISSING pages in [from, end) of `r` → ZERO_UNPLACED (a ZERO run nobody awaits: see the
+   * state); REQUESTED ones are left for the placer. Returns how many were settled so.
+   */
+  settleMissingAsZero(r: GuestRegion, from: number, end: number): number {
+    const s = this.states[r.index]!;
+    let n = 0;
+    for (let p = from; p < end; p++) {
+      if (s[p] === PageState.MISSING) {
+        s[p] = PageState.ZERO_UNPLACED;
+        n++;
+      }
+    }
+    this.byState[PageState.MISSING]! -= n;
+    this.byState[PageState.ZERO_UNPLACED]! += n;
+    return n;
   }
 
   /** Pages [first, first + count) were discarded by the guest, whatever they were. */

@@ -7,8 +7,16 @@
  *  - a run of the image is split over the regions that cover it, each region over its VMAs
  *    (a copy across a VMA boundary fails with ENOENT), and only unsettled pages are written,
  *    one ioctl per contiguous run;
- *  - zeros go by UFFDIO_ZEROPAGE where the region offers it, else (hugetlbfs) by UFFDIO_COPY from
- *    a zero mapping; a huge page is always placed whole (runs are whole pages);
+ *  - zeros are placed only where a fault or prefetch awaits them: the other pages of a ZERO run
+ *    are settled unplaced (PageState.ZERO_UNPLACED), as the guest reads zeros there anyway once
+ *    the ranges are unregistered, before the VMM hears `complete`. On shared memory and hugetlbfs
+ *    a placed zero page is a page allocated and cleared, as costly as a copy; unplaced, it costs
+ *    the host no memory until the guest touches it (as in a guest that never migrated). Not for
+ *    Firecracker (`lazyZeros` false): it hears no `complete`, and its guest memory is whole when
+ *    the handler lets go, as it always was (anonymous memory maps zeros to the kernel's shared
+ *    zero page, which costs nothing anyway). Placed zeros go by
+ *    UFFDIO_ZEROPAGE where the region offers it, else (hugetlbfs) by UFFDIO_COPY from a zero
+ *    mapping; a huge page is always placed whole (runs are whole pages);
  *  - kernel answers are data: a partial copy continues after the bytes copied; EEXIST settles
  *    that page as already present; EAGAIN (a REMOVE or UNMAP event pending) reads the events, so
  *    discarded pages are skipped, then retries, and after MAX_IMMEDIATE_RETRIES retries on a
@@ -20,7 +28,8 @@
  *  - on a missing page: the session is told (it requests the page on the demand channel);
  *  - on a requested page: the session is told (the placement that answers the first fault, or
  *    the prefetch that asked for it, wakes them all; the session only starts waiting on it);
- *  - on a discarded page: zeros (a page the guest freed reads as zero, never as source data);
+ *  - on a discarded page, or a zero page left unplaced: zeros (a page the guest freed reads as
+ *    zero, never as source data);
  *  - on a page already placed: zeros are placed, which the kernel refuses (EEXIST) when the
  *    page is there (the fault was queued before its placement woke it: wake it again), and
  *    accepts when the page was zapped without a REMOVE event (MADV_DONTNEED with no
@@ -95,6 +104,8 @@ export class Placement {
     private readonly hooks: PlacementHooks,
     private readonly log: Logger,
     private readonly metrics: DestMetrics,
+    /** Leave the zero pages nobody awaits unplaced (see the top); else every page is placed. */
+    private readonly lazyZeros = true,
   ) {
     this.map = new PageMap(table);
   }
@@ -273,7 +284,8 @@ export class Placement {
 
   /** A fault on a settled page (see the top of this file): zeros, or a wake; never a loop. */
   private settledFault(r: GuestRegion, page: number, now: number): void {
-    if (this.map.state(r, page) !== PageState.DISCARDED) {
+    const state = this.map.state(r, page);
+    if (state !== PageState.DISCARDED && state !== PageState.ZERO_UNPLACED) {
       if (now - this.spuriousSince > SPURIOUS_WINDOW_MS) {
         this.spurious = new Map();
         this.spuriousSince = now;
@@ -365,6 +377,11 @@ export class Placement {
     attempt: number,
   ): void {
     const ps = r.pageSizeBytes;
+    if (!data && this.lazyZeros) {
+      // Zeros nobody awaits stay unplaced (see the top); awaited ones are placed below.
+      const unplaced = this.map.settleMissingAsZero(r, from, end);
+      if (unplaced > 0) this.metrics.pagesPlaced(path, 'zero', unplaced);
+    }
     let p = from;
     while (p < end && !this.stopped) {
       const run = this.map.unsettledRun(r, p, Math.min(end, r.segmentEnd(p)));

@@ -224,6 +224,8 @@ export class Session {
       },
       this.log,
       deps.metrics,
+      // Firecracker hears no `complete` (placement.ts: zeros).
+      request.vmm?.kind !== 'firecracker',
     );
   }
 

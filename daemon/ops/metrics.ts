@@ -222,7 +222,7 @@ export function createDestMetrics(
   >;
   const pagesPlaced = new Counter({
     name: `${p}pages_placed_total`,
-    help: 'Pages placed into guest memory, by path (demand, background) and kind (data, zero).',
+    help: 'Pages settled in guest memory, by path (demand, background) and kind (data, zero; zero pages nobody awaited are left for the kernel to fill).',
     labelNames: ['path', 'kind'] as const,
     registers,
   });

@@ -13,8 +13,10 @@
  * Memory layout: one PROT_NONE window is reserved and region 0 is mapped at its top, region 1
  * below it, and so on, with a gap between neighbours; --order then decides how the handoff lists
  * them. Each page carries a state (image, zeros after a discard, plus the version of the last
- * stamp written into it), so its expected content is always exact. The final check reads a page
- * only if mincore() says it is present; a page absent when `complete` arrived is "missing".
+ * stamp written into it), so its expected content is always exact. The final check reads every
+ * page mincore() says is present; an absent page passes only if it must hold zeros (the daemon
+ * leaves zero pages nobody touched unplaced, and unregisters every range before `complete`), and
+ * a 4 KiB one is read to prove it; any other absent page is "missing".
  *
  * Exit codes: 0 every page verified; 1 a mismatch or a missing page; 2 usage or setup error;
  * 3 the daemon refused the handoff, ended the session with an error, or the run timed out.
@@ -443,6 +445,18 @@ static void describe_state(uint32_t st, char *out, size_t cap) {
   uint32_t v = st & ST_VERSION;
   if (v) snprintf(out, cap, "%s + stamp v%u", st & ST_ZERO ? "zero" : "image", v);
   else snprintf(out, cap, "%s", st & ST_ZERO ? "zero (discarded)" : "image");
+}
+
+/*
+ * The page was zero before the guest touched it here (discarded, or zero in the image), so the
+ * daemon may have left it unplaced: absent at complete, zeros on the first touch after it.
+ */
+static bool zero_before_touch(const struct region *r, uint64_t page, uint32_t st, uint8_t *buf) {
+  if (st & ST_ZERO) return true;
+  read_image(r->offset + page * r->page_bytes, buf, r->page_bytes);
+  for (uint64_t i = 0; i < r->page_bytes; i++)
+    if (buf[i]) return false;
+  return true;
 }
 
 /* Compares a page of guest memory with what it must hold; true when equal. */
@@ -1348,15 +1362,25 @@ static void verify_all(unsigned char *const *at_complete) {
         continue;
       }
       uint32_t st = atomic_load(&r->state[p]);
-      bool zero_only = (st & ST_ZERO) && !(st & ST_VERSION);
-      if (!page_resident(at_complete, r, p) && !(st & ST_ZERO)) {
-        record_mismatch(r, p, true, "missing: not present when complete arrived");
-        continue;
-      }
-      if (!page_resident(now, r, p)) {
-        if (zero_only) atomic_fetch_add(&verified_count, 1);
-        else record_mismatch(r, p, true, "missing: not present after complete");
-        continue;
+      bool then = page_resident(at_complete, r, p);
+      if (!then || !page_resident(now, r, p)) {
+        /*
+         * Absent at complete (or still): right only for a page that was zero before the guest
+         * touched it, which the daemon may leave unplaced; the guest's first touch after
+         * complete reads zeros (every range is unregistered by then). Any other is missing.
+         */
+        if (!zero_before_touch(r, p, st, buf)) {
+          record_mismatch(r, p, true, then ? "missing: not present after complete"
+                                           : "missing: not present when complete arrived");
+          continue;
+        }
+        /* Still absent: a 4 KiB page is read to prove it reads as zeros; a huge one is not (its
+         * first touch would take a page from the pool). */
+        if (!page_resident(now, r, p) && r->page_bytes != 4096) {
+          if (st & ST_VERSION) record_mismatch(r, p, true, "missing: stamped but absent");
+          else atomic_fetch_add(&verified_count, 1);
+          continue;
+        }
       }
       if (verify_page(r, p, st, buf)) atomic_fetch_add(&verified_count, 1);
     }
@@ -1491,6 +1515,9 @@ static void run_session(void) {
   stop_guest();
   if (s >= 0) close(s);
   if (result.outcome != OUTCOME_COMPLETE) finish(EXIT_SESSION);
+  /* A page absent now reads as zeros, never blocks (the daemon did this too, before complete). */
+  for (int i = 0; i < nregions; i++)
+    uffd_unregister((uint64_t)(uintptr_t)regions[i].base, regions[i].mapped_bytes);
   verify_all(at_complete);
   for (int i = 0; i < nregions; i++) free(at_complete[i]);
   free(at_complete);

@@ -105,7 +105,10 @@ export interface VmSimResult {
   mismatches: Mismatch[];
   /** Every mismatch counted: final verification plus online reads. */
   mismatchCount: number;
-  /** Pages the daemon never placed (not resident at `complete`). */
+  /**
+   * Pages not resident at `complete` that must hold data (or a stamp). Absent zero pages are not
+   * missing: the daemon leaves zero pages nobody touched unplaced, and they read as zeros.
+   */
   missingPages: number;
   writtenPages: number;
   /** First-touch access time of pages that were missing (faults felt by the guest), µs. */
@@ -115,7 +118,7 @@ export interface VmSimResult {
   /** Final verification time, ms. */
   verifyMs: number;
   daemonReport: Extract<HandoffReply, { type: 'complete' }>;
-  /** Pages resident when the run ended (totalPages - missingPages). */
+  /** Pages resident when the run ended (absent zero pages are not). */
   presentPages: number;
   /** Wall clock (epoch ms) when the handoff was sent. */
   startedAtMs: number;

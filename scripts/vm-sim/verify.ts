@@ -32,7 +32,14 @@ export function verifyPages(
   residency: Uint8Array,
   partial: boolean,
   o: { maxMismatches: number },
-): { verified: number; count: number; writtenPages: number; mismatches: Mismatch[] } {
+): {
+  verified: number;
+  count: number;
+  writtenPages: number;
+  /** Absent pages that must not be (they should hold data or a stamp). */
+  missing: number;
+  mismatches: Mismatch[];
+} {
   const P = IMAGE_PAGE_SIZE_BYTES;
   const totalPages = sizeBytes / P;
   const chunkPages = 1024;
@@ -43,6 +50,7 @@ export function verifyPages(
   let verified = 0;
   let count = 0;
   let writtenPages = 0;
+  let missing = 0;
   const note = (page: number, reason: string): void => {
     count++;
     if (mismatches.length < o.maxMismatches) mismatches.push({ page, reason });
@@ -69,8 +77,15 @@ export function verifyPages(
           writeStamp(stamp, 0, page, version);
         }
         if ((residency[page]! & 1) === 0) {
-          if (!partial) note(page, 'missing: never placed by the daemon');
-          continue;
+          // Absent at complete: right only for a page that is zero in the image, which the
+          // daemon may leave unplaced (a worker's first touch after complete reads zeros, the
+          // RAM being unregistered by then); it is compared below like any page. Every other
+          // one is missing. A partial run verifies placed pages only.
+          if (partial || e.some((b) => b !== 0)) {
+            missing++;
+            if (!partial) note(page, 'missing: never placed by the daemon');
+            continue;
+          }
         }
         const headOk = version
           ? m.subarray(0, STAMP_BYTES).equals(stamp)
@@ -92,7 +107,7 @@ export function verifyPages(
   } finally {
     fs.closeSync(fd);
   }
-  return { verified, count, writtenPages, mismatches };
+  return { verified, count, writtenPages, missing, mismatches };
 }
 
 // --- CLI ---

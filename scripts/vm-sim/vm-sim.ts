@@ -16,7 +16,9 @@
  *
  * The main thread never touches guest RAM before `complete` (a fault there would block the event
  * loop that reads the daemon's replies). After `complete` it checks residency with mincore, then
- * unregisters the RAM so that a page the daemon never placed reads as zeros instead of hanging.
+ * unregisters the RAM so that a page the daemon never placed reads as zeros instead of hanging:
+ * right for a zero page (the daemon leaves zero pages nobody touched unplaced), missing for any
+ * other.
  *
  * Benchmarks use `touches` (a fixed number of first touches, then wait: faults measured in that
  * phase only), `workers: 0` (no workload: the background stream alone) and runVmSimTouches (end
@@ -275,8 +277,8 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
     // Ended after the touch phase: unregister first, so the daemon can place nothing more and
     // residency is final; the workers are all waiting, none is blocked on a fault.
     if (partial) ram.release();
-    const { vec: residency, missing: missingPages } = ram.residency();
-    if (missingPages > 0) ram.release();
+    const { vec: residency, missing: absentPages } = ram.residency();
+    if (absentPages > 0) ram.release();
     const results = await (partial ? workload.halt() : workload.complete());
     ram.release();
 
@@ -299,7 +301,7 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
       pagesVerified: verify.verified,
       mismatches: [...verify.mismatches, ...workload.online].slice(0, o.maxMismatches),
       mismatchCount: verify.count + workload.onlineCount,
-      missingPages,
+      missingPages: verify.missing,
       writtenPages: verify.writtenPages,
       faultLatencyUs: summarize(
         results.map((r) => r.latencies),
@@ -310,7 +312,7 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
       verifyMs: Math.round(verifyMs),
       partial,
       ...(end.kind === 'complete' ? { daemonReport: end.report } : {}),
-      presentPages: totalPages - missingPages,
+      presentPages: totalPages - absentPages,
       startedAtMs,
       ...(workload.touchPhaseMs === undefined ? {} : { touchPhaseMs: workload.touchPhaseMs }),
       resumes: driver.resumes,

@@ -128,6 +128,29 @@ t.test('the counts of every settled page add up to the number of pages', async (
   ]);
 });
 
+t.test('a ZERO run settles missing pages unplaced and leaves requested ones', async (t) => {
+  const table = new RegionTable([region('a', 8, 0x7000_0000_0000, 0)]);
+  const map = new PageMap(table);
+  const a = table.regions[0]!;
+  map.request(a, 2); // a fault awaits page 2: the placer must place its zeros
+  map.settle(a, 5, 1, PageState.BACKGROUND);
+  t.equal(map.settleMissingAsZero(a, 1, 7), 4, 'pages 1, 3, 4 and 6');
+  t.equal(map.state(a, 2), PageState.REQUESTED, 'the awaited page is left to the placer');
+  t.equal(map.state(a, 5), PageState.BACKGROUND, 'a settled page keeps its state');
+  t.equal(map.state(a, 3), PageState.ZERO_UNPLACED);
+  t.same(map.unsettledRun(a, 0, 8), [0, 1], 'unplaced zeros count as settled');
+  t.same(map.unsettledRun(a, 1, 8), [2, 3]);
+  t.same(map.counts(), { demand: 0, background: 1, zero: 4, existed: 0, discarded: 0 });
+  t.equal(map.request(a, 3), PageState.ZERO_UNPLACED, 'a fault there finds it settled');
+  map.discard(a, 3, 1);
+  t.same(map.counts(), { demand: 0, background: 1, zero: 3, existed: 0, discarded: 1 });
+  t.equal(map.settleMissingAsZero(a, 0, 8), 2, 'pages 0 and 7');
+  map.settle(a, 2, 1, PageState.ZERO);
+  t.ok(map.complete);
+  const c = map.counts();
+  t.equal(c.demand + c.background + c.zero + c.existed + c.discarded, 8, 'the buckets add up');
+});
+
 t.test('settledRanges leaves out unsettled pages, region by region', async (t) => {
   const table = new RegionTable([region('a', 8, 0x7000_0000_0000, 16 * P)]);
   const map = new PageMap(table);
