@@ -466,7 +466,7 @@ export const DEST_KEYS: readonly KeySpec[] = [
     key: 'backgroundWindowBytes',
     kind: 'int',
     arg: 'BYTES',
-    help: 'background bytes in flight (default 8 MiB)',
+    help: 'background bytes in flight per VM, at most (default 8 MiB; VMs share 16 MiB)',
   },
   {
     key: 'bulkThreadNice',
