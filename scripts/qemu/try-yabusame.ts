@@ -29,13 +29,23 @@
  */
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { connectQmp } from '../../daemon/qemu/qmp.js';
 import { ChaosProxy } from '../chaos/proxy.js';
-import { CLI, secretFile, startDest, startSource, type Daemon } from '../lib/daemons.js';
+import {
+  CLI,
+  registerMigration,
+  secretFile,
+  startDest,
+  startSource,
+  type Daemon,
+  type SourceDaemon,
+} from '../lib/daemons.js';
+import { generateImage } from '../image/gen-image.js';
+import { runVmSim } from '../vm-sim/vm-sim.js';
 import { buildGuest, type GuestFiles } from './guest/build.js';
 import {
   faultWaits,
@@ -121,6 +131,13 @@ export interface TryOptions {
   restartDestAfterMs?: number;
   /** Cut every page connection this long after RESUME (through a ChaosProxy). */
   cutAfterMs?: number;
+  /**
+   * Warm the daemons first: while the source guest boots, one migration of a 256 MiB image
+   * (random and zero pages, vm-sim's workload) goes through the same dest and source, so the
+   * measured one finds their code compiled, as a long-running daemon's is. Default false: the
+   * daemons' first migration.
+   */
+  warm?: boolean;
   /** Extra arguments for `yabusame dest` and `yabusame source`. */
   destArgs?: string[];
   sourceArgs?: string[];
@@ -161,6 +178,39 @@ export function faultBuckets(text: string): [number, number][] {
     buckets.push([m[1] === '+Inf' ? Infinity : Number(m[1]), Number(m[2])]);
   }
   return buckets;
+}
+
+const MiB = 1024 * 1024;
+
+/**
+ * One migration of a 256 MiB image through the daemons (vm-sim as the VMM, every page
+ * verified), so that the next one runs compiled code. Throws if it is not verified.
+ */
+async function warmUp(source: SourceDaemon, dest: { socket: string }, dir: string): Promise<void> {
+  // The source serves images beneath /dev/shm (startSource's imageRoot below).
+  const image = join('/dev/shm', `yb-warm-${process.pid}-${Date.now()}.img`);
+  try {
+    await generateImage({ path: image, sizeBytes: 256 * MiB, seed: 0x5eed });
+    const id = `warm-${basename(dir)}`;
+    const secret = await registerMigration(source, { id, image, frozen: true });
+    const r = await runVmSim({
+      image,
+      migrationId: id,
+      secret,
+      source: source.ws,
+      destSocket: dest.socket,
+      workers: 1,
+      pattern: 'random',
+      timeoutMs: 120_000,
+    });
+    if (r.mismatchCount > 0 || r.missingPages > 0 || r.pagesVerified !== r.totalPages) {
+      throw new Error(
+        `the warm-up migration was not verified: ${r.mismatchCount} mismatched, ${r.missingPages} missing`,
+      );
+    }
+  } finally {
+    fs.rmSync(image, { force: true });
+  }
 }
 
 /** A dest's /metrics text; empty if it cannot be fetched (its figures are then missing). */
@@ -255,6 +305,9 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
       pageUrl = proxy.url;
     }
     step('daemons up');
+    // Runs beside the guest's boot; awaited before the migration starts.
+    const warming = o.warm ? warmUp(source, dest, o.workDir) : Promise.resolve();
+    warming.catch(() => {});
 
     src = await Qemu.start({
       ...common,
@@ -270,6 +323,10 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     const b0 = src.batches().length;
     await src.waitLine(() => srcVm.batches().length >= b0 + 3, 60_000);
     step('source guest booted to its workload');
+    if (o.warm) {
+      await warming;
+      step('daemons warmed by a 256 MiB migration of vm-sim');
+    }
 
     const stopped = src.qmp.waitEvent('STOP', { timeoutMs: 180_000 });
     stopped.catch(() => {});
