@@ -113,7 +113,9 @@ function transferable(payload: Uint8Array, message: Buffer): { buf: ArrayBuffer;
  * with a full 8 MiB window each held 128 MiB that way (dest peak RSS 341 MiB in the bench's
  * many-vms, 172 MiB with the windows cut to fit the ring, at the same 0.5 GB/s). Each session
  * whose window is open gets an equal share of the ring, at most its backgroundWindowBytes and
- * at least MIN_SHARE_BYTES (one frame and more).
+ * at least MIN_SHARE_BYTES (one frame and more) or two of its largest pages (a source sends a
+ * page only with credit for all of it: a share below a 2 MiB page would stall the stream).
+ * Shares bound what is granted from now on; credit already granted is spent as it was.
  */
 const MIN_SHARE_BYTES = 512 * 1024;
 const windows = new Set<BulkSession>();
@@ -134,6 +136,8 @@ class BulkSession {
   private synced = false;
   /** Credit granted on the current connection for runs not placed yet. */
   private outstanding = 0;
+  /** The largest page of the current connection's regions (from its WELCOME). */
+  private maxPageBytes = 0;
   /**
    * Credit granted on each connection and not spent yet by its DATA and ZERO frames: a frame
    * beyond it is BAD_STATE (protocol/README.md), so a source that ignores credit cannot keep
@@ -220,7 +224,8 @@ class BulkSession {
   /** This session's share of the ring (see MIN_SHARE_BYTES). */
   private get share(): number {
     const fair = Math.floor(ring.capacity / Math.max(1, windows.size));
-    return Math.max(MIN_SHARE_BYTES, Math.min(this.init.windowBytes, fair));
+    const least = Math.max(MIN_SHARE_BYTES, 2 * this.maxPageBytes);
+    return Math.max(least, Math.min(this.init.windowBytes, fair));
   }
 
   /**
@@ -292,6 +297,7 @@ class BulkSession {
     if (this.closed) return;
     this.channel = ch;
     this.synced = false;
+    this.maxPageBytes = Math.max(0, ...ch.welcome.regions.map((r) => r.pageSizeBytes));
     this.doneQueued = false;
     post({
       t: 'connected',

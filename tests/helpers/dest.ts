@@ -23,6 +23,8 @@ export interface TestDestOptions {
   bulkWorkerUrl?: URL;
   /** Handoffs must carry a secret (the daemon's default; off here). */
   requireSecret?: boolean;
+  /** Background credit per session at most (1 MiB here). */
+  backgroundWindowBytes?: number;
 }
 
 export function startTestDest(socketPath: string, o: TestDestOptions = {}): Promise<DestDaemon> {
@@ -42,7 +44,7 @@ export function startTestDest(socketPath: string, o: TestDestOptions = {}): Prom
     session: {
       connectTimeoutMs: o.connectTimeoutMs ?? timeoutMs,
       completeTimeoutMs: timeoutMs,
-      backgroundWindowBytes: 1 << 20,
+      backgroundWindowBytes: o.backgroundWindowBytes ?? 1 << 20,
       progressIntervalMs: 1000,
       heartbeatMs: 0,
       reconnectTimeoutMs: o.reconnectTimeoutMs ?? 300,

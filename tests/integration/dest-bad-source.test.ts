@@ -151,3 +151,52 @@ t.test('a background connection gets its HAVE sync, then one window of credit', 
   await replies.closed;
   sys.close(fd);
 });
+
+t.test('sessions share the payload ring: each later window is a smaller share', async (t) => {
+  // A second dest whose window (8 MiB) is half the ring (16 MiB): the first two sessions get
+  // their whole window, the third 16/3 MiB, the fourth 4 MiB. The scripted source sends no page,
+  // so each session's credit is the one grant of its share, made when its window opened.
+  const sock = join(dir, 'share.sock');
+  const shared = await startTestDest(sock, { backgroundWindowBytes: 8 << 20 });
+  t.teardown(() => shared.close());
+  const MiB = 1 << 20;
+  const want = [8 * MiB, 8 * MiB, Math.floor((16 * MiB) / 3), 4 * MiB];
+  const open: Array<{ close(): void; closed: Promise<unknown>; fd: number }> = [];
+  for (let i = 0; i < want.length; i++) {
+    const id = `share-${i}`;
+    let credit = 0;
+    const first = new Promise<void>((resolve) => {
+      scripts.set(id, (ws) => {
+        ws.on('message', (data: Buffer) => {
+          const f = decodeFrame(data);
+          if (f.type !== FrameType.CREDIT) return;
+          credit += f.bytes;
+          resolve();
+        });
+      });
+    });
+    const { base, fd } = guestRam(SIZE);
+    const c = await connectHandoff(sock);
+    sendRaw(
+      c,
+      encodeHandoff({
+        type: 'handoff',
+        version: 1,
+        migrationId: id,
+        source: `ws://127.0.0.1:${port}`,
+        regions: [{ name: 'ram0', base, sizeBytes: SIZE, offset: 0, pageSizeBytes: 4096 }],
+      }),
+      [fd],
+    );
+    t.equal((await c.next()).type, 'ack');
+    await first;
+    await new Promise((r) => setTimeout(r, 100)); // a second grant would come now, if any
+    t.equal(credit, want[i], `session ${i + 1}: ${credit} bytes of credit`);
+    open.push({ close: () => c.close(), closed: c.closed, fd });
+  }
+  for (const o of open) {
+    o.close();
+    await o.closed;
+    sys.close(o.fd);
+  }
+});
