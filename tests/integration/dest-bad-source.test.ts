@@ -49,9 +49,10 @@ t.teardown(async () => {
 
 async function migrate(
   id: string,
+  dest = socketPath,
 ): Promise<{ replies: Awaited<ReturnType<typeof connectHandoff>>; fd: number }> {
   const { base, fd } = guestRam(SIZE);
-  const c = await connectHandoff(socketPath);
+  const c = await connectHandoff(dest);
   sendRaw(
     c,
     encodeHandoff({
@@ -175,19 +176,7 @@ t.test('sessions share the payload ring: each later window is a smaller share', 
         });
       });
     });
-    const { base, fd } = guestRam(SIZE);
-    const c = await connectHandoff(sock);
-    sendRaw(
-      c,
-      encodeHandoff({
-        type: 'handoff',
-        version: 1,
-        migrationId: id,
-        source: `ws://127.0.0.1:${port}`,
-        regions: [{ name: 'ram0', base, sizeBytes: SIZE, offset: 0, pageSizeBytes: 4096 }],
-      }),
-      [fd],
-    );
+    const { replies: c, fd } = await migrate(id, sock);
     t.equal((await c.next()).type, 'ack');
     await first;
     await new Promise((r) => setTimeout(r, 100)); // a second grant would come now, if any
