@@ -115,10 +115,15 @@ function transferable(payload: Uint8Array, message: Buffer): { buf: ArrayBuffer;
  * whose window is open gets an equal share of the ring, at most its backgroundWindowBytes and
  * at least MIN_SHARE_BYTES (one frame and more) or two of its largest pages (a source sends a
  * page only with credit for all of it: a share below a 2 MiB page would stall the stream).
- * Shares bound what is granted from now on; credit already granted is spent as it was.
+ * A grant never takes the daemon-wide total past the ring, except to give a session its least
+ * share: a session that opens while the others hold the ring starts with that much and gets
+ * the rest as their runs are placed (their shares shrank, so they do not take it back). Credit
+ * of a lost connection is void, and a closed session's is freed, at once.
  */
 const MIN_SHARE_BYTES = 512 * 1024;
 const windows = new Set<BulkSession>();
+/** Credit granted by every session and not placed yet (what the ring must hold). */
+let granted = 0;
 const refillAll = (): void => {
   for (const s of windows) s.refill();
 };
@@ -181,6 +186,8 @@ class BulkSession {
         frame: (ch, frame, message) => this.onFrame(ch, frame, message),
         lost: (info) => {
           this.channel = null;
+          this.setOutstanding(0);
+          refillAll();
           post({ t: 'lost', key, code: info.code });
         },
         gaveUp: (info) =>
@@ -221,24 +228,35 @@ class BulkSession {
     refillAll(); // this one first asks; the others' shares shrink as their runs are placed
   }
 
+  /** The least share: MIN_SHARE_BYTES, or two of the connection's largest pages. */
+  private get least(): number {
+    return Math.max(MIN_SHARE_BYTES, 2 * this.maxPageBytes);
+  }
+
   /** This session's share of the ring (see MIN_SHARE_BYTES). */
   private get share(): number {
     const fair = Math.floor(ring.capacity / Math.max(1, windows.size));
-    const least = Math.max(MIN_SHARE_BYTES, 2 * this.maxPageBytes);
-    return Math.max(least, Math.min(this.init.windowBytes, fair));
+    return Math.max(this.least, Math.min(this.init.windowBytes, fair));
+  }
+
+  private setOutstanding(bytes: number): void {
+    granted += bytes - this.outstanding;
+    this.outstanding = bytes;
   }
 
   /**
-   * Grants what the share leaves, in steps of a quarter share or more: a CREDIT frame per
-   * quarter window keeps the stream full without chatter.
+   * Grants what the share leaves, within the ring's free room (or up to the least share), in
+   * steps of a quarter share or more: a CREDIT frame per quarter window keeps the stream full
+   * without chatter.
    */
   refill(): void {
     if (!this.windowOpen || !this.synced || !this.channel || this.closed) return;
     const share = this.share;
-    const want = share - this.outstanding;
+    const room = Math.max(ring.capacity - granted, this.least - this.outstanding);
+    const want = Math.min(share - this.outstanding, room);
     if (want <= 0 || (want < share / 4 && this.outstanding > 0)) return;
     this.grant(want);
-    this.outstanding += want;
+    this.setOutstanding(this.outstanding + want);
   }
 
   /** Sends CREDIT on the current connection, and counts it in that connection's balance. */
@@ -269,7 +287,7 @@ class BulkSession {
     }
     if (!this.synced) {
       this.synced = true;
-      this.outstanding = 0;
+      this.setOutstanding(0);
       this.refill();
     }
   }
@@ -278,13 +296,14 @@ class BulkSession {
   credit(serial: number, bytes: number): void {
     // Credit belongs to the connection that used it: a run left from a lost one grants nothing.
     if (this.closed || serial !== this.serial || !this.synced) return;
-    this.outstanding = Math.max(0, this.outstanding - bytes);
-    this.refill();
+    this.setOutstanding(Math.max(0, this.outstanding - bytes));
+    refillAll(); // this one, or one that waited for room
   }
 
   close(code?: string, message?: string): void {
     this.closed = true;
     this.link.close(code, message);
+    this.setOutstanding(0);
     if (windows.delete(this)) refillAll(); // the others' shares grow
   }
 

@@ -153,25 +153,28 @@ t.test('a background connection gets its HAVE sync, then one window of credit', 
   sys.close(fd);
 });
 
-t.test('sessions share the payload ring: each later window is a smaller share', async (t) => {
-  // A second dest whose window (8 MiB) is half the ring (16 MiB): the first two sessions get
-  // their whole window, the third 16/3 MiB, the fourth 4 MiB. The scripted source sends no page,
-  // so each session's credit is the one grant of its share, made when its window opened.
+t.test('sessions share the payload ring: the credit granted never exceeds it', async (t) => {
+  // A second dest whose window (8 MiB) is half the ring (16 MiB). The scripted source sends no
+  // page, so nothing is placed and no credit comes back: the first two sessions get their whole
+  // window and fill the ring, the third and fourth only the least share (512 KiB). Once the
+  // first closes, its 8 MiB go to the others, up to their shares (16/3 MiB each now): the ring
+  // is full again, and no more.
   const sock = join(dir, 'share.sock');
   const shared = await startTestDest(sock, { backgroundWindowBytes: 8 << 20 });
   t.teardown(() => shared.close());
   const MiB = 1 << 20;
-  const want = [8 * MiB, 8 * MiB, Math.floor((16 * MiB) / 3), 4 * MiB];
+  const want = [8 * MiB, 8 * MiB, MiB / 2, MiB / 2];
+  const credit = want.map(() => 0);
+  const settle = (): Promise<unknown> => new Promise((r) => setTimeout(r, 200)); // late grants
   const open: Array<{ close(): void; closed: Promise<unknown>; fd: number }> = [];
   for (let i = 0; i < want.length; i++) {
     const id = `share-${i}`;
-    let credit = 0;
     const first = new Promise<void>((resolve) => {
       scripts.set(id, (ws) => {
         ws.on('message', (data: Buffer) => {
           const f = decodeFrame(data);
           if (f.type !== FrameType.CREDIT) return;
-          credit += f.bytes;
+          credit[i]! += f.bytes;
           resolve();
         });
       });
@@ -179,10 +182,17 @@ t.test('sessions share the payload ring: each later window is a smaller share', 
     const { replies: c, fd } = await migrate(id, sock);
     t.equal((await c.next()).type, 'ack');
     await first;
-    await new Promise((r) => setTimeout(r, 100)); // a second grant would come now, if any
-    t.equal(credit, want[i], `session ${i + 1}: ${credit} bytes of credit`);
+    await settle();
+    t.equal(credit[i], want[i], `session ${i + 1}: ${credit[i]} bytes of credit`);
     open.push({ close: () => c.close(), closed: c.closed, fd });
   }
+  open[0]!.close();
+  await open[0]!.closed;
+  await settle();
+  t.equal(credit[1], 8 * MiB, 'session 2 is past its share now: nothing more');
+  t.ok(credit[2]! > MiB / 2 && credit[3]! > MiB / 2, `sessions 3 and 4 got more: ${credit}`);
+  t.ok(credit[2]! <= (16 * MiB) / 3 && credit[3]! <= (16 * MiB) / 3, 'within their shares');
+  t.equal(credit[1]! + credit[2]! + credit[3]!, 16 * MiB, 'the ring is full, and no more');
   for (const o of open) {
     o.close();
     await o.closed;
