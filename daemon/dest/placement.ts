@@ -14,9 +14,9 @@
  *    the host no memory until the guest touches it (as in a guest that never migrated). Not for
  *    Firecracker (`lazyZeros` false): it hears no `complete`, and its guest memory is whole when
  *    the handler lets go, as it always was (anonymous memory maps zeros to the kernel's shared
- *    zero page, which costs nothing anyway). Placed zeros go by
- *    UFFDIO_ZEROPAGE where the region offers it, else (hugetlbfs) by UFFDIO_COPY from a zero
- *    mapping; a huge page is always placed whole (runs are whole pages);
+ *    zero page, which costs nothing anyway). Placed zeros go by UFFDIO_ZEROPAGE where the
+ *    region offers it, else (hugetlbfs) by UFFDIO_COPY from a zero mapping; a huge page is
+ *    always placed whole (runs are whole pages);
  *  - kernel answers are data: a partial copy continues after the bytes copied; EEXIST settles
  *    that page as already present; EAGAIN (a REMOVE or UNMAP event pending) reads the events, so
  *    discarded pages are skipped, then retries, and after MAX_IMMEDIATE_RETRIES retries on a
