@@ -113,8 +113,9 @@ function transferable(payload: Uint8Array, message: Buffer): { buf: ArrayBuffer;
  * with a full 8 MiB window each held 128 MiB that way (dest peak RSS 341 MiB in the bench's
  * many-vms, 172 MiB with the windows cut to fit the ring, at the same 0.5 GB/s). Each session
  * whose window is open gets an equal share of the ring, at most its backgroundWindowBytes and
- * at least MIN_SHARE_BYTES (one frame and more) or two of its largest pages (a source sends a
- * page only with credit for all of it: a share below a 2 MiB page would stall the stream).
+ * at least MIN_SHARE_BYTES (one frame and more; less only if the window is smaller), and never
+ * less than two of its largest pages (a source sends a page only with credit for all of it: a
+ * share below a 2 MiB page would stall the stream).
  * A grant never takes the daemon-wide total past the ring, except to give a session its least
  * share: a session that opens while the others hold the ring starts with that much and gets
  * the rest as their runs are placed (their shares shrank, so they do not take it back). Credit
@@ -228,9 +229,13 @@ class BulkSession {
     refillAll(); // this one first asks; the others' shares shrink as their runs are placed
   }
 
-  /** The least share: MIN_SHARE_BYTES, or two of the connection's largest pages. */
+  /**
+   * The least share: MIN_SHARE_BYTES (or the configured window, if smaller: a small window is
+   * an operator's choice, e.g. to keep heartbeats from queueing behind data on a slow link), and
+   * never less than two of the connection's largest pages.
+   */
   private get least(): number {
-    return Math.max(MIN_SHARE_BYTES, 2 * this.maxPageBytes);
+    return Math.max(Math.min(MIN_SHARE_BYTES, this.init.windowBytes), 2 * this.maxPageBytes);
   }
 
   /** This session's share of the ring (see MIN_SHARE_BYTES). */
