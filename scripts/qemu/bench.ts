@@ -181,7 +181,8 @@ export function summarize(mode: Mode, runs: Figures[]): Summary {
     requestP99Ms: s((r) => r.requestP99Ms),
     blocktimeMs: s((r) => r.blocktimeMs),
     guestMaxBatchMs: s((r) => r.guestMaxBatchMs),
-    guestErrors: runs.reduce((n, r) => n + (Number.isFinite(r.guestErrors) ? r.guestErrors : 1), 0),
+    // A run that failed before the guest's verdict is counted in `failed`, not as a guest error.
+    guestErrors: runs.reduce((n, r) => n + (Number.isFinite(r.guestErrors) ? r.guestErrors : 0), 0),
     wrongPages: runs.reduce((n, r) => n + r.wrongPages, 0),
     stagesUs: Object.fromEntries(
       Object.keys(STAGE_METRICS).map((k) => [k, s((r) => r.stagesUs[k] ?? NaN)]),
