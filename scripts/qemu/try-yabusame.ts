@@ -57,7 +57,7 @@ import {
   type FaultWaits,
 } from './kfaults.js';
 import { guestView, type GuestView } from './measure.js';
-import { stageValues } from '../bench/stages.js';
+import { bucketQuantile, stageValues } from '../bench/stages.js';
 import { buildPreload } from './preload-build.js';
 import {
   LogTail,
@@ -150,25 +150,6 @@ export interface TryOptions {
   onMigrate?: (argv: string[]) => void;
 }
 
-/** Quantile from a Prometheus histogram's cumulative buckets (linear inside a bucket). */
-export function histogramQuantile(buckets: [number, number][], q: number): number {
-  const total = buckets.at(-1)?.[1] ?? 0;
-  if (total === 0) return NaN;
-  const rank = q * total;
-  let prevLe = 0;
-  let prevCount = 0;
-  for (const [le, count] of buckets) {
-    if (count >= rank) {
-      if (!Number.isFinite(le)) return prevLe;
-      const inBucket = count - prevCount;
-      return prevLe + (inBucket ? ((rank - prevCount) / inBucket) * (le - prevLe) : 0);
-    }
-    prevLe = le;
-    prevCount = count;
-  }
-  return prevLe;
-}
-
 /** Bucket counts of the dest's fault service histogram, from its /metrics text. */
 export function faultBuckets(text: string): [number, number][] {
   const buckets: [number, number][] = [];
@@ -226,8 +207,8 @@ function serviceFromBuckets(buckets: [number, number][]): YabusameRun['faultServ
   if (buckets.length === 0) return null;
   return {
     count: buckets.at(-1)![1],
-    p50: histogramQuantile(buckets, 0.5) * 1000,
-    p99: histogramQuantile(buckets, 0.99) * 1000,
+    p50: bucketQuantile(buckets, 0.5) * 1000,
+    p99: bucketQuantile(buckets, 0.99) * 1000,
   };
 }
 
