@@ -41,8 +41,7 @@ export type PlacedState =
   | typeof PageState.DEMAND
   | typeof PageState.BACKGROUND
   | typeof PageState.ZERO
-  | typeof PageState.EXISTED
-  | typeof PageState.ZERO_UNPLACED;
+  | typeof PageState.EXISTED;
 
 export const isSettled = (s: number): boolean => s >= PageState.DEMAND;
 
