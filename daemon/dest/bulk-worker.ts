@@ -55,7 +55,32 @@ try {
   log.warn('cannot lower the bulk thread priority; it competes with faults for CPU', { err });
 }
 
-const post = (m: FromBulk, transfer?: ArrayBuffer[]): void => port.postMessage(m, transfer ?? []);
+/**
+ * Messages to the main thread leave in batches: one postMessage per event-loop turn of this
+ * thread (or per OUTBOX_MAX messages), in order. A run per message cost a structured clone,
+ * a wakeup of the main thread and a MessageEvent there for every frame: measured with
+ * `--cpu-prof` streaming 4 GiB, about 19,000 posts and 0.5 s of this thread's time.
+ */
+const OUTBOX_MAX = 64;
+let outbox: FromBulk[] = [];
+let outboxTransfer: ArrayBuffer[] = [];
+let flushing: NodeJS.Immediate | null = null;
+const flush = (): void => {
+  if (flushing) clearImmediate(flushing);
+  flushing = null;
+  const messages = outbox;
+  const transfer = outboxTransfer;
+  if (messages.length === 0) return;
+  outbox = [];
+  outboxTransfer = [];
+  port.postMessage(messages.length === 1 ? messages[0] : { t: 'batch', messages }, transfer);
+};
+const post = (m: FromBulk, transfer?: ArrayBuffer[]): void => {
+  outbox.push(m);
+  if (transfer) outboxTransfer.push(...transfer);
+  if (outbox.length >= OUTBOX_MAX) flush();
+  else flushing ??= setImmediate(flush);
+};
 post({ t: 'ready' });
 
 /**
@@ -297,12 +322,14 @@ class BulkSession {
     }
   }
 
-  /** The main thread placed `bytes` of connection `serial`'s runs: grant them again. */
+  /**
+   * The main thread placed `bytes` of connection `serial`'s runs: they may be granted again
+   * (by the refillAll() that follows a batch of credits: this one, or one that waited for room).
+   */
   credit(serial: number, bytes: number): void {
     // Credit belongs to the connection that used it: a run left from a lost one grants nothing.
     if (this.closed || serial !== this.serial || !this.synced) return;
     this.setOutstanding(Math.max(0, this.outstanding - bytes));
-    refillAll(); // this one, or one that waited for room
   }
 
   close(code?: string, message?: string): void {
@@ -404,7 +431,31 @@ const sessions = new Map<number, BulkSession>();
 /** Sessions whose pages come from a memory file on this host (file-lane.ts). */
 const files = new Map<number, FileLane>();
 
+/**
+ * Runs the main thread placed, as (key, serial, bytes) triples, one per run: each lane takes its
+ * credit, then placed runs freed ring space for every lane (file lanes that found the ring full
+ * try again, sessions are granted what their shares allow).
+ */
+function placed(credits: readonly number[]): void {
+  for (let i = 0; i + 2 < credits.length; i += 3) {
+    const key = credits[i]!;
+    const file = files.get(key);
+    if (file) file.credit(credits[i + 2]!);
+    else sessions.get(key)?.credit(credits[i + 1]!, credits[i + 2]!);
+  }
+  for (const f of files.values()) f.retry();
+  refillAll();
+}
+
 port.on('message', (m: ToBulk) => {
+  if (m.t === 'placed') {
+    try {
+      placed(m.credits);
+    } catch (err) {
+      log.error('bulk thread: placed runs not credited', { err });
+    }
+    return;
+  }
   try {
     const file = files.get(m.key);
     if (file) {
@@ -421,10 +472,6 @@ port.on('message', (m: ToBulk) => {
         case 'have':
           file.have(m.ranges);
           break;
-        case 'credit':
-          file.credit(m.bytes);
-          for (const f of files.values()) f.retry();
-          break;
         case 'close':
           file.close();
           files.delete(m.key);
@@ -433,8 +480,6 @@ port.on('message', (m: ToBulk) => {
       }
       return;
     }
-    // Any placed run freed ring space: a file lane that found the ring full tries again.
-    if (m.t === 'credit') for (const f of files.values()) f.retry();
     switch (m.t) {
       case 'openFile':
         files.set(m.key, new FileLane(m.key, m.init, { ring, post, faults }));
@@ -461,9 +506,6 @@ port.on('message', (m: ToBulk) => {
         break;
       case 'have':
         sessions.get(m.key)?.have(m.serial, m.ranges);
-        break;
-      case 'credit':
-        sessions.get(m.key)?.credit(m.serial, m.bytes);
         break;
       case 'close':
         sessions.get(m.key)?.close(m.code, m.message);

@@ -6,12 +6,13 @@
  * come from a memory file on this host (local-source.ts) has a file lane there instead: the
  * thread reads the file into the same ring and sends the same runs, with the same credit.
  *
- * Verified runs arrive here as messages (a frame's payload moves between the threads without a
- * copy: its ArrayBuffer is transferred) and wait in one queue for all sessions. The queue is
- * placed one run per event-loop turn, so faults and demand answers, read in the loop's poll
- * phase, are never queued behind more than one background run; and while any fault in the
- * daemon awaits its page, the queue waits (up to FAULT_PRIORITY_MS): any VM's demand goes
- * before every VM's background.
+ * Verified runs arrive here in batches of messages (a frame's payload in the shared payload
+ * ring, or, if it did not fit, in an ArrayBuffer transferred with it) and wait in one queue for
+ * all sessions. The queue is placed one slice per event-loop turn, so faults and demand
+ * answers, read in the loop's poll phase, are never queued behind more than one slice of a
+ * background run; and while any fault in the daemon awaits its page, the queue waits (up to
+ * FAULT_PRIORITY_MS): any VM's demand goes before every VM's background. Placed runs go back
+ * to the bulk thread in batches too (PLACED_BATCH_BYTES), for their credit.
  *
  * A uffd is closed only after its session's lane is closed here and on the worker, so no run of
  * a closed session can reach a reused fd number.
@@ -65,7 +66,8 @@ export type ToBulk =
   | { t: 'start'; key: number }
   | { t: 'window'; key: number }
   | { t: 'have'; key: number; serial: number; ranges: PageRange[] }
-  | { t: 'credit'; key: number; serial: number; bytes: number }
+  /** Runs placed: (key, serial, credit bytes) per run, in the order they were placed. */
+  | { t: 'placed'; credits: number[] }
   | { t: 'close'; key: number; code?: string; message?: string };
 
 /**
@@ -119,7 +121,9 @@ export type FromBulk =
   | { t: 'error'; key: number; code: string }
   | SourceDoneMessage
   | { t: 'fail'; key: number; code: HandoffErrorCode; message: string }
-  | { t: 'closed'; key: number };
+  | { t: 'closed'; key: number }
+  /** Several of the above, in order (the bulk thread posts once per event-loop turn). */
+  | { t: 'batch'; messages: FromBulk[] };
 
 /** A background run for the session to place (payload a view, no copy). */
 export interface BackgroundRun {
@@ -223,6 +227,13 @@ const ZERO_SLICE_BYTES = 2 * 1024 * 1024;
  */
 const NEAR_FAULT_MS = 0.5;
 const NEAR_FAULT_SLICE_BYTES = 16 * 1024;
+/**
+ * Placed runs are reported to the bulk thread (which grants their credit again) once this many
+ * bytes or runs were placed, or when the queue is empty: a report per run was a postMessage per
+ * run (about 19,000 for 4 GiB), and credit goes out in steps of a quarter share anyway.
+ */
+const PLACED_BATCH_BYTES = 1024 * 1024;
+const PLACED_BATCH_RUNS = 64;
 
 /**
  * The worker thread, the routing of its messages to sessions, and the daemon-wide queue of
@@ -240,6 +251,9 @@ export class BulkThread implements BulkLaneFactory {
   private readonly queue: Array<RunMessage | SourceDoneMessage> = [];
   private readonly ring = new PayloadRing(PAYLOAD_RING_BYTES);
   private queueHead = 0;
+  /** Runs placed and not reported to the bulk thread yet: (key, serial, credit) each. */
+  private placed: number[] = [];
+  private placedBytes = 0;
   private scheduled: NodeJS.Immediate | null = null;
   private deferTimer: NodeJS.Timeout | null = null;
   private deferredSince = 0;
@@ -276,7 +290,12 @@ export class BulkThread implements BulkLaneFactory {
       stderr: false,
     });
     worker.unref();
-    worker.on('message', (m: FromBulk) => (m.t === 'ready' ? up() : this.onMessage(m)));
+    const receive = (m: FromBulk): void => {
+      if (m.t === 'batch') for (const b of m.messages) receive(b);
+      else if (m.t === 'ready') up();
+      else this.onMessage(m);
+    };
+    worker.on('message', receive);
     worker.on('error', (err) => this.opts.log.error('the bulk thread failed', { err }));
     worker.on('exit', (code) => {
       down(
@@ -289,6 +308,8 @@ export class BulkThread implements BulkLaneFactory {
       // Nothing of a dead thread is placed; the next one starts with an empty ring.
       this.queue.length = 0;
       this.queueHead = 0;
+      this.placed = [];
+      this.placedBytes = 0;
       this.ring.reset();
       for (const [key, e] of this.entries) {
         this.entries.delete(key);
@@ -306,10 +327,20 @@ export class BulkThread implements BulkLaneFactory {
   }
 
   private post(m: ToBulk, transfer: ArrayBuffer[] = []): void {
+    this.flushPlaced(); // credits go before anything said after them
     (this.worker ?? this.spawn()).postMessage(m, transfer);
   }
 
-  private onMessage(m: Exclude<FromBulk, { t: 'ready' }>): void {
+  /** Tells the bulk thread which runs were placed since the last time (see PLACED_BATCH_BYTES). */
+  private flushPlaced(): void {
+    if (this.placed.length === 0) return;
+    const credits = this.placed;
+    this.placed = [];
+    this.placedBytes = 0;
+    (this.worker ?? this.spawn()).postMessage({ t: 'placed', credits } satisfies ToBulk);
+  }
+
+  private onMessage(m: Exclude<FromBulk, { t: 'ready' | 'batch' }>): void {
     const e = this.entries.get(m.key);
     if (!e || (e.closing && m.t !== 'closed')) return;
     switch (m.t) {
@@ -377,6 +408,13 @@ export class BulkThread implements BulkLaneFactory {
       }
       this.deferredSince = 0;
       this.placeNext(performance.now() - this.lastServed < NEAR_FAULT_MS);
+      if (
+        this.queueHead >= this.queue.length ||
+        this.placedBytes >= PLACED_BATCH_BYTES ||
+        this.placed.length >= 3 * PLACED_BATCH_RUNS
+      ) {
+        this.flushPlaced();
+      }
       this.schedule();
     });
   }
@@ -411,7 +449,10 @@ export class BulkThread implements BulkLaneFactory {
       });
       m.done = done + slice;
       finished = m.done >= m.length;
-      if (finished) this.post({ t: 'credit', key: m.key, serial: m.serial, bytes: m.credit });
+      if (finished) {
+        this.placed.push(m.key, m.serial, m.credit);
+        this.placedBytes += m.credit;
+      }
     }
     if (!finished) return;
     if (m.t === 'run' && m.ring >= 0) this.ring.release(m.ring + m.length);
@@ -487,6 +528,7 @@ export class BulkThread implements BulkLaneFactory {
     if (this.scheduled) clearImmediate(this.scheduled);
     if (this.deferTimer) clearTimeout(this.deferTimer);
     this.queue.length = 0;
+    this.placed = [];
     const w = this.worker;
     this.worker = null;
     if (w) await w.terminate();
