@@ -11,7 +11,14 @@
  * series count without limit), and the migration id of the per-migration series, which exist
  * only while their migration runs and for at most `maxMigrationSeries` migrations at once.
  */
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import {
+  Counter,
+  Gauge,
+  Histogram,
+  Registry,
+  collectDefaultMetrics,
+  type CounterConfiguration,
+} from 'prom-client';
 import {
   FAULT_STAGES,
   type ChannelName,
@@ -63,38 +70,127 @@ export const STAGE_SECONDS_BUCKETS: readonly number[] = [
   0.000075, 0.0001, 0.00015, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.1, 1,
 ];
 
-/** Observations a Deferred holds before it hands them on by itself. */
-const DEFERRED_OBSERVATIONS = 4096;
+/** One line of a histogram's exposition (a bucket, its sum or its count). */
+interface HistogramValue {
+  metricName: string;
+  labels: Readonly<Record<string, string | number>>;
+  value: number;
+}
 
 /**
- * Histogram observations kept in typed arrays and handed to prom-client at the next scrape (the
- * histogram's `collect`) or when full: on the fault path an observation is two stores, not
- * prom-client's label check, label hash and bucket search (about 0.7 µs each, several per
- * fault). A scrape sees every observation made before it.
+ * A histogram kept in typed arrays, one row of bucket counts per series, and exported in
+ * prom-client's histogram format at each scrape (registered in the registry like its own
+ * metrics). On the fault path an observation is a bucket search and two adds, where
+ * prom-client's observe checks and hashes its labels each time (about 0.7 µs; a dest fault
+ * makes seven observations). A scrape sees every observation made before it.
  */
-class Deferred {
-  private readonly values = new Float64Array(DEFERRED_OBSERVATIONS);
-  private readonly slots = new Uint8Array(DEFERRED_OBSERVATIONS);
-  private n = 0;
+class LocalHistogram {
+  readonly type = 'histogram';
+  readonly aggregator = 'sum';
+  /** Per series: a count per bucket (not cumulative), the last one above every bound. */
+  private readonly counts: Float64Array;
+  private readonly sums: Float64Array;
 
-  constructor(private readonly to: (slot: number, value: number) => void) {}
-
-  add(slot: number, value: number): void {
-    this.values[this.n] = value;
-    this.slots[this.n] = slot;
-    if (++this.n === DEFERRED_OBSERVATIONS) this.flush();
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    private readonly bounds: readonly number[],
+    /** The label set of each series (a single `{}` for a histogram without labels). */
+    private readonly series: ReadonlyArray<Readonly<Record<string, string>>>,
+    registry: Registry,
+  ) {
+    this.counts = new Float64Array(series.length * (bounds.length + 1));
+    this.sums = new Float64Array(series.length);
+    // The registry asks a metric for name, get() and reset() only; not a prom-client class.
+    registry.registerMetric(this as unknown as Histogram);
   }
 
-  flush(): void {
-    const n = this.n;
-    this.n = 0;
-    for (let i = 0; i < n; i++) this.to(this.slots[i]!, this.values[i]!);
+  observe(series: number, value: number): void {
+    if (!Number.isFinite(value)) return;
+    const b = this.bounds;
+    let lo = 0;
+    let hi = b.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (value <= b[mid]!) hi = mid;
+      else lo = mid + 1;
+    }
+    this.counts[series * (b.length + 1) + lo]! += 1;
+    this.sums[series]! += value;
   }
+
+  /** The series in prom-client's shape: cumulative buckets, +Inf, _sum and _count. */
+  get(): Promise<{
+    name: string;
+    help: string;
+    type: 'histogram';
+    aggregator: 'sum';
+    values: HistogramValue[];
+  }> {
+    const values: HistogramValue[] = [];
+    const n = this.bounds.length + 1;
+    this.series.forEach((labels, s) => {
+      let cumulative = 0;
+      for (let i = 0; i < n; i++) {
+        cumulative += this.counts[s * n + i]!;
+        values.push({
+          metricName: `${this.name}_bucket`,
+          labels: { le: i < n - 1 ? this.bounds[i]! : '+Inf', ...labels },
+          value: cumulative,
+        });
+      }
+      values.push({ metricName: `${this.name}_sum`, labels, value: this.sums[s]! });
+      values.push({ metricName: `${this.name}_count`, labels, value: cumulative });
+    });
+    return Promise.resolve({
+      name: this.name,
+      help: this.help,
+      type: this.type,
+      aggregator: this.aggregator,
+      values,
+    });
+  }
+
+  reset(): void {
+    this.counts.fill(0);
+    this.sums.fill(0);
+  }
+}
+
+/**
+ * A prom-client counter whose increments on the hot paths are summed in a typed array, one
+ * slot per series, and handed to prom-client at each scrape (its collect): an increment is one
+ * add instead of a label check and hash. Every series is exported from the start, at 0.
+ */
+function talliedCounter<L extends string>(
+  config: CounterConfiguration<L>,
+  series: ReadonlyArray<Partial<Record<L, string>>>,
+): (slot: number, by: number) => void {
+  const pending = new Float64Array(series.length);
+  const counter: Counter<L> = new Counter<L>({
+    ...config,
+    collect: () => {
+      for (let i = 0; i < series.length; i++) {
+        if (pending[i] === 0) continue;
+        counter.inc(series[i]!, pending[i]!);
+        pending[i] = 0;
+      }
+    },
+  });
+  for (const labels of series) counter.inc(labels, 0);
+  return (slot, by) => {
+    pending[slot]! += by;
+  };
 }
 
 const PATHS: readonly PagePath[] = ['demand', 'background'];
 const KINDS: readonly PageKind[] = ['data', 'zero'];
 const CHANNELS: readonly ChannelName[] = ['demand', 'background'];
+/** The series of a counter by path and kind, and of one by channel, with their slots. */
+const PATH_KIND_SERIES = PATHS.flatMap((path) => KINDS.map((kind) => ({ path, kind })));
+const pathKindSlot = (path: PagePath, kind: PageKind): number =>
+  PATHS.indexOf(path) * KINDS.length + KINDS.indexOf(kind);
+const CHANNEL_SERIES = CHANNELS.map((channel) => ({ channel }));
 
 /** Distinct values a free-form label (a result or error code) may take before `other`. */
 export const MAX_CODE_LABEL_VALUES = 64;
@@ -184,54 +280,50 @@ export function createDestMetrics(
 ): DestMetrics {
   const p = 'yabusame_dest_';
   const registers = [registry];
-  const faults = new Counter({
-    name: `${p}faults_total`,
-    help: 'userfaultfd page faults read.',
-    registers,
-  });
-  // The fault path's observations wait in typed arrays until a scrape (collect) or until full.
-  const serviceLater = new Deferred((_, v) => faultService.observe(v));
-  const faultService = new Histogram({
-    name: `${p}fault_service_seconds`,
-    help: 'Time from reading a fault to its page being placed (what the vCPU waits).',
-    buckets: [...SERVICE_SECONDS_BUCKETS],
-    registers,
-    collect: () => serviceLater.flush(),
-  });
-  // One child per stage, bound once.
-  const stageChildren: Array<{ observe(v: number): void }> = [];
-  const stageLater = new Deferred((slot, v) => stageChildren[slot]!.observe(v));
-  const faultStage = new Histogram({
-    name: `${p}fault_stage_seconds`,
-    help:
-      'Time of each stage of a demand fault answered on the demand channel: request (fault read ' +
+  // What the fault path counts and observes is kept in typed arrays until a scrape.
+  const faults = talliedCounter(
+    { name: `${p}faults_total`, help: 'userfaultfd page faults read.', registers },
+    [{}],
+  );
+  const faultService = new LocalHistogram(
+    `${p}fault_service_seconds`,
+    'Time from reading a fault to its page being placed (what the vCPU waits).',
+    SERVICE_SECONDS_BUCKETS,
+    [{}],
+    registry,
+  );
+  const faultStage = new LocalHistogram(
+    `${p}fault_stage_seconds`,
+    'Time of each stage of a demand fault answered on the demand channel: request (fault read ' +
       'to REQUEST sent), wire (to the answer received), source_read and source_send (the ' +
       "source's part of wire, from the answer), verify (checksum), place (UFFDIO_COPY, which " +
       'wakes the vCPU).',
-    labelNames: ['stage'] as const,
-    buckets: [...STAGE_SECONDS_BUCKETS],
-    registers,
-    collect: () => stageLater.flush(),
-  });
-  // Every stage exported from the start.
-  for (const stage of FAULT_STAGES) faultStage.zero({ stage });
-  for (const stage of FAULT_STAGES) stageChildren.push(faultStage.labels({ stage }));
+    STAGE_SECONDS_BUCKETS,
+    FAULT_STAGES.map((stage) => ({ stage })),
+    registry,
+  );
   const stageSlot = Object.fromEntries(FAULT_STAGES.map((s, i) => [s, i])) as Record<
     FaultStage,
     number
   >;
-  const pagesPlaced = new Counter({
-    name: `${p}pages_placed_total`,
-    help: 'Pages settled in guest memory, by path (demand, background) and kind (data, zero; zero pages nobody awaited are left for the kernel to fill).',
-    labelNames: ['path', 'kind'] as const,
-    registers,
-  });
-  const bytesReceived = new Counter({
-    name: `${p}received_bytes_total`,
-    help: 'Frame bytes received from the source, by channel.',
-    labelNames: ['channel'] as const,
-    registers,
-  });
+  const pagesPlaced = talliedCounter(
+    {
+      name: `${p}pages_placed_total`,
+      help: 'Pages settled in guest memory, by path (demand, background) and kind (data, zero; zero pages nobody awaited are left for the kernel to fill).',
+      labelNames: ['path', 'kind'] as const,
+      registers,
+    },
+    PATH_KIND_SERIES,
+  );
+  const bytesReceived = talliedCounter(
+    {
+      name: `${p}received_bytes_total`,
+      help: 'Frame bytes received from the source, by channel.',
+      labelNames: ['channel'] as const,
+      registers,
+    },
+    CHANNEL_SERIES,
+  );
   const placeExists = new Counter({
     name: `${p}place_exists_total`,
     help: 'Placements that found the page already present (demand and background raced).',
@@ -352,8 +444,6 @@ export function createDestMetrics(
   });
 
   // Every bounded combination is exported from the start (at 0), so rate() sees the first page.
-  for (const path of PATHS) for (const kind of KINDS) pagesPlaced.inc({ path, kind }, 0);
-  for (const channel of CHANNELS) bytesReceived.inc({ channel }, 0);
   for (const channel of CHANNELS) reconnects.inc({ channel }, 0);
   handoffs.inc({ result: 'ok' }, 0);
   sessionsEnded.inc({ result: 'complete' }, 0);
@@ -363,11 +453,11 @@ export function createDestMetrics(
   const errorCode = boundedLabel();
   const unservedCode = boundedLabel();
   return {
-    fault: () => faults.inc(),
-    faultServiceSeconds: (seconds) => serviceLater.add(0, seconds),
-    faultStage: (stage, seconds) => stageLater.add(stageSlot[stage], seconds),
-    pagesPlaced: (path, kind, pages) => pagesPlaced.inc({ path, kind }, pages),
-    bytesReceived: (channel, bytes) => bytesReceived.inc({ channel }, bytes),
+    fault: () => faults(0, 1),
+    faultServiceSeconds: (seconds) => faultService.observe(0, seconds),
+    faultStage: (stage, seconds) => faultStage.observe(stageSlot[stage], seconds),
+    pagesPlaced: (path, kind, pages) => pagesPlaced(pathKindSlot(path, kind), pages),
+    bytesReceived: (channel, bytes) => bytesReceived(CHANNELS.indexOf(channel), bytes),
     placeExists: () => placeExists.inc(),
     placeRetry: () => placeRetries.inc(),
     reconnect: (channel) => reconnects.inc({ channel }),
@@ -388,24 +478,32 @@ export function createSourceMetrics(
 ): SourceMetrics {
   const p = 'yabusame_source_';
   const registers = [registry];
-  const pagesSent = new Counter({
-    name: `${p}pages_sent_total`,
-    help: 'Pages sent, by path (demand answer, background stream) and kind (data, zero run).',
-    labelNames: ['path', 'kind'] as const,
-    registers,
-  });
-  const bytesSent = new Counter({
-    name: `${p}sent_bytes_total`,
-    help: 'Frame bytes written to connections, by channel.',
-    labelNames: ['channel'] as const,
-    registers,
-  });
-  const demandService = new Histogram({
-    name: `${p}demand_service_seconds`,
-    help: "Time from a REQUEST frame's arrival to its page data being handed to the socket.",
-    buckets: [...SERVICE_SECONDS_BUCKETS],
-    registers,
-  });
+  // What the demand path counts and observes is kept in typed arrays until a scrape.
+  const pagesSent = talliedCounter(
+    {
+      name: `${p}pages_sent_total`,
+      help: 'Pages sent, by path (demand answer, background stream) and kind (data, zero run).',
+      labelNames: ['path', 'kind'] as const,
+      registers,
+    },
+    PATH_KIND_SERIES,
+  );
+  const bytesSent = talliedCounter(
+    {
+      name: `${p}sent_bytes_total`,
+      help: 'Frame bytes written to connections, by channel.',
+      labelNames: ['channel'] as const,
+      registers,
+    },
+    CHANNEL_SERIES,
+  );
+  const demandService = new LocalHistogram(
+    `${p}demand_service_seconds`,
+    "Time from a REQUEST frame's arrival to its page data being handed to the socket.",
+    SERVICE_SECONDS_BUCKETS,
+    [{}],
+    registry,
+  );
   const connections = new Counter({
     name: `${p}connections_opened_total`,
     help: 'Connections accepted after a valid HELLO, by channel.',
@@ -490,20 +588,16 @@ export function createSourceMetrics(
     untracked.set(n);
   });
 
-  for (const path of PATHS) for (const kind of KINDS) pagesSent.inc({ path, kind }, 0);
-  for (const channel of CHANNELS) {
-    bytesSent.inc({ channel }, 0);
-    connections.inc({ channel }, 0);
-  }
+  for (const channel of CHANNELS) connections.inc({ channel }, 0);
   for (const event of ['registered', 'frozen', 'complete', 'aborted'] as const) {
     migrationEvents.inc({ event }, 0);
   }
 
   const errorCode = boundedLabel();
   return {
-    pagesSent: (path, kind, pages) => pagesSent.inc({ path, kind }, pages),
-    bytesSent: (channel, bytes) => bytesSent.inc({ channel }, bytes),
-    demandServiceSeconds: (seconds) => demandService.observe(seconds),
+    pagesSent: (path, kind, pages) => pagesSent(pathKindSlot(path, kind), pages),
+    bytesSent: (channel, bytes) => bytesSent(CHANNELS.indexOf(channel), bytes),
+    demandServiceSeconds: (seconds) => demandService.observe(0, seconds),
     connectionOpened: (channel) => connections.inc({ channel }),
     error: (code) => errors.inc({ code: errorCode(code) }),
     migrationEvent: (event) => migrationEvents.inc({ event }),
