@@ -68,6 +68,32 @@ t.test(
   },
 );
 
+t.test('fault path metrics: bounds, non-finite values, and scrapes that follow', async (t) => {
+  const registry = createMetricsRegistry();
+  const m = createDestMetrics(registry);
+  const scrape = async (): Promise<Map<string, number>> =>
+    parseExposition((await metricsText(registry)).body).samples;
+  m.faultServiceSeconds(0.0001); // exactly on a bound: that bucket, not the next
+  m.faultServiceSeconds(Number.NaN); // not a time: not counted, and no throw on the fault path
+  m.faultServiceSeconds(Number.POSITIVE_INFINITY);
+  m.pagesPlaced('background', 'data', 7);
+  let s = await scrape();
+  t.equal(s.get('yabusame_dest_fault_service_seconds_bucket{le="0.00005"}'), 0);
+  t.equal(s.get('yabusame_dest_fault_service_seconds_bucket{le="0.0001"}'), 1);
+  t.equal(s.get('yabusame_dest_fault_service_seconds_count'), 1);
+  t.equal(s.get('yabusame_dest_fault_service_seconds_sum'), 0.0001);
+  t.equal(s.get('yabusame_dest_pages_placed_total{path="background",kind="data"}'), 7);
+  // What comes after a scrape adds to what it showed; a scrape with nothing new repeats it.
+  m.faultServiceSeconds(0.003);
+  m.pagesPlaced('background', 'data', 5);
+  await scrape();
+  s = await scrape();
+  t.equal(s.get('yabusame_dest_fault_service_seconds_bucket{le="0.0025"}'), 1);
+  t.equal(s.get('yabusame_dest_fault_service_seconds_bucket{le="0.005"}'), 2);
+  t.equal(s.get('yabusame_dest_fault_service_seconds_count'), 2);
+  t.equal(s.get('yabusame_dest_pages_placed_total{path="background",kind="data"}'), 12);
+});
+
 t.test('dest metrics: every port method shows up in the exposition', async (t) => {
   const registry = createMetricsRegistry();
   const m = createDestMetrics(registry);
