@@ -452,7 +452,10 @@ port.on('message', (m: ToBulk) => {
     try {
       placed(m.credits);
     } catch (err) {
-      log.error('bulk thread: placed runs not credited', { err });
+      // A lane left without its credit would wait forever: fail the lanes of this batch.
+      const keys = new Set(m.credits.filter((_, i) => i % 3 === 0));
+      const message = `bulk thread: ${(err as Error).message}`;
+      for (const key of keys) post({ t: 'fail', key, code: 'INTERNAL_ERROR', message });
     }
     return;
   }
