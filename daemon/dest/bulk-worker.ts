@@ -4,7 +4,7 @@
  * inside one region of this connection's WELCOME, whole pages), the HAVE sync of each new
  * connection (the main thread, which owns the page map, says what to send), and credit: the
  * main thread reports each run it placed, and this thread grants it again on the connection the
- * run came from, within the session's share of the payload ring (MIN_SHARE_BYTES). Verified
+ * run came from, within the session's share of the payload ring (credit-share.ts). Verified
  * runs go to the main thread, which does all placing; this thread never touches a uffd.
  */
 import { parentPort, workerData } from 'node:worker_threads';
@@ -30,6 +30,7 @@ import type { SourceAddress } from '../../protocol/source-url.js';
 import { PayloadRing, type SharedRing } from './payload-ring.js';
 import type { BulkSessionInit, FromBulk, ToBulk } from './bulk.js';
 import { FileLane } from './file-lane.js';
+import { grantNow, leastShare, shareOf } from './credit-share.js';
 
 /** Longest a background connection stops reading while faults await their pages, ms. */
 const FAULT_PRIORITY_MS = 2;
@@ -132,21 +133,9 @@ function transferable(payload: Uint8Array, message: Buffer): { buf: ArrayBuffer;
 }
 
 /**
- * Background credit is shared daemon-wide: what every session was granted and has not had placed
- * yet stays within the payload ring, where verified runs wait for the main thread. A run that
- * does not fit there is transferred and lives in memory of its own until collected: 16 sessions
- * with a full 8 MiB window each held 128 MiB that way (dest peak RSS 341 MiB in the bench's
- * many-vms, 172 MiB with the windows cut to fit the ring, at the same 0.5 GB/s). Each session
- * whose window is open gets an equal share of the ring, at most its backgroundWindowBytes and
- * at least MIN_SHARE_BYTES (one frame and more; less only if the window is smaller), and never
- * less than two of its largest pages (a source sends a page only with credit for all of it: a
- * share below a 2 MiB page would stall the stream).
- * A grant never takes the daemon-wide total past the ring, except to give a session its least
- * share: a session that opens while the others hold the ring starts with that much and gets
- * the rest as their runs are placed (their shares shrank, so they do not take it back). Credit
- * of a lost connection is void, and a closed session's is freed, at once.
+ * Sessions whose window is open: they share the ring (credit-share.ts). Credit of a lost
+ * connection is void, and a closed session's is freed, at once.
  */
-const MIN_SHARE_BYTES = 512 * 1024;
 const windows = new Set<BulkSession>();
 /** Credit granted by every session and not placed yet (what the ring must hold). */
 let granted = 0;
@@ -254,37 +243,24 @@ class BulkSession {
     refillAll(); // this one first asks; the others' shares shrink as their runs are placed
   }
 
-  /**
-   * The least share: MIN_SHARE_BYTES (or the configured window, if smaller: a small window is
-   * an operator's choice, e.g. to keep heartbeats from queueing behind data on a slow link), and
-   * never less than two of the connection's largest pages.
-   */
-  private get least(): number {
-    return Math.max(Math.min(MIN_SHARE_BYTES, this.init.windowBytes), 2 * this.maxPageBytes);
-  }
-
-  /** This session's share of the ring (see MIN_SHARE_BYTES). */
-  private get share(): number {
-    const fair = Math.floor(ring.capacity / Math.max(1, windows.size));
-    return Math.max(this.least, Math.min(this.init.windowBytes, fair));
-  }
 
   private setOutstanding(bytes: number): void {
     granted += bytes - this.outstanding;
     this.outstanding = bytes;
   }
 
-  /**
-   * Grants what the share leaves, within the ring's free room (or up to the least share), in
-   * steps of a quarter share or more: a CREDIT frame per quarter window keeps the stream full
-   * without chatter.
-   */
+  /** Grants what this session's share of the ring allows now (credit-share.ts). */
   refill(): void {
     if (!this.windowOpen || !this.synced || !this.channel || this.closed) return;
-    const share = this.share;
-    const room = Math.max(ring.capacity - granted, this.least - this.outstanding);
-    const want = Math.min(share - this.outstanding, room);
-    if (want <= 0 || (want < share / 4 && this.outstanding > 0)) return;
+    const { windowBytes } = this.init;
+    const want = grantNow({
+      share: shareOf(ring.capacity, windows.size, windowBytes, this.maxPageBytes),
+      least: leastShare(windowBytes, this.maxPageBytes),
+      outstanding: this.outstanding,
+      ringBytes: ring.capacity,
+      granted,
+    });
+    if (want <= 0) return;
     this.grant(want);
     this.setOutstanding(this.outstanding + want);
   }

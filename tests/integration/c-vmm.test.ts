@@ -82,9 +82,9 @@ t.before(async () => {
   const migrations = [
     whole('cvmm-oracle', images['oracle']),
     whole('cvmm-split', images['split']),
-    {
-      id: 'cvmm-huge',
-      image: images['huge'],
+    ...['cvmm-huge', 'cvmm-huge-small-window'].map((id) => ({
+      id,
+      image: images['huge']!,
       frozen: true,
       regions: [
         {
@@ -95,7 +95,7 @@ t.before(async () => {
           pageSizeBytes: HUGE_PAGE,
         },
       ],
-    },
+    })),
     whole('cvmm-wp-before', images['small']),
     whole('cvmm-wp-after', images['small']),
     whole('cvmm-unmapped', images['small']),
@@ -301,6 +301,37 @@ t.test('2 MiB hugetlbfs pages, with zero huge pages and holes', async (t) => {
   });
   t.equal(r.regions[0]?.backing, 'hugetlb', 'guest RAM is hugetlbfs');
   assertVerified(t, r, dest);
+});
+
+t.test('a window smaller than a huge page still streams huge pages', async (t) => {
+  // A source sends a page only with credit for all of it. The dest raises a session's window
+  // to four of its largest pages, and its share of the ring never drops below two of them
+  // (credit-share.test covers the share with many sessions): with a 1 MiB window and only 2 MiB
+  // pages, a grant of the window alone would never let one out, and the pages no vCPU touched
+  // would never arrive. With both guards removed this test times out.
+  const pool = reserveHugePages(HUGE_PAGES.length + 8, HUGE_PAGES.length);
+  if ('skip' in pool) return t.plan(0, pool.skip);
+  t.teardown(pool.release);
+  const config = join(dir, 'small-window-dest.json');
+  writeFileSync(
+    config,
+    JSON.stringify({ reconnectTimeoutMs: 2000, backgroundWindowBytes: 1 * MiB }),
+  );
+  const small = await startDest(dir, ['--config', config], 'small-window-dest');
+  t.teardown(() => small.stop());
+  const r = await migrate(small, {
+    id: 'cvmm-huge-small-window',
+    image: images['huge']!,
+    regions: [{ offset: 0, sizeBytes: HUGE_PAGES.length * HUGE_PAGE, page: '2m' }],
+    vcpus: 1,
+    touchFraction: 0.1,
+  });
+  assertVerified(t, r, small);
+  t.ok(
+    (r.complete?.backgroundPages ?? 0) > 0,
+    `huge pages came by the background stream (${r.complete?.backgroundPages})`,
+    diagnostics(r, small),
+  );
 });
 
 t.test('write-protect registered before the handoff is refused', async (t) => {
