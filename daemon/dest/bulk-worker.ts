@@ -243,7 +243,6 @@ class BulkSession {
     refillAll(); // this one first asks; the others' shares shrink as their runs are placed
   }
 
-
   private setOutstanding(bytes: number): void {
     granted += bytes - this.outstanding;
     this.outstanding = bytes;
