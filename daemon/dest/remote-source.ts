@@ -462,8 +462,9 @@ export function remotePageSource(
         'the handoff carries no secret; this daemon proves one to every source',
       );
     }
-    // The source sends a page only within credit, and we grant in quarters of the window: a
-    // quarter must hold the largest page, or a huge-page region would stall for want of credit.
+    // The source sends a page only within credit, and the bulk thread grants in steps of a
+    // quarter share, a share being at most the window: a quarter of the window holds the largest
+    // page. (The share itself never drops below two such pages: credit-share.ts.)
     const largestPage = Math.max(...table.regions.map((r) => r.pageSizeBytes));
     return new RemoteSource(
       {
