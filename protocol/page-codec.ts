@@ -404,23 +404,47 @@ function decodeRequest(buf: Uint8Array, dv: DataView): Frame {
   return { type: FrameType.REQUEST, ranges };
 }
 
-function decodeDataFrame(buf: Uint8Array, dv: DataView): Frame {
-  need(buf, HeaderSize.DATA, 'DATA');
+/** A DATA frame's header, checked against the message it starts (`messageBytes` long). */
+export interface DataHeader {
+  flags: number;
+  offset: number;
+  length: number;
+  checksum: number;
+}
+
+/**
+ * Decodes the first HeaderSize.DATA bytes of a DATA message of `messageBytes` bytes, before its
+ * payload is read: a length that does not match the message, or is out of range, fails here.
+ */
+export function decodeDataHeader(header: Uint8Array, messageBytes: number): DataHeader {
+  need(header, HeaderSize.DATA, 'DATA');
+  const dv = view(header);
   const length = dv.getUint32(4, true);
   if (length === 0 || length > Limits.MAX_DATA_BYTES)
     bad('FRAME_BAD_VALUE', `DATA of ${length} bytes`);
-  exact(buf, HeaderSize.DATA + length, 'DATA');
+  if (messageBytes !== HeaderSize.DATA + length) {
+    bad(
+      'FRAME_BAD_LENGTH',
+      `DATA frame must be ${HeaderSize.DATA + length} bytes, got ${messageBytes}`,
+    );
+  }
   const offset = getU64(dv, 8, 'DATA offset');
   checkEnd(offset, length, 'DATA');
-  const checksum = dv.getUint32(16, true);
-  if (checksum !== dataChecksum(buf)) bad('FRAME_CHECKSUM', `DATA at ${offset}: checksum mismatch`);
-  return {
-    type: FrameType.DATA,
-    flags: buf[1]!,
-    offset,
-    checksum,
-    payload: buf.subarray(HeaderSize.DATA),
-  };
+  return { flags: header[1]!, offset, length, checksum: dv.getUint32(16, true) };
+}
+
+/** Checks a DATA payload read apart from its header (decodeDataHeader) against the checksum. */
+export function verifyDataPayload(header: Uint8Array, h: DataHeader, payload: Uint8Array): void {
+  if (h.checksum !== crc32(payload, crc32(header.subarray(0, 16)))) {
+    bad('FRAME_CHECKSUM', `DATA at ${h.offset}: checksum mismatch`);
+  }
+}
+
+function decodeDataFrame(buf: Uint8Array): Frame {
+  const h = decodeDataHeader(buf, buf.byteLength);
+  const payload = buf.subarray(HeaderSize.DATA);
+  verifyDataPayload(buf, h, payload);
+  return { type: FrameType.DATA, flags: h.flags, offset: h.offset, checksum: h.checksum, payload };
 }
 
 function decodeZero(buf: Uint8Array, dv: DataView): Frame {
@@ -491,7 +515,7 @@ export function decodeFrame(buf: Uint8Array): Frame {
     case FrameType.REQUEST:
       return decodeRequest(buf, dv);
     case FrameType.DATA:
-      return decodeDataFrame(buf, dv);
+      return decodeDataFrame(buf);
     case FrameType.ZERO:
       return decodeZero(buf, dv);
     case FrameType.HAVE:

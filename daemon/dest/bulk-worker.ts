@@ -4,8 +4,9 @@
  * inside one region of this connection's WELCOME, whole pages), the HAVE sync of each new
  * connection (the main thread, which owns the page map, says what to send), and credit: the
  * main thread reports each run it placed, and this thread grants it again on the connection the
- * run came from, within the session's share of the payload ring (credit-share.ts). Verified
- * runs go to the main thread, which does all placing; this thread never touches a uffd.
+ * run came from, within the session's share of the payload ring (credit-share.ts). Payloads are
+ * received straight into the ring (transport/raw-receive.ts); verified runs go to the main
+ * thread, which does all placing; this thread never touches a uffd.
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { encodeCredit, encodeHave } from '../../protocol/page-codec.js';
@@ -49,6 +50,27 @@ const {
   ring: SharedRing;
 };
 const ring = new PayloadRing(sharedRing);
+/**
+ * Background channels receive DATA payloads straight into the ring (transport/raw-receive.ts):
+ * the room reserved last, and the position of the one committed last, which the frame delivered
+ * right after the commit is at.
+ */
+const ringSink = {
+  reserved: -1,
+  reservedBytes: 0,
+  committed: -1,
+  reserve(n: number): Buffer | null {
+    const p = ring.reserve(n);
+    if (p < 0) return null;
+    this.reserved = p;
+    this.reservedBytes = n;
+    return ring.view(p, n);
+  },
+  commit(): void {
+    ring.commit(this.reserved + this.reservedBytes);
+    this.committed = this.reserved;
+  },
+};
 const log = createLogger(logLevel, { service: 'yabusame-dest', thread: 'bulk' });
 try {
   if (nice !== 0) sys.setThreadNice(nice);
@@ -188,6 +210,7 @@ class BulkSession {
           secret: init.secret,
           tls: init.tls,
           lookup,
+          payloads: ringSink,
         }),
         kind: Channel.BACKGROUND,
         connectTimeoutMs: init.connectTimeoutMs,
@@ -361,12 +384,16 @@ class BulkSession {
             serial: this.serialOf(ch),
             offset: frame.offset,
             length,
-            bytes: message.byteLength,
+            // A frame read apart from its payload comes with the payload as its message.
+            bytes: frame.type === FrameType.DATA ? HeaderSize.DATA + length : message.byteLength,
             pageSizeBytes: region.pageSizeBytes,
           };
           if (frame.type === FrameType.ZERO) {
             // A ZERO frame costs its header in credit (the source's accounting).
             post({ ...base, credit: HeaderSize.ZERO, ring: -1, buf: null, at: 0 });
+          } else if (frame.payload.buffer === sharedRing.data) {
+            // Received into the ring, committed right before this delivery.
+            post({ ...base, credit: length, ring: ringSink.committed, buf: null, at: 0 });
           } else {
             const at = ring.put(frame.payload);
             if (at >= 0) post({ ...base, credit: length, ring: at, buf: null, at: 0 });

@@ -1,6 +1,7 @@
 /**
  * Background payloads in flight from the bulk thread to the main thread, in shared memory: the
- * bulk thread copies each verified DATA payload in at the ring's tail, the main thread places it
+ * bulk thread receives each DATA payload in at the ring's tail (recv(2) straight into reserved
+ * room, transport/raw-receive.ts; or a copy, for a TLS connection's), the main thread places it
  * from there (UFFDIO_COPY reads the shared memory directly) and frees it from the head, in the
  * order the runs were queued (one FIFO for every session). No buffer changes threads and no
  * garbage is made per frame: measured with transferred ArrayBuffers instead, the main thread let
@@ -43,7 +44,7 @@ export class PayloadRing {
 
   /**
    * Bulk thread: copies `payload` in; returns its position, or -1 when it does not fit now.
-   * The copy is the one deliberate copy of a background payload on its way to guest memory.
+   * For payloads that were not received into reserved room (a TLS connection's).
    */
   put(payload: Uint8Array): number {
     const n = payload.byteLength;
@@ -56,8 +57,9 @@ export class PayloadRing {
 
   /**
    * Bulk thread: where `n` bytes would go now (fill them through view(), then commit()), or -1
-   * when they do not fit. Nothing is taken until commit: a reader of a memory file reads pages
-   * straight into the ring this way, and gives back what turned out to be zeros.
+   * when they do not fit. Nothing is taken until commit: a background connection receives a
+   * payload straight into the ring this way, and a reader of a memory file reads pages, giving
+   * back what turned out to be zeros.
    */
   reserve(n: number): number {
     const head = Number(Atomics.load(this.pos, HEAD));

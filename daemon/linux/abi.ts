@@ -128,6 +128,7 @@ export const SEEK_DATA = 3;
 export const SEEK_HOLE = 4;
 export const F_GETFL = 3;
 export const F_SETFL = 4;
+export const F_DUPFD_CLOEXEC = 1030;
 
 // --- sockets ---
 export const AF_UNIX = 1;
@@ -141,6 +142,10 @@ export const SUN_PATH_OFFSET = 2;
 /** sizeof(sun_path): the longest name, NUL included for path names. */
 export const SUN_PATH_MAX = 108;
 export const SO_PEERCRED = 17;
+/** Bytes a socket's readers wait for (TCP: poll reports readable from this many on). */
+export const SO_RCVLOWAT = 18;
+/** Bytes in a TCP socket's receive queue (SIOCINQ). */
+export const FIONREAD = 0x541b;
 export const SCM_RIGHTS = 1;
 export const MSG_DONTWAIT = 0x40;
 export const MSG_NOSIGNAL = 0x4000;

@@ -120,6 +120,10 @@ const c = {
   listen: libc.func('int listen(int fd, int backlog)'),
   accept4: libc.func('int accept4(int fd, void *addr, void *len, int flags)'),
   send: libc.func('long send(int fd, const void *buf, size_t len, int flags)'),
+  ioctlOutInt: libc.func('int ioctl(int fd, unsigned long req, _Out_ int *arg)'),
+  setsockoptInt: libc.func(
+    'int setsockopt(int fd, int level, int name, const int *val, uint32_t len)',
+  ),
 };
 
 function fail(name: string, detail?: string): never {
@@ -182,6 +186,27 @@ export function memfdCreate(name: string): number {
 
 export function dup(fd: number): number {
   return check('dup', c.dup(fd) as number);
+}
+
+/** A second descriptor of the same open file, closed on exec. */
+export function dupCloexec(fd: number): number {
+  return check('fcntl', c.fcntl(fd, abi.F_DUPFD_CLOEXEC, 0) as number, 'F_DUPFD_CLOEXEC');
+}
+
+/** Bytes waiting in a socket's receive queue (FIONREAD). */
+export function bytesReadable(fd: number): number {
+  const out = [0];
+  check('ioctl', c.ioctlOutInt(fd, abi.FIONREAD, out) as number, 'FIONREAD');
+  return out[0]!;
+}
+
+/** SO_RCVLOWAT: poll reports the socket readable once `bytes` are queued (or at EOF, error). */
+export function setRecvLowat(fd: number, bytes: number): void {
+  check(
+    'setsockopt',
+    c.setsockoptInt(fd, abi.SOL_SOCKET, abi.SO_RCVLOWAT, [bytes], 4) as number,
+    'SO_RCVLOWAT',
+  );
 }
 
 /** read(2); returns bytes read, or a negative errno (EAGAIN on an empty non-blocking fd). */
@@ -495,7 +520,10 @@ export function sendto(fd: number, data: Buffer, name: string): number {
   );
 }
 
-/** recv(2) one datagram into `buf`; returns its length, or a negative errno (EAGAIN). */
+/**
+ * recv(2) into `buf` (a datagram, or up to buf.length bytes of a stream); returns its length,
+ * or a negative errno (EAGAIN).
+ */
 export function tryRecv(fd: number, buf: Buffer, flags = 0): number {
   const rc = Number(c.recv(fd, buf, buf.length, flags));
   return rc < 0 ? negErrno() : rc;
@@ -542,6 +570,9 @@ function flushTicks(): void {
 
 export interface FdWatch {
   stop(): void;
+  /** No callbacks until resume(); the fd stays open and watched. */
+  pause(): void;
+  resume(): void;
 }
 
 /**
@@ -551,8 +582,8 @@ export interface FdWatch {
  * koffi invokes the callback straight from libuv, outside node's MakeCallback: an exception left
  * pending there aborts the process later, and queued microtasks do not run until the next
  * callback that node itself makes. So the handler runs inside try/catch, errors are rethrown
- * from setImmediate (a normal uncaught exception), and a microtask checkpoint is forced with
- * setImmediate whenever the handler asks for one by returning true.
+ * from setImmediate (a normal uncaught exception), and after each call a microtask checkpoint
+ * is forced with setImmediate.
  */
 export function watchReadable(
   fd: number,
@@ -563,24 +594,34 @@ export function watchReadable(
     }),
 ): FdWatch {
   let stopped = false;
-  const handle = koffi.node.poll(fd, { readable: true, disconnect: true }, ((
-    status: number,
-    ev: { readable: boolean; disconnect: boolean },
-  ) => {
-    if (stopped) return;
+  let paused = false;
+  const events = { readable: true, disconnect: true };
+  const callback = ((status: number, ev: { readable: boolean; disconnect: boolean }) => {
+    if (stopped || paused) return;
     try {
       onReadable(status < 0 || ev.disconnect);
     } catch (err) {
       onError(err);
     }
     flushTicks();
-  }) as never);
+  }) as never;
+  const handle = koffi.node.poll(fd, events, callback);
   return {
     stop() {
       if (stopped) return;
       stopped = true;
       handle.stop();
       handle.close();
+    },
+    pause() {
+      if (stopped || paused) return;
+      paused = true;
+      handle.stop();
+    },
+    resume() {
+      if (stopped || !paused) return;
+      paused = false;
+      handle.start(events, callback);
     },
   };
 }

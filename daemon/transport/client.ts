@@ -9,6 +9,9 @@ import { helloProof, NONCE_HEADER, parseNonce } from '../../protocol/auth.js';
 import { formatHostPort, pagesUrl, type SourceAddress } from '../../protocol/source-url.js';
 import { performance } from 'node:perf_hooks';
 import { decodeFrame, encodeError, encodeHello } from '../../protocol/page-codec.js';
+import * as sys from '../linux/sys.js';
+import { takeOverReading } from './internals.js';
+import { RawReceiver, type PayloadSink } from './raw-receive.js';
 import {
   CodedError,
   codeOf,
@@ -90,6 +93,12 @@ export interface ConnectOptions {
   timeoutMs: number;
   /** Interval of ws pings; the channel closes with HEARTBEAT_TIMEOUT when a pong is missed. */
   heartbeatMs?: number;
+  /**
+   * Where DATA payloads go. Given, a plain (not TLS) channel is read with recv(2) after WELCOME
+   * (raw-receive.ts), each payload straight into the sink's room; delivered DATA frames then
+   * carry the payload as their message.
+   */
+  payloads?: PayloadSink | undefined;
 }
 
 /** One ws message as a frame, or why it is not one (a text message, an undecodable frame). */
@@ -233,7 +242,11 @@ export function connectPageChannel(opts: ConnectOptions): Promise<PageChannel> {
       }
       settled = true;
       clearTimeout(timer);
-      channel = new ChannelImpl(ws, opts.channel, frame, opts.heartbeatMs ?? 0);
+      const fd = opts.payloads ? takeOverReading(ws) : null;
+      channel =
+        fd === null
+          ? new ChannelImpl(ws, opts.channel, frame, opts.heartbeatMs ?? 0)
+          : new RawChannel(ws, opts.channel, frame, opts.heartbeatMs ?? 0, fd, opts.payloads!);
       resolve(channel);
     });
   });
@@ -246,10 +259,10 @@ class ChannelImpl implements PageChannel {
   private earlyClose: CloseInfo | null = null;
   private open = true;
   private heartbeat: NodeJS.Timeout | null = null;
-  private awaitingPong = false;
+  protected awaitingPong = false;
 
   constructor(
-    private readonly ws: WebSocket,
+    protected readonly ws: WebSocket,
     readonly kind: ChannelKind,
     readonly welcome: FrameOf<typeof FrameType.WELCOME>,
     heartbeatMs: number,
@@ -289,6 +302,10 @@ class ChannelImpl implements PageChannel {
       this.ws.terminate();
       return;
     }
+    this.deliverFrame(frame, data);
+  }
+
+  protected deliverFrame(frame: Frame, data: Buffer): void {
     if (frame.type === FrameType.ERROR) {
       this.closeWith({ code: frame.code, message: frame.message });
       this.ws.close();
@@ -352,5 +369,75 @@ class ChannelImpl implements PageChannel {
     if (this.heartbeat) clearInterval(this.heartbeat);
     if (this.onClose) this.onClose(info);
     else this.earlyClose = info;
+  }
+}
+
+/**
+ * A channel whose receiving half is read with recv(2) (raw-receive.ts) from the moment it is
+ * attached; ws still sends, and pongs the source's pings.
+ */
+class RawChannel extends ChannelImpl {
+  private receiver: RawReceiver | null = null;
+  private paused = false;
+
+  constructor(
+    ws: WebSocket,
+    kind: ChannelKind,
+    welcome: FrameOf<typeof FrameType.WELCOME>,
+    heartbeatMs: number,
+    socketFd: number,
+    private readonly sink: PayloadSink,
+  ) {
+    super(ws, kind, welcome, heartbeatMs);
+    this.fd = sys.dupCloexec(socketFd);
+  }
+
+  /** Our descriptor of the socket, until the receiver takes it (-1 once closed). */
+  private fd: number;
+
+  override attach(
+    onFrame: (frame: Frame, message: Buffer) => void,
+    onClose: (info: CloseInfo) => void,
+  ): void {
+    super.attach(onFrame, onClose);
+    if (!this.isOpen || this.fd < 0) return;
+    this.receiver = new RawReceiver(this.fd, this.sink, {
+      frame: (frame, message, at) => {
+        this.receivedAt = at;
+        this.deliverFrame(frame, message);
+      },
+      ping: (data) => {
+        if (this.ws.readyState === WebSocket.OPEN) this.ws.pong(data);
+      },
+      pong: () => {
+        this.awaitingPong = false;
+      },
+      closed: (info) => {
+        this.closeWith(info);
+        this.ws.terminate();
+      },
+    });
+    this.fd = -1;
+    if (this.paused) this.receiver.pause();
+  }
+
+  override pause(): void {
+    this.paused = true;
+    this.receiver?.pause();
+  }
+
+  override resume(): void {
+    this.paused = false;
+    this.receiver?.resume();
+  }
+
+  override closeWith(info: CloseInfo): void {
+    if (!this.isOpen) return;
+    super.closeWith(info);
+    this.receiver?.close();
+    if (this.fd >= 0) sys.close(this.fd);
+    this.fd = -1;
+    // Nothing reads the source's answer to a close handshake any more.
+    setTimeout(() => this.ws.terminate(), 2000).unref();
   }
 }
