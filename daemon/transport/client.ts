@@ -434,10 +434,17 @@ class RawChannel extends ChannelImpl {
   override closeWith(info: CloseInfo): void {
     if (!this.isOpen) return;
     super.closeWith(info);
-    this.receiver?.close();
     if (this.fd >= 0) sys.close(this.fd);
     this.fd = -1;
-    // Nothing reads the source's answer to a close handshake any more.
-    setTimeout(() => this.ws.terminate(), 2000).unref();
+    const receiver = this.receiver;
+    const end = (): void => {
+      receiver?.close();
+      this.ws.terminate();
+    };
+    // What the source sends until it answers the close handshake is read and dropped (a socket
+    // closed with unread bytes would reset the connection); a source that keeps sending is cut
+    // off after 2 s, as ChannelImpl.close does.
+    receiver?.drain(end);
+    setTimeout(end, 2000).unref();
   }
 }

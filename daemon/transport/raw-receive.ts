@@ -100,6 +100,8 @@ export class RawReceiver {
   private scratchBuf: Buffer | null = null;
   private closed = false;
   private paused = false;
+  /** Set by drain(): called once the source has closed. */
+  private draining: (() => void) | null = null;
   private pumping = false;
   private readonly watch: sys.FdWatch;
 
@@ -126,6 +128,25 @@ export class RawReceiver {
     if (this.end > this.start) setImmediate(() => this.pump(false));
   }
 
+  /**
+   * Stops delivering; reads and drops whatever still comes until the source closes, then
+   * closes the fd and calls `onEnd`. Closing a socket with unread bytes queued resets the
+   * connection instead of closing it: the source would see ECONNRESET after a close handshake.
+   */
+  drain(onEnd: () => void): void {
+    if (this.closed) return;
+    this.draining = onEnd;
+    this.pending = null;
+    this.body = null;
+    this.fragments = null;
+    this.start = this.end = 0;
+    this.setLowat(1);
+    if (this.paused) {
+      this.paused = false;
+      this.watch.resume();
+    }
+  }
+
   /** Stops reading and closes the fd; no hook is called after. */
   close(): void {
     if (this.closed) return;
@@ -135,12 +156,16 @@ export class RawReceiver {
   }
 
   private fail(info: CloseInfo): void {
-    if (this.closed) return;
+    if (this.closed || this.draining) return;
     this.close();
     this.hooks.closed(info);
   }
 
   private pump(hangup: boolean): void {
+    if (this.draining) {
+      this.discard();
+      return;
+    }
     if (this.closed || this.paused || this.pumping) return;
     this.pumping = true;
     try {
@@ -154,6 +179,18 @@ export class RawReceiver {
       }
     } finally {
       this.pumping = false;
+    }
+  }
+
+  private discard(): void {
+    for (;;) {
+      const rc = sys.tryRecv(this.fd, this.staging, MSG_DONTWAIT);
+      if (rc > 0) continue;
+      if (rc === -ERRNO.EAGAIN || rc === -ERRNO.EINTR) return;
+      const onEnd = this.draining!;
+      this.close();
+      onEnd();
+      return;
     }
   }
 

@@ -419,3 +419,25 @@ for (const [name, send, code, message] of bad) {
     t.notOk(got.ch.isOpen);
   });
 }
+
+t.test('a close with bytes still unread ends in a clean close, not a reset', async (t) => {
+  let resetSeen: Error | null = null;
+  let ended: Promise<boolean> | null = null;
+  scripts.set('close-unread', ({ socket, client }) => {
+    socket.on('error', (err) => (resetSeen = err));
+    ended = new Promise((resolve) => socket.on('close', resolve));
+    // 4 MiB the client will not read, then the close handshake once the client starts it.
+    for (let i = 0; i < 64; i++) socket.write(binary(encodeData(0, i * 65536, randomBytes(65536))));
+    void client
+      .next((f) => f.op === 0x8)
+      .then(() => socket.end(wsFrame(0x8, Buffer.from([3, 232]))));
+  });
+  const got = await open('close-unread', testSink(1 << 20), (g) => {
+    if (g.frames.length === 1) g.ch.pause();
+  });
+  await until(() => got.frames.length === 1 && ended !== null);
+  got.ch.close('BAD_STATE', 'the test ends it');
+  t.equal((await got.closed).code, 'BAD_STATE');
+  t.equal(await ended!, false, 'the peer saw the connection close without an error');
+  t.equal(resetSeen, null, 'no ECONNRESET');
+});
