@@ -431,20 +431,39 @@ class RawChannel extends ChannelImpl {
     this.receiver?.resume();
   }
 
+  /** The close is a handshake (ours, or the source's ERROR), not a cut. */
+  private orderly = false;
+
+  override close(code?: string, message?: string): void {
+    this.orderly = true;
+    super.close(code, message);
+  }
+
+  protected override deliverFrame(frame: Frame, data: Buffer): void {
+    if (frame.type === FrameType.ERROR) this.orderly = true;
+    super.deliverFrame(frame, data);
+  }
+
   override closeWith(info: CloseInfo): void {
     if (!this.isOpen) return;
     super.closeWith(info);
     if (this.fd >= 0) sys.close(this.fd);
     this.fd = -1;
     const receiver = this.receiver;
-    const end = (): void => {
-      receiver?.close();
-      this.ws.terminate();
-    };
+    if (!receiver) return;
+    if (!this.orderly) {
+      // A cut (heartbeat missed, bad frame, EOF): the connection goes at once, as ws.terminate().
+      receiver.close();
+      return;
+    }
     // What the source sends until it answers the close handshake is read and dropped (a socket
     // closed with unread bytes would reset the connection); a source that keeps sending is cut
     // off after 2 s, as ChannelImpl.close does.
-    receiver?.drain(end);
+    const end = (): void => {
+      receiver.close();
+      this.ws.terminate();
+    };
+    receiver.drain(end);
     setTimeout(end, 2000).unref();
   }
 }
