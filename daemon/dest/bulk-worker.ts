@@ -24,6 +24,7 @@ import {
 } from '../../protocol/wire.js';
 import * as sys from '../linux/sys.js';
 import { connectPageChannel, type PageChannel } from '../transport/client.js';
+import { closeAllReceivers } from '../transport/raw-receive.js';
 import { createLogger, type Logger, type LogLevel } from '../ops/log.js';
 import { Link } from './link.js';
 import { policyLookup } from './source-policy.js';
@@ -450,6 +451,11 @@ function placed(credits: readonly number[]): void {
 }
 
 port.on('message', (m: ToBulk) => {
+  if (m.t === 'shutdown') {
+    closeAllReceivers();
+    port.postMessage({ t: 'down' } satisfies FromBulk);
+    return;
+  }
   if (m.t === 'placed') {
     try {
       placed(m.credits);

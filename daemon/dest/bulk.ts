@@ -68,7 +68,9 @@ export type ToBulk =
   | { t: 'have'; key: number; serial: number; ranges: PageRange[] }
   /** Runs placed: (key, serial, credit bytes) per run, in the order they were placed. */
   | { t: 'placed'; credits: number[] }
-  | { t: 'close'; key: number; code?: string; message?: string };
+  | { t: 'close'; key: number; code?: string; message?: string }
+  /** The thread is about to be terminated: stop reading every socket now (see stop()). */
+  | { t: 'shutdown' };
 
 /**
  * A verified run of connection `serial`: DATA in the payload ring at `ring` (or, if it did not
@@ -122,6 +124,8 @@ export type FromBulk =
   | SourceDoneMessage
   | { t: 'fail'; key: number; code: HandoffErrorCode; message: string }
   | { t: 'closed'; key: number }
+  /** The answer to shutdown: no socket is read any more. */
+  | { t: 'down' }
   /** Several of the above, in order (the bulk thread posts once per event-loop turn). */
   | { t: 'batch'; messages: FromBulk[] };
 
@@ -293,6 +297,7 @@ export class BulkThread implements BulkLaneFactory {
     const receive = (m: FromBulk): void => {
       if (m.t === 'batch') for (const b of m.messages) receive(b);
       else if (m.t === 'ready') up();
+      else if (m.t === 'down') this.down?.();
       else this.onMessage(m);
     };
     worker.on('message', receive);
@@ -340,7 +345,7 @@ export class BulkThread implements BulkLaneFactory {
     (this.worker ?? this.spawn()).postMessage({ t: 'placed', credits } satisfies ToBulk);
   }
 
-  private onMessage(m: Exclude<FromBulk, { t: 'ready' | 'batch' }>): void {
+  private onMessage(m: Exclude<FromBulk, { t: 'ready' | 'batch' | 'down' }>): void {
     const e = this.entries.get(m.key);
     if (!e || (e.closing && m.t !== 'closed')) return;
     switch (m.t) {
@@ -522,7 +527,15 @@ export class BulkThread implements BulkLaneFactory {
     };
   }
 
-  /** Stops the thread (daemon shutdown, after the sessions closed). */
+  /** Called when the thread answers shutdown. */
+  private down: (() => void) | null = null;
+
+  /**
+   * Stops the thread (daemon shutdown, after the sessions closed). It first stops reading its
+   * sockets (the raw receivers' uv_poll handles, transport/raw-receive.ts): an event on one of
+   * them while node tears the thread down would call into JavaScript that no longer runs, and
+   * node aborts the process. A thread that does not answer within a second is terminated.
+   */
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.scheduled) clearImmediate(this.scheduled);
@@ -530,7 +543,17 @@ export class BulkThread implements BulkLaneFactory {
     this.queue.length = 0;
     this.placed = [];
     const w = this.worker;
+    if (!w) return;
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, 1000);
+      this.down = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+      w.postMessage({ t: 'shutdown' } satisfies ToBulk);
+    });
+    this.down = null;
     this.worker = null;
-    if (w) await w.terminate();
+    await w.terminate();
   }
 }

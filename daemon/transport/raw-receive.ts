@@ -83,6 +83,17 @@ interface PendingData {
   waited: boolean;
 }
 
+/** Receivers whose fd is open (and watched), on this thread. */
+const live = new Set<RawReceiver>();
+
+/**
+ * Closes every receiver of this thread. For a worker about to be terminated: a uv_poll event
+ * during node's teardown of the thread would call JavaScript that no longer runs (node aborts).
+ */
+export function closeAllReceivers(): void {
+  for (const r of live) r.close();
+}
+
 export class RawReceiver {
   private readonly staging = Buffer.allocUnsafeSlow(STAGING_BYTES);
   private start = 0;
@@ -112,6 +123,7 @@ export class RawReceiver {
     private readonly hooks: RawReceiverHooks,
   ) {
     this.watch = sys.watchReadable(fd, (hangup) => this.pump(hangup));
+    live.add(this);
   }
 
   pause(): void {
@@ -151,6 +163,7 @@ export class RawReceiver {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    live.delete(this);
     this.watch.stop();
     sys.close(this.fd);
   }

@@ -204,3 +204,29 @@ t.test('sessions share the payload ring: the credit granted never exceeds it', a
     sys.close(o.fd);
   }
 });
+
+t.test(
+  'a dest stopped while a source keeps its background socket busy exits cleanly',
+  async (t) => {
+    // Pings keep the socket readable (they need no credit) while the daemon stops, and this
+    // source reads nothing, so the dest's close handshake never ends: the bulk thread must stop
+    // reading before node tears it down, or node aborts the whole process.
+    const path = join(dir, 'busy.sock');
+    const busy = await startTestDest(path);
+    let pinging = 0;
+    scripts.set('busy-pings', (ws) => {
+      ws.pause();
+      const timer = setInterval(() => {
+        if (ws.readyState !== ws.OPEN) return clearInterval(timer);
+        for (let i = 0; i < 50; i++) ws.ping();
+        pinging++;
+      }, 1);
+    });
+    const { replies, fd } = await migrate('busy-pings', path);
+    t.equal((await replies.next()).type, 'ack');
+    while (pinging < 20) await new Promise((r) => setTimeout(r, 5));
+    await busy.close();
+    t.pass('the daemon stopped; this process is alive');
+    sys.close(fd);
+  },
+);
