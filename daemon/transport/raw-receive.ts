@@ -175,14 +175,16 @@ export class RawReceiver {
   }
 
   private pump(hangup: boolean): void {
+    if (this.closed) return;
     if (this.draining) {
       this.discard();
       return;
     }
-    if (this.closed || this.paused || this.pumping) return;
+    if (this.paused || this.pumping) return;
     this.pumping = true;
     try {
-      while (!this.closed && !this.paused && this.step(hangup));
+      // A frame's delivery may close, pause or drain this receiver: checked after each step.
+      while (!this.closed && !this.paused && !this.draining && this.step(hangup));
     } catch (err) {
       if (err instanceof Fail) this.fail(err.info);
       else if (err instanceof ProtocolError) {

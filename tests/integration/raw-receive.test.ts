@@ -441,3 +441,29 @@ t.test('a close with bytes still unread ends in a clean close, not a reset', asy
   t.equal(await ended!, false, 'the peer saw the connection close without an error');
   t.equal(resetSeen, null, 'no ECONNRESET');
 });
+
+t.test('a close from inside a delivery delivers nothing after it', async (t) => {
+  // 64-byte frames (this consumer takes any frame; a WELCOME with a 14-byte region name is
+  // 64 bytes with its ws header), 320 KB of them: more than one recv takes, and a recv of
+  // 64 KiB ends on a frame boundary, so what stays queued in the socket parses.
+  const frame = binary(
+    encodeWelcome(Channel.BACKGROUND, PROTOCOL_VERSION, new Uint8Array(16), [
+      { offset: 0, sizeBytes: 4096, pageSizeBytes: 4096, name: 'fourteen-chars' },
+    ]),
+  );
+  t.equal(frame.length, 64);
+  scripts.set('close-inside', ({ socket }) => {
+    socket.write(Buffer.concat(Array.from({ length: 5000 }, () => frame)));
+  });
+  // Paused at the first frame until all of it is queued; closed at the second.
+  const got = await open('close-inside', testSink(1 << 20), (g) => {
+    if (g.frames.length === 1) g.ch.pause();
+    if (g.frames.length === 2) g.ch.close('BAD_STATE', 'closed by the consumer');
+  });
+  await until(() => got.frames.length === 1);
+  await sleep(100);
+  got.ch.resume();
+  await got.closed;
+  await sleep(50);
+  t.equal(got.frames.length, 2, 'none of the frames behind it was delivered');
+});
