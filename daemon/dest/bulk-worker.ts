@@ -4,9 +4,10 @@
  * inside one region of this connection's WELCOME, whole pages), the HAVE sync of each new
  * connection (the main thread, which owns the page map, says what to send), and credit: the
  * main thread reports each run it placed, and this thread grants it again on the connection the
- * run came from, within the session's share of the payload ring (credit-share.ts). Payloads are
- * received straight into the ring (transport/raw-receive.ts); verified runs go to the main
- * thread, which does all placing; this thread never touches a uffd.
+ * run came from, within the session's share of the payload ring (credit-share.ts). A plain
+ * connection's payloads are received straight into the ring (transport/raw-receive.ts), a TLS
+ * one's copied in; verified runs go to the main thread, which does all placing; this thread
+ * never touches a uffd.
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { encodeCredit, encodeHave } from '../../protocol/page-codec.js';

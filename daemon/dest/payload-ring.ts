@@ -1,7 +1,8 @@
 /**
  * Background payloads in flight from the bulk thread to the main thread, in shared memory: the
  * bulk thread receives each DATA payload in at the ring's tail (recv(2) straight into reserved
- * room, transport/raw-receive.ts; or a copy, for a TLS connection's), the main thread places it
+ * room, transport/raw-receive.ts; or a copy: a TLS connection's, or one that was not all queued
+ * in the socket when its header came), the main thread places it
  * from there (UFFDIO_COPY reads the shared memory directly) and frees it from the head, in the
  * order the runs were queued (one FIFO for every session). No buffer changes threads and no
  * garbage is made per frame: measured with transferred ArrayBuffers instead, the main thread let
@@ -44,7 +45,8 @@ export class PayloadRing {
 
   /**
    * Bulk thread: copies `payload` in; returns its position, or -1 when it does not fit now.
-   * For payloads that were not received into reserved room (a TLS connection's).
+   * For payloads that were not received into the ring (a TLS connection's, or one that found no
+   * room when it came).
    */
   put(payload: Uint8Array): number {
     const n = payload.byteLength;

@@ -402,9 +402,12 @@ class RawChannel extends ChannelImpl {
     super.attach(onFrame, onClose);
     if (!this.isOpen || this.fd < 0) return;
     this.receiver = new RawReceiver(this.fd, this.sink, {
-      frame: (frame, message, at) => {
+      // Decoded, checked and delivered as ws's messages are; a bad one closes the channel.
+      message: (data, isBinary) => this.deliver(data, isBinary),
+      // A DATA frame read apart comes with its payload as its message.
+      data: (frame, payload, at) => {
         this.receivedAt = at;
-        this.deliverFrame(frame, message);
+        this.deliverFrame(frame, payload);
       },
       ping: (data) => {
         if (this.ws.readyState === WebSocket.OPEN) this.ws.pong(data);

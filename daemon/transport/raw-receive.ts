@@ -7,7 +7,8 @@
  * gives (the ring), once all of it is queued in the socket: SO_RCVLOWAT makes poll wait for
  * it, FIONREAD confirms it, so the room is taken and filled in one go and no other connection's
  * payload can be interleaved into the ring. Every other message (ZERO, PROGRESS, ERROR, ws
- * control frames) is parsed from a small staging buffer, several per recv.
+ * control frames) is cut out of a small staging buffer, several per recv, and decoded by the
+ * channel as it decodes ws's messages.
  *
  * RFC 6455 from the client's side: server frames are unmasked; a masked frame, RSV bits, an
  * unknown opcode, a fragmented control frame or a message over Limits.MAX_FRAME_BYTES fail the
@@ -16,8 +17,8 @@
  */
 import { performance } from 'node:perf_hooks';
 import { ProtocolError, codeOf, PAGE_ERROR_CODES } from '../../protocol/errors.js';
-import { decodeDataHeader, decodeFrame, verifyDataPayload } from '../../protocol/page-codec.js';
-import { FrameType, HeaderSize, Limits, type Frame } from '../../protocol/wire.js';
+import { decodeDataHeader, verifyDataPayload, type DataHeader } from '../../protocol/page-codec.js';
+import { FrameType, HeaderSize, Limits, type FrameOf } from '../../protocol/wire.js';
 import { MSG_DONTWAIT } from '../linux/abi.js';
 import { ERRNO, errnoName } from '../linux/errors.js';
 import * as sys from '../linux/sys.js';
@@ -35,8 +36,13 @@ export interface PayloadSink {
 }
 
 export interface RawReceiverHooks {
-  /** A frame, with the bytes it was decoded from (a DATA payload: the payload itself). */
-  frame(frame: Frame, message: Buffer, receivedAt: number): void;
+  /**
+   * A whole message other than a DATA frame read apart (decoded by the channel, as the
+   * messages ws delivers; a view into staging is only valid during the call).
+   */
+  message(data: Buffer, isBinary: boolean): void;
+  /** A DATA frame read apart from its header, its payload (frame.payload) verified. */
+  data(frame: FrameOf<typeof FrameType.DATA>, payload: Buffer, receivedAt: number): void;
   ping(data: Buffer): void;
   pong(): void;
   /** The connection is over (EOF, a close frame, a bad frame, an error); called once. */
@@ -74,7 +80,7 @@ const wsError = (message: string): never => {
 /** A DATA frame whose payload is being received. */
 interface PendingData {
   header: Buffer;
-  h: ReturnType<typeof decodeDataHeader>;
+  h: DataHeader;
   /** The payload's room: the sink's (inSink), or the scratch buffer. */
   into: Buffer | null;
   inSink: boolean;
@@ -327,7 +333,7 @@ export class RawReceiver {
     return true;
   }
 
-  /** A whole ws frame's payload (a view into staging is only read during the call). */
+  /** A whole ws frame's payload (a view into staging is only valid during the call). */
   private message(op: number, fin: boolean, payload: Buffer): void {
     switch (op) {
       case OP_PING:
@@ -355,9 +361,7 @@ export class RawReceiver {
       payload = Buffer.concat(this.fragments, this.fragmentsBytes);
       this.fragments = null;
     }
-    const receivedAt = performance.now();
-    if (op === OP_TEXT) throw new Fail({ code: 'FRAME_TEXT', message: 'text message from source' });
-    this.hooks.frame(decodeFrame(payload), payload, receivedAt);
+    this.hooks.message(payload, op !== OP_TEXT);
   }
 
   /** Receives a DATA payload; delivers it when complete and verified. */
@@ -411,22 +415,21 @@ export class RawReceiver {
     const receivedAt = performance.now();
     let payload = p.into.subarray(0, n);
     verifyDataPayload(p.header, p.h, payload);
-    if (!p.inSink) {
-      // Read apart from the sink: moved into it now if there is room, or copied out of the
-      // scratch buffer, which the next frame reuses.
+    if (p.inSink) this.sink.commit();
+    else {
+      // Read apart from the sink: moved into it now if there is room, or else copied out of
+      // the scratch buffer, which the next frame reuses.
       const room = this.sink.reserve(n);
-      payload = room ? (room.set(payload), room) : Buffer.from(payload);
-      if (room) this.sink.commit();
-    } else this.sink.commit();
+      if (room) {
+        room.set(payload);
+        this.sink.commit();
+        payload = room;
+      } else payload = Buffer.from(payload);
+    }
     this.pending = null;
-    this.hooks.frame(
-      {
-        type: FrameType.DATA,
-        flags: p.h.flags,
-        offset: p.h.offset,
-        checksum: p.h.checksum,
-        payload,
-      },
+    const { flags, offset, checksum } = p.h;
+    this.hooks.data(
+      { type: FrameType.DATA, flags, offset, checksum, payload },
       payload,
       receivedAt,
     );
