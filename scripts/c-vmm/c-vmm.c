@@ -18,7 +18,12 @@
  * leaves zero pages nobody touched unplaced, and unregisters every range before `complete`), and
  * a 4 KiB one is read to prove it; any other absent page is "missing".
  *
- * Exit codes: 0 every page verified; 1 a mismatch or a missing page; 2 usage or setup error;
+ * After `complete` no guest thread may still wait in a fault: the ranges are unregistered, so
+ * nothing would ever wake it (in a real VMM, a vCPU hung for good). c-vmm counts the threads
+ * still queued on its userfaultfd (its fdinfo's "total") and reports them as strandedThreads.
+ *
+ * Exit codes: 0 every page verified; 1 a mismatch, a missing page or a thread stranded in a fault
+ * after complete; 2 usage or setup error;
  * 3 the daemon refused the handoff, ended the session with an error, or the run timed out.
  * `code` in the result is the daemon's error code, or c-vmm's own: CVMM_USAGE, CVMM_SETUP,
  * CVMM_UFFD, CVMM_IMAGE_IO, CVMM_CONNECT (exit 2); CVMM_TIMEOUT, CVMM_CONNECTION_CLOSED (the
@@ -263,6 +268,7 @@ static struct {
   uint64_t c_total, c_demand, c_background, c_zero, c_existed, c_discarded;
   uint64_t started_ns, ended_ns;
   int resumes;
+  long stranded_threads;
   uint32_t *latencies_us;
   size_t nlatencies;
 } result;
@@ -335,7 +341,8 @@ static void print_result(bool ok) {
   }
   fprintf(f, ",\"faults\":{\"count\":%zu,\"p50Us\":%u,\"p99Us\":%u,\"maxUs\":%u}", n, p50, p99,
           max);
-  fprintf(f, ",\"elapsedMs\":%" PRIu64 ",\"resumes\":%d", elapsed_ms, result.resumes);
+  fprintf(f, ",\"elapsedMs\":%" PRIu64 ",\"resumes\":%d,\"strandedThreads\":%ld", elapsed_ms,
+          result.resumes, result.stranded_threads);
   if (wp_ran) fprintf(f, ",\"wp\":{\"writeCompleted\":%s}", wp_write_completed ? "true" : "false");
   fputs(",\"handoffOrder\":[", f);
   for (int k = 0; k < nregions; k++) {
@@ -669,6 +676,29 @@ static int uffd_register(struct region *r, uint64_t start, uint64_t len, uint64_
 static int uffd_unregister(uint64_t start, uint64_t len) {
   struct uffdio_range range = {.start = start, .len = len};
   return ioctl(uffd, UFFDIO_UNREGISTER, &range) == 0 ? 0 : -errno;
+}
+
+/*
+ * The kernel wakes a range's waiters before it clears the registration, and a fault taken under
+ * the per-VMA lock can queue in between: after an unregister, a wake of the same range frees it.
+ */
+static void uffd_wake(uint64_t start, uint64_t len) {
+  struct uffdio_range range = {.start = start, .len = len};
+  if (ioctl(uffd, UFFDIO_WAKE, &range) != 0) logmsg("UFFDIO_WAKE: %s", strerror(errno));
+}
+
+/* Threads queued on the userfaultfd, read or not: "total" in its fdinfo. */
+static long queued_faults(void) {
+  char path[64], buf[512];
+  snprintf(path, sizeof path, "/proc/self/fdinfo/%d", uffd);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return -1;
+  buf[n] = 0;
+  const char *t = strstr(buf, "total:");
+  return t ? strtol(t + 6, NULL, 10) : -1;
 }
 
 /*
@@ -1301,6 +1331,7 @@ static void stop_guest(void) {
     struct region *r = &regions[i];
     int err = uffd_unregister((uintptr_t)r->base, r->mapped_bytes);
     if (err) logmsg("unregister %s: %s", r->name, strerror(-err));
+    uffd_wake((uintptr_t)r->base, r->mapped_bytes);
   }
   while (atomic_load(&running_threads) > 0) {
     struct pollfd p = {.fd = uffd, .events = POLLIN};
@@ -1512,6 +1543,17 @@ static void run_session(void) {
   }
   result.ended_ns = now_ns();
   unsigned char **at_complete = result.outcome == OUTCOME_COMPLETE ? snapshot_residency() : NULL;
+  if (result.outcome == OUTCOME_COMPLETE) {
+    /* A thread the daemon's unregister woke leaves the queue at once; allow a busy machine 2 s. */
+    uint64_t deadline = now_ns() + 2000000000ULL;
+    long left;
+    while ((left = queued_faults()) > 0 && now_ns() < deadline) pause_us(1000);
+    if (left > 0) {
+      result.stranded_threads = left;
+      logmsg("%ld guest thread(s) still blocked in a fault 2 s after complete: nothing wakes them",
+             left);
+    }
+  }
   stop_guest();
   if (s >= 0) close(s);
   if (result.outcome != OUTCOME_COMPLETE) finish(EXIT_SESSION);
@@ -1524,8 +1566,9 @@ static void run_session(void) {
   logmsg("complete: %llu of %" PRIu64 " pages verified, %llu missing, %llu mismatched",
          (unsigned long long)verified_count, total_pages, (unsigned long long)missing_count,
          (unsigned long long)mismatch_count);
-  finish(missing_count || mismatch_count || verified_count != total_pages ? EXIT_MISMATCH
-                                                                            : EXIT_VERIFIED);
+  bool bad = missing_count || mismatch_count || verified_count != total_pages ||
+             result.stranded_threads > 0;
+  finish(bad ? EXIT_MISMATCH : EXIT_VERIFIED);
 }
 
 int main(int argc, char **argv) {

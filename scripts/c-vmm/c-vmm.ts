@@ -4,14 +4,15 @@
  * assumptions. `buildCVmm` compiles it with `cc` into `dist/c-vmm/c-vmm` when that is missing or
  * older than the source; `runCVmm` runs one migration and returns its JSON result, validated.
  */
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 import { constants } from 'node:os';
 import { z } from 'zod';
-import { buildCVmmProgram } from '../lib/build-c.js';
+import { buildCProgram } from '../lib/build-c.js';
 
 /** Compiles c-vmm when needed; resolves with the binary's path. */
 export function buildCVmm(): Promise<string> {
-  return buildCVmmProgram('c-vmm');
+  return buildCProgram('c-vmm');
 }
 
 export interface CVmmRegion {
@@ -82,6 +83,8 @@ const CVmmReportSchema = z.strictObject({
   faults: z.strictObject({ count, p50Us: count, p99Us: count, maxUs: count }),
   elapsedMs: count,
   resumes: count,
+  /** Guest threads still blocked in a fault 2 s after `complete` (nothing would wake them). */
+  strandedThreads: count,
   wp: z.strictObject({ writeCompleted: z.boolean() }).optional(),
   /** Region names in the order the handoff listed them. */
   handoffOrder: z.array(z.string()),
@@ -100,7 +103,10 @@ const CVmmReportSchema = z.strictObject({
 export type CVmmReport = z.infer<typeof CVmmReportSchema>;
 
 export interface CVmmResult extends CVmmReport {
-  /** 0 verified, 1 mismatch or missing page, 2 usage or setup error, 3 refused/failed/timeout. */
+  /**
+   * 0 verified, 1 mismatch, missing page or stranded thread, 2 usage or setup error,
+   * 3 refused/failed/timeout.
+   */
   exitCode: number;
   stderr: string;
 }
@@ -131,7 +137,53 @@ function args(o: CVmmOptions): string[] {
   return [...a, '--json'];
 }
 
-/** Runs c-vmm once; rejects only when it printed no valid result (its stderr says why). */
+/** c-vmm's own default --timeout. */
+const DEFAULT_TIMEOUT_MS = 60_000;
+/** How long past its own --timeout c-vmm may take to stop its guest and verify every page. */
+const EXIT_GRACE_MS = 20_000;
+
+function readProc(path: string): string {
+  try {
+    return readFileSync(path, 'utf8').trim();
+  } catch (err) {
+    return `(${(err as NodeJS.ErrnoException).code ?? 'unreadable'})`;
+  }
+}
+
+/**
+ * Where each thread of a stuck process waits: its kernel stack and syscall from /proc, and the
+ * user-space backtraces when gdb is installed.
+ */
+function describeStuckProcess(pid: number): string {
+  const lines: string[] = [];
+  let tids: string[];
+  try {
+    tids = readdirSync(`/proc/${pid}/task`);
+  } catch (err) {
+    return `(no /proc/${pid}/task: ${(err as Error).message})`;
+  }
+  for (const tid of tids) {
+    const task = `/proc/${pid}/task/${tid}`;
+    const state = /^State:\s*(.*)$/m.exec(readProc(`${task}/status`))?.[1] ?? '?';
+    lines.push(
+      `thread ${tid} (${readProc(`${task}/comm`)}): ${state}, wchan ${readProc(`${task}/wchan`)}`,
+    );
+    lines.push(`  syscall: ${readProc(`${task}/syscall`)}`);
+    for (const frame of readProc(`${task}/stack`).split('\n')) lines.push(`  ${frame}`);
+  }
+  const gdb = spawnSync('gdb', ['-p', String(pid), '-batch', '-ex', 'thread apply all bt'], {
+    encoding: 'utf8',
+    timeout: 15_000,
+  });
+  if (!gdb.error) lines.push(gdb.stdout.trim());
+  return lines.join('\n');
+}
+
+/**
+ * Runs c-vmm once; rejects only when it printed no valid result (its stderr says why). A c-vmm
+ * still running well past its own timeout is stuck: where its threads wait goes to stderr, then it
+ * is killed, so the caller fails at once instead of hanging.
+ */
 export async function runCVmm(o: CVmmOptions): Promise<CVmmResult> {
   const binary = await buildCVmm();
   const child = spawn(binary, args(o), { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -147,12 +199,20 @@ export async function runCVmm(o: CVmmOptions): Promise<CVmmResult> {
       partial = partial.slice(nl + 1);
     }
   });
+  const limitMs = (o.timeoutMs ?? DEFAULT_TIMEOUT_MS) + EXIT_GRACE_MS;
+  const watchdog = setTimeout(() => {
+    const pid = child.pid;
+    if (pid === undefined) return;
+    stderr += `\nc-vmm was still running ${limitMs} ms after it started; killed. Its threads:\n`;
+    stderr += describeStuckProcess(pid) + '\n';
+    child.kill('SIGKILL');
+  }, limitMs);
   const exitCode = await new Promise<number>((resolve, reject) => {
     child.on('error', reject);
     child.on('close', (code, signal) =>
       resolve(code ?? 128 + (signal ? constants.signals[signal] : 0)),
     );
-  });
+  }).finally(() => clearTimeout(watchdog));
   const line = stdout.trim().split('\n').pop() ?? '';
   let report: CVmmReport;
   try {

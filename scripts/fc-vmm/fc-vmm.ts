@@ -9,11 +9,11 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { constants } from 'node:os';
 import { z } from 'zod';
-import { buildCVmmProgram } from '../lib/build-c.js';
+import { buildCProgram } from '../lib/build-c.js';
 
 /** Compiles fc-vmm when needed; resolves with the binary's path. */
 export function buildFcVmm(): Promise<string> {
-  return buildCVmmProgram('fc-vmm');
+  return buildCProgram('fc-vmm');
 }
 
 export interface FcVmmOptions {

@@ -1,7 +1,7 @@
 /**
- * Builds the C VMMs the tests and the bench drive (`scripts/<name>/<name>.c`: c-vmm, fc-vmm) with
- * `cc` (or $CC) into `dist/<name>/<name>`, when that is missing or older than the source. Warnings
- * are errors.
+ * Builds the C programs the tests and the bench drive (`scripts/<name>/<name>.c`: the VMMs c-vmm
+ * and fc-vmm, and uffd-race) with `cc` (or $CC) into `dist/<name>/<name>`, when that is missing or
+ * older than the source. Warnings are errors.
  */
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -10,12 +10,12 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 
-export type CVmmName = 'c-vmm' | 'fc-vmm';
+export type CProgramName = 'c-vmm' | 'fc-vmm' | 'uffd-race';
 
 const C_FLAGS = ['-O2', '-g', '-pthread', '-Wall', '-Wextra', '-Werror', '-std=gnu11'];
 
 /** The repository root: found from dist/scripts/lib/ (compiled) or scripts/lib/ (tsx). */
-function repoRoot(name: CVmmName): string {
+function repoRoot(name: CProgramName): string {
   const rel = `scripts/${name}/${name}.c`;
   const candidates = [new URL('../../../', import.meta.url), new URL('../../', import.meta.url)];
   const root = candidates.map((u) => fileURLToPath(u)).find((dir) => existsSync(join(dir, rel)));
@@ -23,10 +23,10 @@ function repoRoot(name: CVmmName): string {
   return root;
 }
 
-const building = new Map<CVmmName, Promise<string>>();
+const building = new Map<CProgramName, Promise<string>>();
 
 /** Compiles `name` when needed (once per process); resolves with the binary's path. */
-export function buildCVmmProgram(name: CVmmName): Promise<string> {
+export function buildCProgram(name: CProgramName): Promise<string> {
   let p = building.get(name);
   if (!p) {
     p = (async () => {

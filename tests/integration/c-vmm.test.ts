@@ -175,6 +175,7 @@ function assertVerified(t: Test, r: CVmmResult, d: Daemon): void {
   t.equal(r.missingPages, 0, 'no page missing after complete', diag);
   t.equal(r.mismatchCount, 0, 'no page differs from what it must hold', diag);
   t.equal(r.pagesVerified, r.totalPages, `all ${r.totalPages} pages verified byte for byte`, diag);
+  t.equal(r.strandedThreads, 0, 'no guest thread left blocked in a fault after complete', diag);
   t.equal(r.exitCode, 0, 'c-vmm exits 0', diag);
   const c = r.complete!;
   t.equal(c.totalPages, r.totalPages, 'complete counts the pages the handoff described', diag);
