@@ -16,7 +16,7 @@ const STABLE_MS = 2000;
 /** Where and as whom a link connects; read at every attempt (the port may change). */
 export type LinkTarget = Pick<
   ConnectOptions,
-  'source' | 'migrationId' | 'secret' | 'tls' | 'lookup' | 'payloads'
+  'source' | 'migrationId' | 'secret' | 'tls' | 'lookup' | 'receive' | 'payloads'
 >;
 
 export interface LinkOptions {

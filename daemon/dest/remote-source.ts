@@ -121,6 +121,8 @@ export class RemoteSource implements PageSource {
           secret: opts.secret,
           tls: opts.tls,
           lookup,
+          // One small frame per fault, placed while it is delivered (raw-receive.ts).
+          receive: 'raw',
         }),
         kind: Channel.DEMAND,
         connectTimeoutMs: opts.connectTimeoutMs,

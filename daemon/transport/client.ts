@@ -94,10 +94,14 @@ export interface ConnectOptions {
   /** Interval of ws pings; the channel closes with HEARTBEAT_TIMEOUT when a pong is missed. */
   heartbeatMs?: number;
   /**
-   * Where DATA payloads go. Given, a plain (not TLS) channel is read with recv(2) after WELCOME
-   * (raw-receive.ts), each payload straight into the sink's room; delivered DATA frames then
-   * carry the payload as their message.
+   * How a plain (not TLS) channel is read after WELCOME. 'ws' (the default): by node's stream and
+   * ws. 'raw': with recv(2) (raw-receive.ts), whole messages cut out of a staging buffer, for a
+   * channel of small frames that are used during the delivery only (a view into the staging
+   * buffer is valid that long). A sink in `payloads`: with recv(2), and each DATA payload
+   * straight into the sink's room; delivered DATA frames then carry the payload as their
+   * message. A TLS channel is always read by ws.
    */
+  receive?: 'ws' | 'raw' | undefined;
   payloads?: PayloadSink | undefined;
 }
 
@@ -242,11 +246,12 @@ export function connectPageChannel(opts: ConnectOptions): Promise<PageChannel> {
       }
       settled = true;
       clearTimeout(timer);
-      const fd = opts.payloads ? takeOverReading(ws) : null;
+      const raw = opts.payloads !== undefined || opts.receive === 'raw';
+      const fd = raw ? takeOverReading(ws) : null;
       channel =
         fd === null
           ? new ChannelImpl(ws, opts.channel, frame, opts.heartbeatMs ?? 0)
-          : new RawChannel(ws, opts.channel, frame, opts.heartbeatMs ?? 0, fd, opts.payloads!);
+          : new RawChannel(ws, opts.channel, frame, opts.heartbeatMs ?? 0, fd, opts.payloads);
       resolve(channel);
     });
   });
@@ -386,7 +391,8 @@ class RawChannel extends ChannelImpl {
     welcome: FrameOf<typeof FrameType.WELCOME>,
     heartbeatMs: number,
     socketFd: number,
-    private readonly sink: PayloadSink,
+    /** Where DATA payloads go; none: DATA frames are whole messages too. */
+    private readonly sink: PayloadSink | undefined,
   ) {
     super(ws, kind, welcome, heartbeatMs);
     this.fd = sys.dupCloexec(socketFd);

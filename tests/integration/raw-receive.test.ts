@@ -22,7 +22,13 @@ import {
   encodeWelcome,
   encodeZero,
 } from '../../protocol/page-codec.js';
-import { Channel, FrameType, PROTOCOL_VERSION, type Frame } from '../../protocol/wire.js';
+import {
+  Channel,
+  FrameType,
+  HeaderSize,
+  PROTOCOL_VERSION,
+  type Frame,
+} from '../../protocol/wire.js';
 
 const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
 const REGION = { offset: 0, sizeBytes: 64 << 20, pageSizeBytes: 4096, name: 'ram0' };
@@ -158,13 +164,14 @@ function testSink(bytes: number, refuse = false): PayloadSink & { buf: Buffer; c
 
 interface Got {
   ch: PageChannel;
-  frames: Array<{ frame: Frame; inSink: boolean; payload: Buffer | null }>;
+  frames: Array<{ frame: Frame; inSink: boolean; payload: Buffer | null; message: Buffer }>;
   closed: Promise<CloseInfo>;
 }
 
+/** A channel read with recv(2): into `sink`, or (null) whole messages only. */
 async function open(
   id: string,
-  sink: ReturnType<typeof testSink>,
+  sink: ReturnType<typeof testSink> | null,
   each?: (got: Got) => void,
 ): Promise<Got> {
   const ch = await connectPageChannel({
@@ -173,18 +180,19 @@ async function open(
     channel: Channel.BACKGROUND,
     secret: null,
     timeoutMs: 5000,
-    payloads: sink,
+    ...(sink ? { payloads: sink } : { receive: 'raw' as const }),
   });
   const frames: Got['frames'] = [];
   let got: Got | null = null;
   const closed = new Promise<CloseInfo>((resolve) =>
-    ch.attach((frame) => {
+    ch.attach((frame, message) => {
       const payload = frame.type === FrameType.DATA ? frame.payload : null;
       frames.push({
         frame,
-        inSink: payload !== null && payload.buffer === sink.buf.buffer,
-        // The sink's room is reused: keep a copy.
+        inSink: payload !== null && payload.buffer === sink?.buf.buffer,
+        // The sink's room and the staging buffer are reused: keep copies.
         payload: payload ? Buffer.from(payload) : null,
+        message: Buffer.from(message),
       });
       if (got) each?.(got);
     }, resolve),
@@ -210,56 +218,70 @@ async function dribble(socket: Socket, bytes: Buffer, seed: number): Promise<voi
   }
 }
 
-t.test(
-  'every DATA and ZERO frame arrives whole, in order, sent in pieces of any size',
-  async (t) => {
-    const sizes = [4096, 256 * 1024, 64 * 1024, 3 * 1024 * 1024, 8192, 2 * 1024 * 1024];
-    const payloads = sizes.map((n) => randomBytes(n));
-    const stream: Buffer[] = [];
-    let offset = 0;
-    const expected: Array<{ type: number; offset: number; payload?: Buffer }> = [];
-    payloads.forEach((p, i) => {
-      stream.push(binary(encodeData(0, offset, p)));
-      expected.push({ type: FrameType.DATA, offset, payload: p });
-      offset += p.length;
-      for (let z = 0; z < 50 * i; z++) {
-        stream.push(binary(encodeZero(0, offset, 4096)));
-        expected.push({ type: FrameType.ZERO, offset });
-        offset += 4096;
+for (const withSink of [true, false]) {
+  const how = withSink ? 'payloads into a sink' : 'whole messages, no sink';
+  t.test(
+    `${how}: every DATA and ZERO frame arrives whole, in order, sent in pieces of any size`,
+    async (t) => {
+      const sizes = [4096, 256 * 1024, 64 * 1024, 3 * 1024 * 1024, 8192, 2 * 1024 * 1024];
+      const payloads = sizes.map((n) => randomBytes(n));
+      const stream: Buffer[] = [];
+      let offset = 0;
+      const expected: Array<{ type: number; offset: number; payload?: Buffer }> = [];
+      payloads.forEach((p, i) => {
+        stream.push(binary(encodeData(0, offset, p)));
+        expected.push({ type: FrameType.DATA, offset, payload: p });
+        offset += p.length;
+        for (let z = 0; z < 50 * i; z++) {
+          stream.push(binary(encodeZero(0, offset, 4096)));
+          expected.push({ type: FrameType.ZERO, offset });
+          offset += 4096;
+        }
+      });
+      stream.push(binary(encodeProgress(0, offset, offset)));
+      expected.push({ type: FrameType.PROGRESS, offset: -1 });
+      const id = `pieces-${withSink}`;
+      scripts.set(id, ({ socket }) => dribble(socket, Buffer.concat(stream), 7));
+      const sink = withSink ? testSink(8 << 20) : null;
+      const got = await open(id, sink);
+      await until(() => got.frames.length === expected.length);
+      t.same(
+        got.frames.map(({ frame }) => frame.type),
+        expected.map((e) => e.type),
+        'frame types in order',
+      );
+      let inSink = 0;
+      let whole = 0;
+      got.frames.forEach(({ frame, payload, inSink: s, message }, i) => {
+        const e = expected[i]!;
+        if (frame.type === FrameType.DATA) {
+          t.equal(frame.offset, e.offset, `DATA ${i} offset`);
+          t.ok(payload!.equals(e.payload!), `DATA ${i}: ${payload!.length} bytes, every byte`);
+          if (s) inSink++;
+          // A whole message: the frame's header, then its payload, as ws delivers it.
+          if (message.length === HeaderSize.DATA + payload!.length) {
+            if (message.subarray(HeaderSize.DATA).equals(payload!)) whole++;
+          }
+        }
+      });
+      t.same(
+        got.frames.map(({ frame }) => (frame.type === FrameType.ZERO ? frame.offset : -1)),
+        expected.map((e) => (e.type === FrameType.ZERO ? e.offset : -1)),
+        'ZERO runs, every offset',
+      );
+      if (sink) {
+        // The sink has room for each: a payload received apart from it (not all queued at
+        // once, or too large to wait for) is moved into it, so every one ends there,
+        // committed once.
+        t.equal(inSink, sizes.length, 'every payload delivered in the sink');
+        t.equal(sink.commits, sizes.length, 'one commit per payload');
+      } else {
+        t.equal(whole, sizes.length, 'every DATA frame delivered as its whole message');
       }
-    });
-    stream.push(binary(encodeProgress(0, offset, offset)));
-    expected.push({ type: FrameType.PROGRESS, offset: -1 });
-    scripts.set('pieces', ({ socket }) => dribble(socket, Buffer.concat(stream), 7));
-    const sink = testSink(8 << 20);
-    const got = await open('pieces', sink);
-    await until(() => got.frames.length === expected.length);
-    t.same(
-      got.frames.map(({ frame }) => frame.type),
-      expected.map((e) => e.type),
-      'frame types in order',
-    );
-    let inSink = 0;
-    got.frames.forEach(({ frame, payload, inSink: s }, i) => {
-      const e = expected[i]!;
-      if (frame.type === FrameType.DATA) {
-        t.equal(frame.offset, e.offset, `DATA ${i} offset`);
-        t.ok(payload!.equals(e.payload!), `DATA ${i}: ${payload!.length} bytes, every byte`);
-        if (s) inSink++;
-      }
-    });
-    t.same(
-      got.frames.map(({ frame }) => (frame.type === FrameType.ZERO ? frame.offset : -1)),
-      expected.map((e) => (e.type === FrameType.ZERO ? e.offset : -1)),
-      'ZERO runs, every offset',
-    );
-    // The sink has room for each: a payload received apart from it (not all queued at once,
-    // or too large to wait for) is moved into it, so every one ends there, committed once.
-    t.equal(inSink, sizes.length, 'every payload delivered in the sink');
-    t.equal(sink.commits, sizes.length, 'one commit per payload');
-    got.ch.close();
-  },
-);
+      got.ch.close();
+    },
+  );
+}
 
 t.test('a sink without room: payloads come in buffers of their own, intact', async (t) => {
   const p = randomBytes(128 * 1024);
