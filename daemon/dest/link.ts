@@ -52,6 +52,8 @@ export interface LinkHooks {
 export class Link {
   private channel: PageChannel | null = null;
   private closed = false;
+  /** The source will close the connection, and that ends the link (see expectEnd). */
+  private ending = false;
   private retryTimer: NodeJS.Timeout | null = null;
   private stableTimer: NodeJS.Timeout | null = null;
   private downSince = 0;
@@ -178,9 +180,19 @@ export class Link {
     this.stableTimer = null;
   }
 
+  /**
+   * The source acknowledged COMPLETE and closes the connection next: that close is no loss, and
+   * nothing reconnects. (A close right behind the last frame can arrive before the owner had a
+   * turn to close the link itself.)
+   */
+  expectEnd(): void {
+    this.ending = true;
+  }
+
   private onLost(ch: PageChannel, info: CloseInfo): void {
     if (this.closed || this.channel !== ch) return;
     this.channel = null;
+    if (this.ending) return;
     this.lastLoss = info;
     this.downSince ||= Date.now();
     this.opts.log.warn('source connection lost; reconnecting', {

@@ -343,6 +343,7 @@ export class RemoteSource implements PageSource {
           break;
         case FrameType.COMPLETE:
           if (!this.completing) throw new ProtocolError('BAD_STATE', 'COMPLETE before ours');
+          this.demand.expectEnd();
           this.completeAck?.();
           this.completeAck = null;
           break;
