@@ -15,10 +15,13 @@
  * only while they are delivered. What it saves is the stream machinery a message went through
  * in node and ws: in the bench's demand-idle, 12 to 15 µs of the dest's CPU per fault.
  *
- * RFC 6455 from the client's side: server frames are unmasked; a masked frame, RSV bits, an
- * unknown opcode, a fragmented control frame or a message over Limits.MAX_FRAME_BYTES fail the
- * connection as SOURCE_IO, as ws fails them. Fragmented data messages are reassembled (ws never
- * fragments one, but the RFC allows it) and decoded whole. Sending stays with ws.
+ * The source reads its demand connections the same way (no sink), from the other side of
+ * RFC 6455: a client's frames, which must be masked, are unmasked in place.
+ *
+ * RFC 6455: a frame masked the wrong way for its side, RSV bits, an unknown opcode, a fragmented
+ * control frame or a message over Limits.MAX_FRAME_BYTES fail the connection (as SOURCE_IO on the
+ * dest), as ws fails them. Fragmented data messages are reassembled (ws never fragments one, but
+ * the RFC allows it) and decoded whole. Sending stays with ws.
  */
 import { performance } from 'node:perf_hooks';
 import { ProtocolError, codeOf, PAGE_ERROR_CODES } from '../../protocol/errors.js';
@@ -72,15 +75,45 @@ const DATA_HEAD_BYTES = 10 + HeaderSize.DATA;
  */
 const LOWAT_MAX_BYTES = 2 * 1024 * 1024 + 64 * 1024;
 
+/** Which end of the connection this is, as the receiver reads it. */
+export interface RawRole {
+  /** The peer is a client: its frames must be masked (a server's must not be). */
+  readonly peerIsClient: boolean;
+  /** The close info's code when the peer closed the connection (EOF or a close frame). */
+  readonly closedCode: string;
+  /** ... when it broke the ws protocol or the socket failed. */
+  readonly ioCode: string;
+  /** The peer, in messages. */
+  readonly peerName: string;
+}
+
+/** The dest reading a source (the default). */
+export const READING_SOURCE: RawRole = {
+  peerIsClient: false,
+  closedCode: 'SOURCE_CLOSED',
+  ioCode: 'SOURCE_IO',
+  peerName: 'the source',
+};
+
+/** The source reading a dest. */
+export const READING_DEST: RawRole = {
+  peerIsClient: true,
+  closedCode: 'CLOSED',
+  ioCode: 'PEER_IO',
+  peerName: 'the peer',
+};
+
 class Fail extends Error {
   constructor(readonly info: CloseInfo) {
     super(info.message);
   }
 }
 
-const wsError = (message: string): never => {
-  throw new Fail({ code: 'SOURCE_IO', message: `invalid ws frame: ${message}` });
-};
+/** XORs `data` in place with the 4-byte `mask` (RFC 6455 5.3). */
+function unmask(data: Buffer, mask: number): void {
+  const m = [mask >>> 24, (mask >>> 16) & 0xff, (mask >>> 8) & 0xff, mask & 0xff];
+  for (let i = 0; i < data.length; i++) data[i]! ^= m[i & 3]!;
+}
 
 /** A DATA frame whose payload is being received. */
 interface PendingData {
@@ -112,7 +145,14 @@ export class RawReceiver {
   private lowat = 1;
   private pending: PendingData | null = null;
   /** A message's remaining bytes being read (a large non-DATA message, or a fragment). */
-  private body: { buf: Buffer; got: number; op: number; fin: boolean } | null = null;
+  private body: {
+    buf: Buffer;
+    got: number;
+    op: number;
+    fin: boolean;
+    /** The frame's masking key (a client's frame), or null. */
+    mask: number | null;
+  } | null = null;
   /** Fragments of a data message so far, and its opcode. */
   private fragments: Buffer[] | null = null;
   private fragmentsOp = 0;
@@ -136,6 +176,7 @@ export class RawReceiver {
     private readonly fd: number,
     private readonly sink: PayloadSink | undefined,
     private readonly hooks: RawReceiverHooks,
+    private readonly role: RawRole = READING_SOURCE,
   ) {
     this.watch = sys.watchReadable(fd, (hangup) => this.pump(hangup));
     live.add(this);
@@ -205,7 +246,7 @@ export class RawReceiver {
       else if (err instanceof ProtocolError) {
         this.fail({ code: codeOf(err, PAGE_ERROR_CODES, 'FRAME_BAD_VALUE'), message: err.message });
       } else {
-        this.fail({ code: 'SOURCE_IO', message: (err as Error).message });
+        this.fail({ code: this.role.ioCode, message: (err as Error).message });
       }
     } finally {
       this.pumping = false;
@@ -271,9 +312,10 @@ export class RawReceiver {
       return true;
     }
     if (rc === -ERRNO.EAGAIN || rc === -ERRNO.EINTR) return false;
+    const { closedCode, ioCode, peerName } = this.role;
     if (rc === 0)
-      throw new Fail({ code: 'SOURCE_CLOSED', message: 'the source closed the connection' });
-    throw new Fail({ code: 'SOURCE_IO', message: `recv failed: ${errnoName(-rc)}` });
+      throw new Fail({ code: closedCode, message: `${peerName} closed the connection` });
+    throw new Fail({ code: ioCode, message: `recv failed: ${errnoName(-rc)}` });
   }
 
   /** Parses one ws frame header from staging and acts on it; false when more bytes are needed. */
@@ -289,24 +331,32 @@ export class RawReceiver {
     let head = 2;
     if (len === 126) head = 4;
     else if (len === 127) head = 10;
+    const masked = (b1 & 0x80) !== 0;
+    const maskAt = this.start + head;
+    if (masked) head += 4;
     if (have < head) return false;
-    if (b0 & 0x70) wsError('RSV bits set');
-    if (b1 & 0x80) wsError('a masked frame from the server');
+    if (b0 & 0x70) this.wsError('RSV bits set');
+    if (masked !== this.role.peerIsClient) {
+      this.wsError(masked ? 'a masked frame from the server' : 'an unmasked frame from the client');
+    }
     if (len === 126) len = st.readUInt16BE(this.start + 2);
     else if (len === 127) {
       const hi = st.readUInt32BE(this.start + 2);
-      if (hi !== 0) wsError('payload length beyond 2^32');
+      if (hi !== 0) this.wsError('payload length beyond 2^32');
       len = st.readUInt32BE(this.start + 6);
     }
     if (op >= OP_CLOSE) {
-      if (op > OP_PONG) wsError(`opcode ${op}`);
-      if (!fin || len > 125) wsError('a fragmented or long control frame');
-    } else if (op > OP_BINARY) wsError(`opcode ${op}`);
+      if (op > OP_PONG) this.wsError(`opcode ${op}`);
+      if (!fin || len > 125) this.wsError('a fragmented or long control frame');
+    } else if (op > OP_BINARY) this.wsError(`opcode ${op}`);
     else if (op === OP_CONTINUATION ? !this.fragments : this.fragments) {
-      wsError(op === OP_CONTINUATION ? 'a continuation of nothing' : 'a new message inside one');
+      this.wsError(
+        op === OP_CONTINUATION ? 'a continuation of nothing' : 'a new message inside one',
+      );
     }
     const total = op === OP_CONTINUATION ? this.fragmentsBytes + len : len;
-    if (total > Limits.MAX_FRAME_BYTES) wsError('Max payload size exceeded');
+    if (total > Limits.MAX_FRAME_BYTES) this.wsError('Max payload size exceeded');
+    const mask = masked ? st.readUInt32BE(maskAt) : 0;
 
     // A DATA frame, unfragmented: its header now, its payload straight into the sink.
     if (
@@ -331,15 +381,20 @@ export class RawReceiver {
     if (have - head >= len) {
       const payload = st.subarray(this.start, this.start + len);
       this.start += len;
+      if (masked) unmask(payload, mask);
       this.message(op, fin, payload);
     } else {
       const buf = Buffer.allocUnsafe(len);
       const got = have - head;
       st.copy(buf, 0, this.start, this.end);
       this.start = this.end;
-      this.body = { buf, got, op, fin };
+      this.body = { buf, got, op, fin, mask: masked ? mask : null };
     }
     return true;
+  }
+
+  private wsError(message: string): never {
+    throw new Fail({ code: this.role.ioCode, message: `invalid ws frame: ${message}` });
   }
 
   /** Receives the rest of a non-DATA frame's payload into its own buffer. */
@@ -354,6 +409,7 @@ export class RawReceiver {
       if (b.got < b.buf.byteLength) return true;
     }
     this.body = null;
+    if (b.mask !== null) unmask(b.buf, b.mask);
     this.message(b.op, b.fin, b.buf);
     return true;
   }
@@ -370,7 +426,7 @@ export class RawReceiver {
       case OP_CLOSE: {
         const code = payload.byteLength >= 2 ? payload.readUInt16BE(0) : 1005;
         const reason = payload.subarray(2).toString();
-        throw new Fail({ code: 'SOURCE_CLOSED', message: `ws closed ${code} ${reason}` });
+        throw new Fail({ code: this.role.closedCode, message: `ws closed ${code} ${reason}` });
       }
     }
     if (!fin || this.fragments) {
@@ -398,7 +454,10 @@ export class RawReceiver {
       const rest = n - staged;
       if (rest > 0 && sys.bytesReadable(this.fd) < rest) {
         if (hangup) {
-          throw new Fail({ code: 'SOURCE_CLOSED', message: 'the source closed inside a frame' });
+          throw new Fail({
+            code: this.role.closedCode,
+            message: `${this.role.peerName} closed inside a frame`,
+          });
         }
         if (!p.waited && rest <= LOWAT_MAX_BYTES) {
           // Wait until all of it is queued, then take the sink's room and fill it at once.

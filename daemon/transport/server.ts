@@ -24,6 +24,7 @@ import {
 import { decodeFrame, encodeError, encodeWelcome } from '../../protocol/page-codec.js';
 import { NONCE_BYTES, NONCE_HEADER } from '../../protocol/auth.js';
 import {
+  Channel,
   channelName,
   FrameType,
   Limits,
@@ -34,7 +35,7 @@ import {
 import * as sys from '../linux/sys.js';
 import type { Logger } from '../ops/log.js';
 import { rateLimitedLog, type RateLimitedLog } from '../ops/rate-limit.js';
-import { socketFd } from './internals.js';
+import { socketFd, takeOverReading } from './internals.js';
 import { WsSourceChannel, type SourceChannel } from './source-channel.js';
 
 export const PAGES_PATH = '/v1/pages';
@@ -312,6 +313,21 @@ export class PageConnections {
       );
       const channel = new WsSourceChannel(ws, hello.channel, hello.migrationId, id, remote);
       conn.channel = channel;
+      // A plain demand connection is read with recv(2) from here on (null: TLS, or ws already
+      // holds bytes after HELLO, and keeps reading). A background one carries a few CREDIT and
+      // HAVE frames only, and may live on the bulk thread, which a koffi poll must not outlive.
+      const fd = hello.channel === Channel.DEMAND ? takeOverReading(ws) : null;
+      if (fd !== null) {
+        channel.readRaw(fd, {
+          activity: () => {
+            conn.alive = true;
+          },
+          broken: (info) => {
+            onError(info.code);
+            log.warn('page connection error', { conn: connName, remote, reason: info.message });
+          },
+        });
+      }
       log.info('page connection accepted', {
         conn: connName,
         remote,

@@ -1,11 +1,14 @@
 /**
  * The source side of one page connection after its HELLO was accepted: what the source core sees
  * instead of a ws socket. Frames arrive decoded and already checked to be legal for the channel
- * kind; frames go out as whole buffers, without a copy (ws writes an unmasked server frame as its
- * header followed by our buffer).
+ * kind (read by ws, or with recv(2) once readRaw() took a plain demand connection over); frames
+ * go out as whole buffers, without a copy (ws writes an unmasked server frame as its header
+ * followed by our buffer).
  */
 import WebSocket from 'ws';
+import * as sys from '../linux/sys.js';
 import { wsSocket } from './internals.js';
+import { RawReceiver, READING_DEST } from './raw-receive.js';
 import {
   codeOf,
   PAGE_ERROR_CODES,
@@ -107,6 +110,14 @@ interface Waiter {
   fn: () => void;
 }
 
+/** What the page server hears from a channel it reads with recv(2). */
+export interface RawReadHooks {
+  /** Anything arrived from the peer (a frame, a ping or a pong): it is alive. */
+  activity(): void;
+  /** The peer broke the ws protocol, or the socket failed (the channel closes). */
+  broken(info: ChannelCloseInfo): void;
+}
+
 export class WsSourceChannel implements SourceChannel {
   onFrame: (frame: Frame, bytes: number) => void = () => {};
   onClose: (info: ChannelCloseInfo) => void = () => {};
@@ -114,6 +125,8 @@ export class WsSourceChannel implements SourceChannel {
   private buffered = 0;
   private paused = false;
   private waiters: Waiter[] = [];
+  /** Reads the peer's frames once readRaw() took the socket over from ws. */
+  private receiver: RawReceiver | null = null;
 
   constructor(
     private readonly ws: WebSocket,
@@ -166,6 +179,58 @@ export class WsSourceChannel implements SourceChannel {
     else this.waiters.push({ bytes, fn });
   }
 
+  /**
+   * From now on the peer's frames are read with recv(2) from `fd`, the socket's (see
+   * takeOverReading), not by node's stream and ws; ws still sends. A demand connection carries
+   * one small REQUEST per fault: this saves the stream machinery on every one.
+   */
+  readRaw(fd: number, hooks: RawReadHooks): void {
+    this.receiver = new RawReceiver(
+      sys.dupCloexec(fd),
+      undefined,
+      {
+        message: (data, isBinary) => {
+          hooks.activity();
+          this.deliver(data, isBinary);
+        },
+        // Only with a payload sink, which the source never gives.
+        data: () => {},
+        ping: (data) => {
+          hooks.activity();
+          if (this.ws.readyState === WebSocket.OPEN) this.ws.pong(data);
+        },
+        pong: () => hooks.activity(),
+        closed: (info) => {
+          this.receiver = null;
+          if (info.code === READING_DEST.closedCode) {
+            // The peer closed: answer its close frame (if we did not send ours first), then
+            // let the socket go. It sends nothing after its close frame, so the end is a FIN.
+            if (this.ws.readyState === WebSocket.OPEN) this.ws.close(1000);
+            this.finish(info);
+            setImmediate(() => this.ws.terminate());
+            return;
+          }
+          // A frame that breaks RFC 6455 (or a failed socket): as ws does, a close with 1002.
+          hooks.broken(info);
+          if (this.ws.readyState === WebSocket.OPEN) this.ws.close(1002, info.code);
+          this.finish(info);
+          setImmediate(() => this.ws.terminate());
+        },
+      },
+      READING_DEST,
+    );
+  }
+
+  private pauseReading(): void {
+    if (this.receiver) this.receiver.pause();
+    else this.ws.pause();
+  }
+
+  private resumeReading(): void {
+    if (this.receiver) this.receiver.resume();
+    else this.ws.resume();
+  }
+
   /** A ws message from the peer: decode, check legality, deliver or fail the channel. */
   deliver(data: Buffer, isBinary: boolean): void {
     if (!this.open) return;
@@ -194,10 +259,10 @@ export class WsSourceChannel implements SourceChannel {
     // in our send buffer): stop reading its frames until the buffer drains.
     if (this.buffered > READ_PAUSE_BYTES && !this.paused && this.open) {
       this.paused = true;
-      this.ws.pause();
+      this.pauseReading();
       this.whenBufferedBelow(READ_RESUME_BYTES, () => {
         this.paused = false;
-        if (this.open) this.ws.resume();
+        if (this.open) this.resumeReading();
       });
     }
   }
@@ -214,6 +279,9 @@ export class WsSourceChannel implements SourceChannel {
 
   /** The socket closed under us (peer close, error, heartbeat timeout). */
   closed(info: ChannelCloseInfo): void {
+    // Our duplicate of the socket's fd would keep the connection open.
+    this.receiver?.close();
+    this.receiver = null;
     this.finish(info);
   }
 

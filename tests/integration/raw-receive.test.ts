@@ -29,33 +29,11 @@ import {
   PROTOCOL_VERSION,
   type Frame,
 } from '../../protocol/wire.js';
+import { wsFrame } from '../fixtures/ws-frame.js';
 
 const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
 const REGION = { offset: 0, sizeBytes: 64 << 20, pageSizeBytes: 4096, name: 'ram0' };
 
-/** A server frame (unmasked unless `mask`), with the given FIN/RSV bits. */
-function wsFrame(
-  op: number,
-  payload: Uint8Array,
-  o: { fin?: boolean; rsv?: number; mask?: boolean } = {},
-): Buffer {
-  const n = payload.byteLength;
-  const len = n < 126 ? 2 : n < 65536 ? 4 : 10;
-  const head = Buffer.alloc(len + (o.mask ? 4 : 0));
-  head[0] = ((o.fin ?? true) ? 0x80 : 0) | ((o.rsv ?? 0) << 4) | op;
-  const m = o.mask ? 0x80 : 0;
-  if (n < 126) head[1] = m | n;
-  else if (n < 65536) {
-    head[1] = m | 126;
-    head.writeUInt16BE(n, 2);
-  } else {
-    head[1] = m | 127;
-    head.writeUInt32BE(0, 2);
-    head.writeUInt32BE(n, 6);
-  }
-  // A zero mask key leaves the payload as it is.
-  return Buffer.concat([head, payload]);
-}
 const binary = (payload: Uint8Array): Buffer => wsFrame(0x2, payload);
 
 /** The client's frames (masked), as they arrive on the peer's socket. */

@@ -1,6 +1,7 @@
 import t from 'tap';
 import http from 'node:http';
 import { createHash } from 'node:crypto';
+import type { Socket } from 'node:net';
 import {
   closeSync,
   mkdtempSync,
@@ -37,6 +38,7 @@ import {
   type FrameOf,
 } from '../../protocol/wire.js';
 import { RawDest } from '../fixtures/raw-dest.js';
+import { wsFrame } from '../fixtures/ws-frame.js';
 import { writeTestImage } from '../fixtures/memory-image.js';
 
 const img = writeTestImage();
@@ -283,6 +285,69 @@ t.test('garbage, text and frames illegal for the channel close that connection o
   const list = await api(server.port, 'GET', '/v1/migrations');
   t.equal(list.json.migrations.length, 2, 'server still answers HTTP');
 });
+
+/** The socket under a RawDest's ws: bytes written here bypass ws's own framing. */
+const socketOf = (dest: RawDest): Socket => (dest.ws as unknown as { _socket: Socket })._socket;
+
+t.test(
+  'a demand connection read with recv(2): masked frames cut anywhere, pings, a bad frame',
+  async (t) => {
+    const server = await start(t);
+    await register(server.port, 'm1', true);
+    const { dest } = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+    // 40 REQUESTs, some of one page (a short frame), some of 12 ranges (a 16-bit length), with
+    // two pings among them, written in pieces of 1 to 40 bytes.
+    const asked: number[] = [];
+    const frames: Buffer[] = [];
+    for (let i = 0; i < 40; i++) {
+      const pages = i % 3 === 0 ? 12 : 1;
+      const ranges = Array.from({ length: pages }, (_, k) => ({
+        offset: ((i * 7 + k * 13) % 48) * PAGE, // ram0: 48 pages
+        length: PAGE,
+      }));
+      asked.push(...ranges.map((r) => r.offset));
+      frames.push(wsFrame(0x2, encodeRequest(ranges), { mask: true }));
+      if (i === 10 || i === 25) frames.push(wsFrame(0x9, Buffer.from(`ping ${i}`), { mask: true }));
+    }
+    let pongs = 0;
+    dest.ws.on('pong', () => pongs++);
+    const bytes = Buffer.concat(frames);
+    const socket = socketOf(dest);
+    for (let at = 0, k = 0; at < bytes.length; k++) {
+      const n = 1 + ((k * 17) % 40);
+      socket.write(bytes.subarray(at, at + n));
+      at += n;
+      if (k % 25 === 0) await new Promise((r) => setTimeout(r, 1));
+    }
+    // WELCOME is frame 0; then one DATA or ZERO frame per page asked for (runs never merge
+    // across ranges a REQUEST lists apart, and these are never adjacent).
+    await dest.until(() => pageOffsets(dest).length >= asked.length);
+    t.same(pageOffsets(dest), asked, 'every page asked for, answered in order');
+    t.equal(checkPages(t, dest.frames.slice(1)), asked.length * PAGE, 'every byte as the file');
+    await dest.roundTrip();
+    t.equal(pongs, 3, 'both pings answered (and the round trip)');
+
+    // An unmasked frame breaks RFC 6455: that connection goes, the server serves on.
+    socket.write(wsFrame(0x2, encodeRequest([{ offset: 0, length: PAGE }])));
+    const closed = await dest.closed;
+    t.equal(closed.code, 1002, 'the bad connection is closed: protocol error');
+    const next = await RawDest.open(server.port, Channel.DEMAND, 'm1');
+    next.dest.send(encodeRequest([{ offset: 0, length: PAGE }]));
+    t.ok(isPage(await next.dest.frameAt(1)), 'a new connection is served');
+    // A close from the dest is answered with a close: the dest sees a clean close.
+    t.equal((await next.dest.close()).code, 1000, 'a close handshake, answered');
+  },
+);
+
+/** Offsets of the page frames (DATA and ZERO) a dest received, one per page. */
+function pageOffsets(dest: RawDest): number[] {
+  const out: number[] = [];
+  for (const f of dest.frames.filter(isPage)) {
+    const len = f.type === FrameType.DATA ? f.payload.length : f.length;
+    for (let o = f.offset; o < f.offset + len; o += PAGE) out.push(o);
+  }
+  return out;
+}
 
 t.test('requests before the freeze wait, and are served in order after it', async (t) => {
   const server = await start(t);
