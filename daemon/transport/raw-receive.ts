@@ -46,7 +46,7 @@ export interface PayloadSink {
 export interface RawReceiverHooks {
   /**
    * A whole message other than a DATA frame read apart (decoded by the channel, as the
-   * messages ws delivers; a view into staging is only valid during the call).
+   * messages ws delivers; it is a view into the receiver's buffers, valid during the call only).
    */
   message(data: Buffer, isBinary: boolean): void;
   /** A DATA frame read apart from its header, its payload (frame.payload) verified. */
@@ -384,7 +384,11 @@ export class RawReceiver {
       if (masked) unmask(payload, mask);
       this.message(op, fin, payload);
     } else {
-      const buf = Buffer.allocUnsafe(len);
+      // A message is only valid during its delivery: up to the size of a huge page, the one
+      // scratch buffer serves them all (a demand channel's 2 MiB pages would otherwise cost a
+      // fresh 2 MiB each, which the dest's RSS showed).
+      const buf =
+        len <= LOWAT_MAX_BYTES ? this.scratch(len).subarray(0, len) : Buffer.allocUnsafe(len);
       const got = have - head;
       st.copy(buf, 0, this.start, this.end);
       this.start = this.end;
@@ -414,7 +418,7 @@ export class RawReceiver {
     return true;
   }
 
-  /** A whole ws frame's payload (a view into staging is only valid during the call). */
+  /** A whole ws frame's payload (a view into staging or the scratch buffer, valid during the call only). */
   private message(op: number, fin: boolean, payload: Buffer): void {
     switch (op) {
       case OP_PING:
@@ -520,7 +524,10 @@ export class RawReceiver {
     return true;
   }
 
-  /** A buffer of at least `n` bytes, kept for the next payload read apart from the sink. */
+  /**
+   * A buffer of at least `n` bytes, kept for the next payload read apart from the sink, or the
+   * next message too large for staging.
+   */
   private scratch(n: number): Buffer {
     if (!this.scratchBuf || this.scratchBuf.byteLength < n) {
       this.scratchBuf = Buffer.allocUnsafeSlow(n);

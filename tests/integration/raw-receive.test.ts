@@ -142,7 +142,14 @@ function testSink(bytes: number, refuse = false): PayloadSink & { buf: Buffer; c
 
 interface Got {
   ch: PageChannel;
-  frames: Array<{ frame: Frame; inSink: boolean; payload: Buffer | null; message: Buffer }>;
+  frames: Array<{
+    frame: Frame;
+    inSink: boolean;
+    payload: Buffer | null;
+    message: Buffer;
+    /** The memory the message was delivered in (the receiver's own, reused). */
+    memory: ArrayBufferLike;
+  }>;
   closed: Promise<CloseInfo>;
 }
 
@@ -171,6 +178,7 @@ async function open(
         // The sink's room and the staging buffer are reused: keep copies.
         payload: payload ? Buffer.from(payload) : null,
         message: Buffer.from(message),
+        memory: message.buffer,
       });
       if (got) each?.(got);
     }, resolve),
@@ -255,6 +263,11 @@ for (const withSink of [true, false]) {
         t.equal(sink.commits, sizes.length, 'one commit per payload');
       } else {
         t.equal(whole, sizes.length, 'every DATA frame delivered as its whole message');
+        // Messages too large for staging are received into one scratch buffer, reused while
+        // large enough: the 64 KiB one lands where the 256 KiB one did, not in fresh memory.
+        const memoryOf = (n: number): ArrayBufferLike | undefined =>
+          got.frames.find(({ payload }) => payload?.length === n)?.memory;
+        t.equal(memoryOf(64 * 1024), memoryOf(256 * 1024), 'a large message reuses the memory');
       }
       got.ch.close();
     },
