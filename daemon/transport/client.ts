@@ -10,7 +10,8 @@ import { formatHostPort, pagesUrl, type SourceAddress } from '../../protocol/sou
 import { performance } from 'node:perf_hooks';
 import { decodeFrame, encodeError, encodeHello } from '../../protocol/page-codec.js';
 import * as sys from '../linux/sys.js';
-import { takeOverReading } from './internals.js';
+import { DirectSender } from './direct-send.js';
+import { takeOverReading, wsSocket } from './internals.js';
 import { RawReceiver, type PayloadSink } from './raw-receive.js';
 import {
   CodedError,
@@ -350,8 +351,13 @@ class ChannelImpl implements PageChannel {
       this.ws.terminate();
       return false;
     }
-    this.ws.send(frame);
+    if (!this.sendOwn(frame)) this.ws.send(frame);
     return true;
+  }
+
+  /** Sends `frame` without ws, if this channel can (RawChannel); false: ws sends it. */
+  protected sendOwn(_frame: Uint8Array): boolean {
+    return false;
   }
 
   close(code = 'CLOSED', message = 'closed by the destination'): void {
@@ -396,6 +402,19 @@ class RawChannel extends ChannelImpl {
   ) {
     super(ws, kind, welcome, heartbeatMs);
     this.fd = sys.dupCloexec(socketFd);
+    // The socket's own fd is valid while ws is OPEN (send checks that): ws destroys it after.
+    this.direct = new DirectSender(socketFd, true);
+  }
+
+  private readonly direct: DirectSender;
+
+  /** A short frame (a REQUEST, a CREDIT) with one send(2), while nothing waits in ws or node. */
+  protected override sendOwn(frame: Uint8Array): boolean {
+    if (this.ws.bufferedAmount !== 0) return false;
+    const rest = this.direct.trySend(frame);
+    if (!rest) return false;
+    if (rest.length > 0) wsSocket(this.ws).write(rest);
+    return true;
   }
 
   /** Our descriptor of the socket, until the receiver takes it (-1 once closed). */

@@ -7,8 +7,8 @@
  */
 import WebSocket from 'ws';
 import * as sys from '../linux/sys.js';
-import { MSG_DONTWAIT } from '../linux/abi.js';
 import { wsSocket } from './internals.js';
+import { DirectSender } from './direct-send.js';
 import { RawReceiver, READING_DEST } from './raw-receive.js';
 import {
   codeOf,
@@ -100,12 +100,6 @@ const LEGAL: Record<ChannelKind, ReadonlySet<number>> = {
   [Channel.BACKGROUND]: new Set([FrameType.CREDIT, FrameType.HAVE, FrameType.ERROR]),
 };
 
-/**
- * Largest frame sent with one send(2) of our own (a demand answer of a few pages): it is copied
- * behind its ws header, which beyond this costs more than ws's path saves.
- */
-const DIRECT_SEND_MAX_BYTES = 16 * 1024 + 64;
-
 /** A peer that never answers our close frame must not keep the socket open. */
 const CLOSE_GRACE_MS = 2000;
 /** Unsent bytes above which the peer's frames are no longer read; reading resumes below the second. */
@@ -134,11 +128,9 @@ export class WsSourceChannel implements SourceChannel {
   private waiters: Waiter[] = [];
   /** Reads the peer's frames once readRaw() took the socket over from ws. */
   private receiver: RawReceiver | null = null;
-  /** The socket's fd for direct sends (readRaw), or -1: everything goes through ws. */
-  private sendFd = -1;
+  /** Small frames' own sends (readRaw), or null: everything goes through ws. */
+  private direct: DirectSender | null = null;
   private batching = 0;
-  /** A ws header and a small frame, assembled for one send(2). */
-  private directBuf: Buffer | null = null;
 
   constructor(
     private readonly ws: WebSocket,
@@ -171,30 +163,13 @@ export class WsSourceChannel implements SourceChannel {
 
   /**
    * A small frame, while nothing else waits to be written (in ws or node's stream) and no batch
-   * is corked: its ws header and bytes in one send(2) of our own, which skips ws's sender and
-   * node's stream (their cost was a few µs of every demand answer). False: nothing was sent
-   * (the socket is full, or the frame is not for this path); ws sends it. A partial send hands
-   * the rest to the socket's stream, behind which every later frame then queues.
+   * is corked, goes out with one send(2) of our own (direct-send.ts). False: ws sends it.
    */
   private sendDirect(frame: Uint8Array): boolean {
-    const len = frame.byteLength;
-    if (this.sendFd < 0 || len > DIRECT_SEND_MAX_BYTES || this.batching > 0) return false;
-    if (this.ws.bufferedAmount !== 0) return false;
-    const head = len < 126 ? 2 : 4;
-    this.directBuf ??= Buffer.allocUnsafeSlow(4 + DIRECT_SEND_MAX_BYTES);
-    const buf = this.directBuf;
-    buf[0] = 0x82; // FIN, binary
-    if (len < 126) buf[1] = len;
-    else {
-      buf[1] = 126;
-      buf.writeUInt16BE(len, 2);
-    }
-    buf.set(frame, head);
-    const total = head + len;
-    const rc = sys.trySend(this.sendFd, buf.subarray(0, total), MSG_DONTWAIT);
-    if (rc < 0) return false; // EAGAIN: ws queues it; an error: ws meets it too and closes
-    if (rc < total) {
-      const rest = Buffer.from(buf.subarray(rc, total));
+    if (!this.direct || this.batching > 0 || this.ws.bufferedAmount !== 0) return false;
+    const rest = this.direct.trySend(frame);
+    if (!rest) return false;
+    if (rest.length > 0) {
       this.buffered += rest.length;
       wsSocket(this.ws).write(rest, () => this.written(rest.length));
     }
@@ -236,8 +211,8 @@ export class WsSourceChannel implements SourceChannel {
    * one small REQUEST and one small answer per fault: this saves the stream machinery on each.
    */
   readRaw(fd: number, hooks: RawReadHooks): void {
-    // Valid while ws is OPEN (send checks that): the socket is destroyed only after it is not.
-    this.sendFd = fd;
+    // The fd is valid while ws is OPEN (send checks that): ws destroys the socket only after.
+    this.direct = new DirectSender(fd, false);
     this.receiver = new RawReceiver(
       sys.dupCloexec(fd),
       undefined,
