@@ -385,7 +385,8 @@ class ChannelImpl implements PageChannel {
 
 /**
  * A channel whose receiving half is read with recv(2) (raw-receive.ts) from the moment it is
- * attached; ws still sends, and pongs the source's pings.
+ * attached; short frames are sent with send(2) (direct-send.ts) while nothing waits in ws, the
+ * rest by ws, which also pongs the source's pings.
  */
 class RawChannel extends ChannelImpl {
   private receiver: RawReceiver | null = null;

@@ -21,7 +21,7 @@
  * RFC 6455: a frame masked the wrong way for its side, RSV bits, an unknown opcode, a fragmented
  * control frame or a message over Limits.MAX_FRAME_BYTES fail the connection (as SOURCE_IO on the
  * dest), as ws fails them. Fragmented data messages are reassembled (ws never fragments one, but
- * the RFC allows it) and decoded whole. Sending stays with ws.
+ * the RFC allows it) and decoded whole. Sending is ws's, or direct-send.ts's for short frames.
  */
 import { performance } from 'node:perf_hooks';
 import { ProtocolError, codeOf, PAGE_ERROR_CODES } from '../../protocol/errors.js';
