@@ -11,7 +11,7 @@ import { performance } from 'node:perf_hooks';
 import { decodeFrame, encodeError, encodeHello } from '../../protocol/page-codec.js';
 import * as sys from '../linux/sys.js';
 import { DirectSender } from './direct-send.js';
-import { takeOverReading, wsSocket } from './internals.js';
+import { takeOverReading } from './internals.js';
 import { RawReceiver, type PayloadSink } from './raw-receive.js';
 import {
   CodedError,
@@ -404,18 +404,14 @@ class RawChannel extends ChannelImpl {
     super(ws, kind, welcome, heartbeatMs);
     this.fd = sys.dupCloexec(socketFd);
     // The socket's own fd is valid while ws is OPEN (send checks that): ws destroys it after.
-    this.direct = new DirectSender(socketFd, true);
+    this.direct = new DirectSender(ws, socketFd, true);
   }
 
   private readonly direct: DirectSender;
 
   /** A short frame (a REQUEST, a CREDIT) with one send(2), while nothing waits in ws or node. */
   protected override sendOwn(frame: Uint8Array): boolean {
-    if (this.ws.bufferedAmount !== 0) return false;
-    const rest = this.direct.trySend(frame);
-    if (!rest) return false;
-    if (rest.length > 0) wsSocket(this.ws).write(rest);
-    return true;
+    return this.direct.send(frame) >= 0;
   }
 
   /** Our descriptor of the socket, until the receiver takes it (-1 once closed). */

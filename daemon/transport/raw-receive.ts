@@ -109,10 +109,12 @@ class Fail extends Error {
   }
 }
 
-/** XORs `data` in place with the 4-byte `mask` (RFC 6455 5.3). */
-function unmask(data: Buffer, mask: number): void {
-  const m = [mask >>> 24, (mask >>> 16) & 0xff, (mask >>> 8) & 0xff, mask & 0xff];
-  for (let i = 0; i < data.length; i++) data[i]! ^= m[i & 3]!;
+/**
+ * XORs `data` in place with the masking key `key` (its 4 bytes, big-endian; RFC 6455 5.3): masks
+ * a client's payload, or unmasks it.
+ */
+export function xorMask(data: Uint8Array, key: number): void {
+  for (let i = 0; i < data.length; i++) data[i]! ^= (key >>> (24 - ((i & 3) << 3))) & 0xff;
 }
 
 /** A DATA frame whose payload is being received. */
@@ -144,14 +146,17 @@ export class RawReceiver {
   private end = 0;
   private lowat = 1;
   private pending: PendingData | null = null;
-  /** A message's remaining bytes being read (a large non-DATA message, or a fragment). */
+  /**
+   * A message's remaining bytes being read: one too large for staging (not a DATA frame read
+   * apart into a sink), or a fragment.
+   */
   private body: {
     buf: Buffer;
     got: number;
     op: number;
     fin: boolean;
-    /** The frame's masking key (a client's frame), or null. */
-    mask: number | null;
+    /** The frame's masking key (a client's frame; 0 for a server's, which is not masked). */
+    mask: number;
   } | null = null;
   /** Fragments of a data message so far, and its opcode. */
   private fragments: Buffer[] | null = null;
@@ -381,7 +386,7 @@ export class RawReceiver {
     if (have - head >= len) {
       const payload = st.subarray(this.start, this.start + len);
       this.start += len;
-      if (masked) unmask(payload, mask);
+      if (masked) xorMask(payload, mask);
       this.message(op, fin, payload);
     } else {
       // A message is only valid during its delivery: up to the size of a huge page, the one
@@ -392,7 +397,7 @@ export class RawReceiver {
       const got = have - head;
       st.copy(buf, 0, this.start, this.end);
       this.start = this.end;
-      this.body = { buf, got, op, fin, mask: masked ? mask : null };
+      this.body = { buf, got, op, fin, mask };
     }
     return true;
   }
@@ -401,7 +406,7 @@ export class RawReceiver {
     throw new Fail({ code: this.role.ioCode, message: `invalid ws frame: ${message}` });
   }
 
-  /** Receives the rest of a non-DATA frame's payload into its own buffer. */
+  /** Receives the rest of a message's payload (into the scratch buffer, or one of its own). */
   private receiveBody(): boolean {
     const b = this.body!;
     if (b.got < b.buf.byteLength) {
@@ -413,12 +418,15 @@ export class RawReceiver {
       if (b.got < b.buf.byteLength) return true;
     }
     this.body = null;
-    if (b.mask !== null) unmask(b.buf, b.mask);
+    if (this.role.peerIsClient) xorMask(b.buf, b.mask);
     this.message(b.op, b.fin, b.buf);
     return true;
   }
 
-  /** A whole ws frame's payload (a view into staging or the scratch buffer, valid during the call only). */
+  /**
+   * A whole ws frame's payload (a view into staging or the scratch buffer, valid during the call
+   * only).
+   */
   private message(op: number, fin: boolean, payload: Buffer): void {
     switch (op) {
       case OP_PING:

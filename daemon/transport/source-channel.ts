@@ -151,28 +151,19 @@ export class WsSourceChannel implements SourceChannel {
   send(frame: Uint8Array, onWritten?: () => void): boolean {
     if (!this.open || this.ws.readyState !== WebSocket.OPEN) return false;
     const len = frame.byteLength;
-    if (this.sendDirect(frame)) {
-      onWritten?.();
-      return true;
+    if (this.direct && this.batching === 0) {
+      // A small frame, no batch corked: one send(2) of our own (direct-send.ts). Its bytes
+      // were copied, so onWritten runs at once; what the kernel did not take is still counted.
+      const queued = this.direct.send(frame, (n) => this.written(n));
+      if (queued >= 0) {
+        this.buffered += queued;
+        onWritten?.();
+        return true;
+      }
     }
     this.buffered += len;
     // The callback runs once the socket write completed (or failed: the close path handles it).
     this.ws.send(frame, { binary: true, compress: false }, () => this.written(len, onWritten));
-    return true;
-  }
-
-  /**
-   * A small frame, while nothing else waits to be written (in ws or node's stream) and no batch
-   * is corked, goes out with one send(2) of our own (direct-send.ts). False: ws sends it.
-   */
-  private sendDirect(frame: Uint8Array): boolean {
-    if (!this.direct || this.batching > 0 || this.ws.bufferedAmount !== 0) return false;
-    const rest = this.direct.trySend(frame);
-    if (!rest) return false;
-    if (rest.length > 0) {
-      this.buffered += rest.length;
-      wsSocket(this.ws).write(rest, () => this.written(rest.length));
-    }
     return true;
   }
 
@@ -207,12 +198,12 @@ export class WsSourceChannel implements SourceChannel {
   /**
    * From now on the peer's frames are read with recv(2) from `fd`, the socket's (see
    * takeOverReading), not by node's stream and ws; and small frames are sent with send(2) when
-   * nothing else waits to be written (sendDirect), the rest by ws. A demand connection carries
+   * nothing else waits to be written (direct-send.ts), the rest by ws. A demand connection carries
    * one small REQUEST and one small answer per fault: this saves the stream machinery on each.
    */
   readRaw(fd: number, hooks: RawReadHooks): void {
     // The fd is valid while ws is OPEN (send checks that): ws destroys the socket only after.
-    this.direct = new DirectSender(fd, false);
+    this.direct = new DirectSender(this.ws, fd, false);
     this.receiver = new RawReceiver(
       sys.dupCloexec(fd),
       undefined,
@@ -230,17 +221,15 @@ export class WsSourceChannel implements SourceChannel {
         pong: () => hooks.activity(),
         closed: (info) => {
           this.receiver = null;
-          if (info.code === READING_DEST.closedCode) {
-            // The peer closed: answer its close frame (if we did not send ours first), then
-            // let the socket go. It sends nothing after its close frame, so the end is a FIN.
-            if (this.ws.readyState === WebSocket.OPEN) this.ws.close(1000);
-            this.finish(info);
-            setImmediate(() => this.ws.terminate());
-            return;
+          // The peer closed: its close frame is answered (unless ours went first), as ws does.
+          // A frame that breaks RFC 6455, or a failed socket: a close with 1002, as ws does.
+          // Then the socket goes; a peer sends nothing after its close frame, so that is a FIN.
+          const broken = info.code !== READING_DEST.closedCode;
+          if (broken) hooks.broken(info);
+          if (this.ws.readyState === WebSocket.OPEN) {
+            if (broken) this.ws.close(1002, info.code);
+            else this.ws.close(1000);
           }
-          // A frame that breaks RFC 6455 (or a failed socket): as ws does, a close with 1002.
-          hooks.broken(info);
-          if (this.ws.readyState === WebSocket.OPEN) this.ws.close(1002, info.code);
           this.finish(info);
           setImmediate(() => this.ws.terminate());
         },
