@@ -7,8 +7,9 @@
  *  - the net.Socket under a ws WebSocket (ws keeps it in `ws._socket`): the source corks it
  *    around a burst of frames, so they leave in one write (ws has no public cork);
  *  - the bytes ws has read and not parsed yet (`ws._receiver._bufferedBytes`), and the
- *    socket handle's readStop(): the dest takes over reading a background connection right
- *    after WELCOME, when ws holds nothing more (raw-receive.ts).
+ *    socket handle's readStop(): the dest takes over reading a plain channel right after
+ *    WELCOME, and the source a plain demand connection right after HELLO, when ws holds nothing
+ *    more (raw-receive.ts).
  */
 import type { Duplex } from 'node:stream';
 import type { Socket } from 'node:net';
