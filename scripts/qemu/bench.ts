@@ -7,8 +7,8 @@
  *   yabusame       QEMU's migration of device state only (x-ignore-shared), RAM through
  *                  yabusame, driven by `yabusame migrate` (try-yabusame.ts): the first migration
  *                  of freshly started daemons, whose hot code V8 compiles while it runs
- *   yabusame-warm  the same through daemons that served one migration before (a 256 MiB vm-sim
- *                  migration while the source guest boots), as long-running daemons are
+ *   yabusame-warm  the same through daemons that served migrations before (two 256 MiB vm-sim
+ *                  migrations while the source guest boots), as long-running daemons have
  *
  * Each run boots its own source guest (TCG, the workload rewriting and verifying its memory),
  * migrates it on loopback and measures, all on this host's clock:
@@ -39,7 +39,7 @@ import { buildPreload } from './preload-build.js';
 import { ensureQemu } from './qemu.js';
 import { tryYabusame, type YabusameRun } from './try-yabusame.js';
 
-/** yabusame: the first migration of fresh daemons; yabusame-warm: daemons that served one before. */
+/** yabusame: the first migration of fresh daemons; yabusame-warm: daemons that served some before. */
 export type Mode = 'postcopy' | 'preempt' | 'yabusame' | 'yabusame-warm';
 const MODES: readonly Mode[] = ['postcopy', 'preempt', 'yabusame', 'yabusame-warm'];
 
@@ -311,7 +311,7 @@ const USAGE = `Usage: npm run bench:qemu -- [options]
 
   --runs N             runs of each way (default 3), interleaved
   --modes LIST         postcopy,preempt,yabusame,yabusame-warm (default all four; yabusame-warm:
-                       daemons that served a 256 MiB migration before, as long-running ones have)
+                       daemons that served two 256 MiB migrations before, as long-running ones have)
   --mem MiB            guest RAM (default 1024)
   --workload-mib N     memory the workload rewrites and verifies (default 512)
   --json               one JSON document (every run, the summaries, the targets) on stdout;
