@@ -50,6 +50,14 @@ export const SIZEOF_uffdio_copy = 40; // dst, src, len, mode, s64 copy
 export const SIZEOF_uffdio_zeropage = 32; // range, mode, s64 zeropage
 export const SIZEOF_uffdio_writeprotect = 24; // range, mode
 export const SIZEOF_uffd_msg = 32;
+/** Field offsets of the arguments sys.ts writes into memory itself (every field a u64 or s64). */
+export const OFFSETOF_uffdio_copy_src = 8;
+export const OFFSETOF_uffdio_copy_len = 16;
+export const OFFSETOF_uffdio_copy_mode = 24;
+export const OFFSETOF_uffdio_copy_copy = 32;
+export const OFFSETOF_uffdio_zeropage_mode = 16;
+export const OFFSETOF_uffdio_zeropage_zeropage = 24;
+export const OFFSETOF_uffdio_writeprotect_mode = 16;
 
 export const UFFDIO_API = IOWR(UFFDIO, _UFFDIO_API, SIZEOF_uffdio_api);
 export const UFFDIO_REGISTER = IOWR(UFFDIO, _UFFDIO_REGISTER, SIZEOF_uffdio_register);

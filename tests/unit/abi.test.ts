@@ -106,6 +106,33 @@ const EXPRESSIONS: Array<[string, number, string]> = [
     'sizeof(struct uffdio_writeprotect)',
   ],
   ['SIZEOF_uffd_msg', abi.SIZEOF_uffd_msg, 'sizeof(struct uffd_msg)'],
+  ['OFFSETOF_uffdio_copy_src', abi.OFFSETOF_uffdio_copy_src, 'offsetof(struct uffdio_copy, src)'],
+  ['OFFSETOF_uffdio_copy_len', abi.OFFSETOF_uffdio_copy_len, 'offsetof(struct uffdio_copy, len)'],
+  [
+    'OFFSETOF_uffdio_copy_mode',
+    abi.OFFSETOF_uffdio_copy_mode,
+    'offsetof(struct uffdio_copy, mode)',
+  ],
+  [
+    'OFFSETOF_uffdio_copy_copy',
+    abi.OFFSETOF_uffdio_copy_copy,
+    'offsetof(struct uffdio_copy, copy)',
+  ],
+  [
+    'OFFSETOF_uffdio_zeropage_mode',
+    abi.OFFSETOF_uffdio_zeropage_mode,
+    'offsetof(struct uffdio_zeropage, mode)',
+  ],
+  [
+    'OFFSETOF_uffdio_zeropage_zeropage',
+    abi.OFFSETOF_uffdio_zeropage_zeropage,
+    'offsetof(struct uffdio_zeropage, zeropage)',
+  ],
+  [
+    'OFFSETOF_uffdio_writeprotect_mode',
+    abi.OFFSETOF_uffdio_writeprotect_mode,
+    'offsetof(struct uffdio_writeprotect, mode)',
+  ],
   ['SIZEOF_cmsghdr', abi.SIZEOF_cmsghdr, 'sizeof(struct cmsghdr)'],
   ['SUN_PATH_OFFSET', abi.SUN_PATH_OFFSET, 'offsetof(struct sockaddr_un, sun_path)'],
   ['SUN_PATH_MAX', abi.SUN_PATH_MAX, 'sizeof(((struct sockaddr_un *)0)->sun_path)'],
