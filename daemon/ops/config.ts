@@ -192,7 +192,7 @@ export const DestConfigSchema = z.strictObject({
   /** From the last page placed to the source acknowledging completion. */
   completeTimeoutMs: timeoutMs.default(10_000),
   /** Background bytes in flight (requested but not yet placed): the flow-control window. */
-  backgroundWindowBytes: pageMultiple(64 * KiB, 1 * GiB).default(8 * MiB),
+  backgroundWindowBytes: pageMultiple(64 * KiB, 1 * GiB).default(16 * MiB),
   /**
    * Nice value of the bulk thread that receives background pages (0-19; faults, demand pages
    * and every placement stay on the main thread). Raise it to favour the guest's own CPU time
@@ -466,7 +466,7 @@ export const DEST_KEYS: readonly KeySpec[] = [
     key: 'backgroundWindowBytes',
     kind: 'int',
     arg: 'BYTES',
-    help: 'background bytes in flight per VM, at most (default 8 MiB; VMs share 16 MiB)',
+    help: 'background bytes in flight per VM, at most (default 16 MiB; VMs share 16 MiB)',
   },
   {
     key: 'bulkThreadNice',

@@ -183,7 +183,18 @@ t.before(async () => {
   ];
   const dests = () =>
     inOrder([
-      () => track(startDest(dir, ['--source-ca-file', pki.ca, ...clientCert])),
+      // A window (8 MiB) below the largest frame (16 MiB): the flooding source's oversized frame
+      // exceeds any balance it could have (the default window is the whole ring, 16 MiB).
+      () =>
+        track(
+          startDest(dir, [
+            '--source-ca-file',
+            pki.ca,
+            ...clientCert,
+            '--background-window-bytes',
+            String(8 * MiB),
+          ]),
+        ),
       () => track(startDest(dir, [...limits, '--source-ca-file', pki.ca], 'dest-limited')),
       () => track(startDest(dir, ['--allowed-sources', '10.0.0.0/8'], 'dest-fenced')),
       () =>
