@@ -210,8 +210,9 @@ export class Session {
           this.faultCount++;
           this.faults.add(r, page, at);
           this.deps.bulk.faultsAwaited(1);
-          if (this.prefetchBytes >= r.pageSizeBytes && this.streams.continues(r.index, page)) {
-            this.prefetchAfter(r, page);
+          if (this.prefetchBytes >= r.pageSizeBytes) {
+            const windows = this.streams.continues(r.index, page);
+            if (windows > 0) this.prefetchAfter(r, page, windows * this.prefetchBytes);
           }
         },
         inFlight: (r, page, at) => {
@@ -231,11 +232,12 @@ export class Session {
 
   /**
    * The missing pages right after a faulting one that continues a stream (prefetch.ts), up to
-   * demandPrefetchBytes: ask for them too.
+   * `bytes` (the stream's window: demandPrefetchBytes, doubled as the stream goes on): ask for
+   * them too.
    */
-  private prefetchAfter(r: GuestRegion, page: number): void {
+  private prefetchAfter(r: GuestRegion, page: number, bytes: number): void {
     const map = this.placement.map;
-    const end = Math.min(r.pages, page + 1 + Math.floor(this.prefetchBytes / r.pageSizeBytes));
+    const end = Math.min(r.pages, page + 1 + Math.floor(bytes / r.pageSizeBytes));
     let p = page + 1;
     while (p < end && map.request(r, p) === PageState.MISSING) p++;
     if (p > page + 1) {

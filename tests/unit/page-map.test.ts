@@ -7,7 +7,7 @@ import t from 'tap';
 import { PageMap, PageState } from '../../daemon/dest/page-map.js';
 import { RegionTable } from '../../daemon/dest/regions.js';
 import { FaultTracker } from '../../daemon/dest/faults.js';
-import { StreamDetector } from '../../daemon/dest/prefetch.js';
+import { MAX_GROWTH, StreamDetector } from '../../daemon/dest/prefetch.js';
 import { prng } from '../../scripts/chaos/proxy.js';
 
 const P = 4096;
@@ -238,3 +238,21 @@ t.test(
     t.equal(continued, 198, 'every fault but the first of each sweep continues it');
   },
 );
+
+t.test("stream detector: a sweep's window doubles with each fault, up to MAX_GROWTH", async (t) => {
+  const s = new StreamDetector();
+  const windows: number[] = [s.continues(0, 0)];
+  let next = 1;
+  for (let i = 0; i < 7; i++) {
+    const w = s.continues(0, next);
+    windows.push(w);
+    const end = next + 1 + w * 16; // the session prefetched w windows of 16 pages
+    s.extend(0, next, end);
+    next = end;
+  }
+  t.same(windows, [0, 1, 2, 4, 8, 16, 16, 16], 'windows asked at each fault of one sweep');
+  t.equal(MAX_GROWTH, 16);
+  t.equal(s.continues(0, 100_000), 0, 'a fault elsewhere starts a new stream');
+  t.equal(s.continues(0, 100_001), 1, 'which starts again at one window');
+  t.equal(s.continues(0, next), 16, 'the first sweep is still followed at its window');
+});
