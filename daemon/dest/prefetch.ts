@@ -9,15 +9,25 @@
  * pays one fault without prefetch and then one fault per window.
  *
  * And, as readahead does, a stream's window grows: it doubles with each fault that continues the
- * stream, up to MAX_GROWTH windows. A guest that keeps sweeping (a stock QEMU guest rewriting its
- * memory in order) then waits for a round trip per 1 MiB instead of per 64 KiB, while a stream
- * that stops after a few faults asked for little more than before.
+ * stream, up to MAX_GROWTH windows and MAX_WINDOW_BYTES. A vCPU that keeps sweeping (reading or
+ * zeroing a large buffer in order) then waits for a round trip per 1 MiB instead of per 64 KiB,
+ * while a stream that stops after a few faults asked for little more than before.
  */
 
 /** Recent request ends remembered: one per stream a guest may sweep at once (vCPUs). */
 const STREAMS = 16;
 /** Largest window of a stream, in multiples of the first. */
 export const MAX_GROWTH = 16;
+/**
+ * Largest window in bytes, unless demandPrefetchBytes alone is larger: an answer this big already
+ * keeps the vCPU's next fault of the same VM waiting a while on the demand connection.
+ */
+export const MAX_WINDOW_BYTES = 1024 * 1024;
+
+/** The bytes to prefetch for `windows` windows of `windowBytes` (continues() says how many). */
+export function windowBytes(windows: number, firstBytes: number): number {
+  return Math.min(windows * firstBytes, Math.max(firstBytes, MAX_WINDOW_BYTES));
+}
 
 export class StreamDetector {
   /** Region index and the page after the last page asked, per remembered stream (-1: none). */

@@ -33,7 +33,7 @@ import type { LinkStatus, PageSource, PageSourceFactory } from './page-source.js
 import { Placement, type Run } from './placement.js';
 import { RegionTable, type GuestRegion } from './regions.js';
 import { PageState } from './page-map.js';
-import { StreamDetector } from './prefetch.js';
+import { StreamDetector, windowBytes } from './prefetch.js';
 import { SessionError } from './session-error.js';
 import type { SourcePolicy } from './source-policy.js';
 import type { ClientTls } from '../transport/client.js';
@@ -212,7 +212,7 @@ export class Session {
           this.deps.bulk.faultsAwaited(1);
           if (this.prefetchBytes >= r.pageSizeBytes) {
             const windows = this.streams.continues(r.index, page);
-            if (windows > 0) this.prefetchAfter(r, page, windows * this.prefetchBytes);
+            if (windows > 0) this.prefetchAfter(r, page, windowBytes(windows, this.prefetchBytes));
           }
         },
         inFlight: (r, page, at) => {

@@ -7,7 +7,7 @@ import t from 'tap';
 import { PageMap, PageState } from '../../daemon/dest/page-map.js';
 import { RegionTable } from '../../daemon/dest/regions.js';
 import { FaultTracker } from '../../daemon/dest/faults.js';
-import { MAX_GROWTH, StreamDetector } from '../../daemon/dest/prefetch.js';
+import { MAX_GROWTH, StreamDetector, windowBytes } from '../../daemon/dest/prefetch.js';
 import { prng } from '../../scripts/chaos/proxy.js';
 
 const P = 4096;
@@ -255,4 +255,16 @@ t.test("stream detector: a sweep's window doubles with each fault, up to MAX_GRO
   t.equal(s.continues(0, 100_000), 0, 'a fault elsewhere starts a new stream');
   t.equal(s.continues(0, 100_001), 1, 'which starts again at one window');
   t.equal(s.continues(0, next), 16, 'the first sweep is still followed at its window');
+  const K = 1024;
+  t.same(
+    [1, 2, 4, 8, 16].map((w) => windowBytes(w, 64 * K)),
+    [64 * K, 128 * K, 256 * K, 512 * K, 1024 * K],
+    'from 64 KiB the window doubles up to 1 MiB',
+  );
+  t.same(
+    [1, 2, 4].map((w) => windowBytes(w, 512 * K)),
+    [512 * K, 1024 * K, 1024 * K],
+    'a larger first window stops at 1 MiB too',
+  );
+  t.equal(windowBytes(16, 1024 * K), 1024 * K, 'a 1 MiB window does not grow');
 });
