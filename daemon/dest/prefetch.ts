@@ -19,14 +19,15 @@ const STREAMS = 16;
 /** Largest window of a stream, in multiples of the first. */
 export const MAX_GROWTH = 16;
 /**
- * Largest window in bytes, unless demandPrefetchBytes alone is larger: an answer this big already
- * keeps the vCPU's next fault of the same VM waiting a while on the demand connection.
+ * Largest window in bytes: an answer this big already keeps the vCPU's next fault of the same VM
+ * waiting a while on the demand connection. demandPrefetchBytes, the first window, is at most
+ * this (config.ts), so only the growth is cut.
  */
 export const MAX_WINDOW_BYTES = 1024 * 1024;
 
-/** The bytes to prefetch for `windows` windows of `windowBytes` (continues() says how many). */
+/** The bytes to prefetch for `windows` windows of `firstBytes` (continues() says how many). */
 export function windowBytes(windows: number, firstBytes: number): number {
-  return Math.min(windows * firstBytes, Math.max(firstBytes, MAX_WINDOW_BYTES));
+  return Math.min(windows * firstBytes, MAX_WINDOW_BYTES);
 }
 
 export class StreamDetector {

@@ -204,8 +204,8 @@ export const DestConfigSchema = z.strictObject({
   /**
    * A fault that continues a sweep (it lies where an earlier fault's request ended) asks a remote
    * source also for the missing pages right after it, up to this many bytes, answered after the
-   * faulting page; the window doubles with each further fault of the same sweep, up to 1 MiB (or
-   * this, if larger; prefetch.ts has the measurements behind the default). 0 turns it off.
+   * faulting page; the window doubles with each further fault of the same sweep, up to 16 times
+   * this and at most 1 MiB (prefetch.ts has the measurements behind the default). 0 turns it off.
    */
   demandPrefetchBytes: int(0, 1 * MiB).default(64 * KiB),
   /** How long a lost connection to the source may stay down before the session fails. */
@@ -485,7 +485,7 @@ export const DEST_KEYS: readonly KeySpec[] = [
     key: 'demandPrefetchBytes',
     kind: 'int',
     arg: 'BYTES',
-    help: 'a fault in a sweep also asks for the next BYTES, doubling up to 1 MiB as it goes on (default 65536; 0 off)',
+    help: 'a fault in a sweep also asks for the next BYTES, doubling as it goes on, to 16x and 1 MiB at most (default 65536; 0 off)',
   },
   {
     key: 'reconnectTimeoutMs',
