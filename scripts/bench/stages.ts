@@ -47,17 +47,31 @@ export function bucketQuantile(buckets: ReadonlyArray<[number, number]>, q: numb
   return prevLe;
 }
 
-/** p50 and p99 of each stage (µs) from a dest's /metrics text; stages never observed are left out. */
-export function stageValues(exposition: string): Record<string, number> {
-  const buckets = new Map<string, Array<[number, number]>>();
+/** The stage histogram's cumulative bucket counts in a /metrics text, by "stage le". */
+function stageBuckets(exposition: string): Map<string, number> {
+  const counts = new Map<string, number>();
   const re = new RegExp(`^${FAMILY}_bucket\\{le="([^"]+)",stage="([a-z_]+)"\\} (\\S+)$`);
   for (const line of exposition.split('\n')) {
     const m = re.exec(line);
-    if (!m) continue;
-    const le = m[1] === '+Inf' ? Infinity : Number(m[1]);
-    let list = buckets.get(m[2]!);
-    if (!list) buckets.set(m[2]!, (list = []));
-    list.push([le, Number(m[3])]);
+    if (m) counts.set(`${m[2]} ${m[1]}`, Number(m[3]));
+  }
+  return counts;
+}
+
+/**
+ * p50 and p99 of each stage (µs) from a dest's /metrics text; stages never observed are left
+ * out. `before`: an earlier text of the same dest, whose counts are taken out (the faults of an
+ * earlier migration).
+ */
+export function stageValues(exposition: string, before = ''): Record<string, number> {
+  const earlier = stageBuckets(before);
+  const buckets = new Map<string, Array<[number, number]>>();
+  for (const [k, count] of stageBuckets(exposition)) {
+    const [stage, leText] = k.split(' ') as [string, string];
+    const le = leText === '+Inf' ? Infinity : Number(leText);
+    let list = buckets.get(stage);
+    if (!list) buckets.set(stage, (list = []));
+    list.push([le, count - (earlier.get(k) ?? 0)]);
   }
   const out: Record<string, number> = {};
   for (const stage of FAULT_STAGES) {

@@ -226,10 +226,17 @@ function serviceFromBuckets(buckets: [number, number][]): YabusameRun['faultServ
   };
 }
 
-/** Adds two cumulative histograms taken from two lives of the dest (same buckets). */
-function addBuckets(a: [number, number][], b: [number, number][]): [number, number][] {
-  if (a.length === 0) return b;
-  return a.map(([le, n], i) => [le, n + (b[i]?.[1] ?? 0)]);
+/**
+ * Adds two cumulative histograms (same buckets): two lives of the dest, or (`sign` -1) takes
+ * out what an earlier reading of the same life counted.
+ */
+function addBuckets(
+  a: [number, number][],
+  b: [number, number][],
+  sign: 1 | -1 = 1,
+): [number, number][] {
+  if (a.length === 0) return sign === 1 ? b : a;
+  return a.map(([le, n], i) => [le, n + sign * (b[i]?.[1] ?? 0)]);
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -271,6 +278,8 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
   let completeAtMs = NaN;
   let complete: Record<string, unknown> | null = null;
   let buckets: [number, number][] = [];
+  /** The dest's /metrics after the warm-up migrations: their faults are not this run's. */
+  let warmMetrics = '';
   let faultStagesUs: Record<string, number> = {};
   let kernelFaults: FaultSummary | null = null;
   let ktrace: { trace: UserFaultTrace; base: number; startedAtMs: number } | null = null;
@@ -320,6 +329,7 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     step('source guest booted to its workload');
     if (o.warm) {
       await warming;
+      warmMetrics = await metricsText(dest.http);
       step(`daemons warmed by ${WARM_UP_MIGRATIONS} migrations of vm-sim (256 MiB each)`);
     }
 
@@ -461,7 +471,12 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     if (o.restartDestAfterMs !== undefined) {
       await afterResume(o.restartDestAfterMs);
       const killedAtMs = nowMs();
-      buckets = faultBuckets(await metricsText(dest.http));
+      buckets = addBuckets(
+        faultBuckets(await metricsText(dest.http)),
+        faultBuckets(warmMetrics),
+        -1,
+      );
+      warmMetrics = ''; // the restarted dest counts from zero
       const exited = new Promise<void>((r) => dest.child.once('exit', () => r()));
       dest.child.kill('SIGKILL');
       await exited;
@@ -486,8 +501,8 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     }
     step('RESUME → migrate done (all RAM present, image released)');
     const metrics = await metricsText(dest.http);
-    buckets = addBuckets(buckets, faultBuckets(metrics));
-    faultStagesUs = stageValues(metrics);
+    buckets = addBuckets(buckets, addBuckets(faultBuckets(metrics), faultBuckets(warmMetrics), -1));
+    faultStagesUs = stageValues(metrics, warmMetrics);
     const dstConsole = dst ?? dstLog!;
     const batches = (): number =>
       dstConsole.lines.filter((l) => /yb-workload batch=/.test(l.text)).length;

@@ -152,4 +152,22 @@ t.test('stage quantiles from the dest histogram, as histogram_quantile', async (
   const v = stageValues(text);
   t.ok(Math.abs(v['stageWireP50Us']! - 15) < 1e-9, 'wire p50 halfway through its bucket');
   t.notOk('stagePlaceP50Us' in v, 'a stage never observed is left out');
+  // An earlier reading of the same dest (a warm-up migration's faults) is taken out.
+  const before = [
+    'yabusame_dest_fault_stage_seconds_bucket{le="0.00001",stage="wire"} 0',
+    'yabusame_dest_fault_stage_seconds_bucket{le="0.00002",stage="wire"} 3',
+    'yabusame_dest_fault_stage_seconds_bucket{le="+Inf",stage="wire"} 3',
+  ].join('\n');
+  const later = text
+    .replace('le="0.00001",stage="wire"} 0', 'le="0.00001",stage="wire"} 2')
+    .replace('le="0.00002",stage="wire"} 4', 'le="0.00002",stage="wire"} 5')
+    .replace('le="+Inf",stage="wire"} 4', 'le="+Inf",stage="wire"} 5');
+  t.ok(
+    Math.abs(stageValues(later)['stageWireP50Us']! - (10 + 10 / 6)) < 1e-9,
+    'all five faults: p50 a sixth of the way into the second bucket',
+  );
+  t.ok(
+    Math.abs(stageValues(later, before)['stageWireP50Us']! - 5) < 1e-9,
+    'without the three counted before: both left in the first bucket, p50 halfway',
+  );
 });
