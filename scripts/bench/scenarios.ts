@@ -118,6 +118,8 @@ export function sizes(quick: boolean) {
     vms: 16,
     vmImage: { sizeBytes: quick ? 32 * MiB : 256 * MiB, seed: 5 } satisfies ImageSpec,
     vmTouches: quick ? 200 : 1000,
+    /** First touches of the unmeasured migration that warms fresh daemons (see warmUp). */
+    warmTouches: quick ? 1000 : 5000,
     hugeImage: { sizeBytes: quick ? 64 * MiB : 256 * MiB, seed: 3 } satisfies ImageSpec,
   };
 }
@@ -134,10 +136,23 @@ const LATENCY: Record<string, MetricDef> = {
   faultMaxUs: { label: 'fault latency max', unit: 'µs', digits: 1 },
 };
 
-/** CPU per demand fault, for rows where every touch faulted (background held back). */
+/**
+ * CPU per demand fault, for rows where every touch faulted (background held back): of warm
+ * daemons (the measured migration), and of fresh ones (the warm-up migration before it).
+ */
 const CPU_PER_FAULT: Record<string, MetricDef> = {
   destCpuUsPerFault: { label: 'dest CPU per fault', unit: 'µs', digits: 1 },
   sourceCpuUsPerFault: { label: 'source CPU per fault', unit: 'µs', digits: 1 },
+  freshDestCpuUsPerFault: {
+    label: 'dest CPU per fault, fresh daemon (warm-up)',
+    unit: 'µs',
+    digits: 1,
+  },
+  freshSourceCpuUsPerFault: {
+    label: 'source CPU per fault, fresh daemon (warm-up)',
+    unit: 'µs',
+    digits: 1,
+  },
 };
 
 const DAEMONS: Record<string, MetricDef> = {
@@ -204,6 +219,7 @@ function vmAgainst(
   image: string,
   w: ReturnType<typeof watch>,
   source = pair.source.ws,
+  migrationId = 'bench-vm',
 ): Pick<
   VmSimOptions,
   'signal' | 'onProgress' | 'image' | 'migrationId' | 'secret' | 'source' | 'destSocket'
@@ -212,8 +228,8 @@ function vmAgainst(
     signal: w.signal,
     onProgress: w.onProgress,
     image,
-    migrationId: 'bench-vm',
-    secret: pair.source.secretOf('bench-vm'),
+    migrationId,
+    secret: pair.source.secretOf(migrationId),
     source,
     destSocket: pair.dest.socket,
   };
@@ -228,11 +244,53 @@ export type PathHook = (
   pair: DaemonPair,
 ) => Promise<{ url: string; stop(): Promise<Record<string, number>> }>;
 
-/** Where a daemon-backed run happens: the daemons' placement, the dest config, a path hook. */
+/**
+ * Where a daemon-backed run happens: the daemons' placement, the dest config, a path hook, and
+ * how many first touches warm the daemons before the measured run (0: none, see warmUp).
+ */
 export interface RunSetting {
   destConfig?: string;
   where?: DaemonPlacement;
   path?: PathHook;
+  warmTouches?: number;
+}
+
+/** The migration id of the warm-up migration (same image, registered beside bench-vm). */
+const WARM_ID = 'bench-warm';
+
+/**
+ * Warms fresh daemons as a long-running pair is warm: one unmeasured migration of `touches`
+ * random first touches, ended after them, before the measured one. V8 compiles the hot paths
+ * of both daemons during their first few thousand faults (its optimizing compiler runs on
+ * threads of the daemon, so it counts in the daemon's CPU), which a daemon pays once in its
+ * life, not per fault. Returns the CPU per fault of that first migration (µs), so that the
+ * fresh figure is reported beside the warm one.
+ */
+async function warmUp(
+  ctx: BenchContext,
+  pair: DaemonPair,
+  image: string,
+  url: string,
+  touches: number,
+): Promise<Record<string, number>> {
+  const meter = pair.meter();
+  const w = watch(ctx, 'warm-up', false);
+  const r = await runVmSimTouches({
+    ...vmAgainst(pair, image, w, url, WARM_ID),
+    workers: 1,
+    pattern: 'random',
+    touches,
+    opsAfterComplete: 0,
+    timeoutMs: RUN_TIMEOUT_MS,
+    onPhaseEnd: () => meter.stop(),
+  }).finally(w.stop);
+  const v = verdict(r, true);
+  if (!v.verified) throw new Error(`the warm-up migration: ${v.problems.join('; ')}`);
+  const faults = Math.max(1, r.workload.faults);
+  return {
+    freshDestCpuUsPerFault: (meter.seconds(0) * 1e6) / faults,
+    freshSourceCpuUsPerFault: (meter.seconds(1) * 1e6) / faults,
+  };
 }
 
 /** Runs `fn` with the pair of `setting`, the source URL to hand the dest, and the path's stop. */
@@ -242,19 +300,24 @@ async function withSetting<T>(
   setting: RunSetting,
   fn: (pair: DaemonPair, url: string) => Promise<T & { values: Record<string, number> }>,
 ): Promise<T & { values: Record<string, number> }> {
+  const warm = setting.warmTouches ?? 0;
   return withDaemons(
     ctx,
-    [{ id: 'bench-vm', image }],
+    [{ id: 'bench-vm', image }, ...(warm > 0 ? [{ id: WARM_ID, image }] : [])],
     setting.destConfig,
     async (pair) => {
       const path = setting.path ? await setting.path(pair) : undefined;
+      const url = path?.url ?? pair.source.ws;
       let out: T & { values: Record<string, number> };
+      let fresh: Record<string, number> = {};
       try {
-        out = await fn(pair, path?.url ?? pair.source.ws);
+        if (warm > 0) fresh = await warmUp(ctx, pair, image, url, warm);
+        out = await fn(pair, url);
       } catch (err) {
         await path?.stop().catch(() => undefined);
         throw err;
       }
+      Object.assign(out.values, fresh);
       if (path) Object.assign(out.values, await path.stop());
       return out;
     },
@@ -320,6 +383,10 @@ export async function runDemandTouches(
   },
 ): Promise<RunOutcome> {
   return withSetting(ctx, o.image, o.setting, async (pair, url) => {
+    // The dest's stage histogram counts every migration: the warm-up's faults are taken out.
+    const metricsText = async (): Promise<string> =>
+      (await fetch(`${pair.dest.http}/metrics`)).text();
+    const stagesBefore = o.stages ? await metricsText() : '';
     const meter = pair.meter();
     const w = watch(ctx, `run ${index + 1}`, false);
     const r = await runVmSimTouches({
@@ -334,9 +401,7 @@ export async function runDemandTouches(
     const v = verdict(r, true);
     const touchSec = (r.touchPhaseMs ?? r.elapsedMs) / 1000;
     const faults = Math.max(1, r.workload.faults);
-    const stages = o.stages
-      ? stageValues(await (await fetch(`${pair.dest.http}/metrics`)).text())
-      : {};
+    const stages = o.stages ? stageValues(await metricsText(), stagesBefore) : {};
     return {
       values: {
         ...latencyValues(r.faultLatencyUs),
@@ -376,7 +441,8 @@ function demandNoBackground(o: {
       return (
         `${fmtBytes(s.demandImage.sizeBytes)} image, ${w} thread${w > 1 ? 's' : ''} ` +
         `first-touching ${o.touches(ctx)} random pages at once, background held back ` +
-        `(dest backgroundDelayMs 600000)`
+        `(dest backgroundDelayMs 600000), after a warm-up migration of ` +
+        `${sizes(ctx.quick).warmTouches} first touches on the same daemons`
       );
     },
     verification: DEMAND_VERIFICATION,
@@ -402,7 +468,10 @@ function demandNoBackground(o: {
         workers: o.workers(ctx),
         touches: o.touches(ctx),
         withRate: o.withRate,
-        setting: { destConfig: ctx.noBackgroundConfig },
+        setting: {
+          destConfig: ctx.noBackgroundConfig,
+          warmTouches: sizes(ctx.quick).warmTouches,
+        },
         stages: o.stages,
       });
     },
@@ -518,8 +587,8 @@ const demandUnderLoad: Scenario = {
     const s = sizes(ctx.quick);
     return (
       `as demand-idle (${fmtBytes(s.demandImage.sizeBytes)}, 1 thread, up to ` +
-      `${s.demandTouches} first touches) while the background stream runs at full speed; ` +
-      `only touches that found their page missing are timed`
+      `${s.demandTouches} first touches, after a warm-up migration) while the background ` +
+      `stream runs at full speed; only touches that found their page missing are timed`
     );
   },
   verification: 'every page byte-for-byte after complete',
@@ -539,7 +608,7 @@ const demandUnderLoad: Scenario = {
   async runOnce(ctx, index) {
     const s = sizes(ctx.quick);
     const image = await ctx.image(s.demandImage);
-    return withDaemons(ctx, [{ id: 'bench-vm', image: image.path }], undefined, async (pair) => {
+    return withSetting(ctx, image.path, { warmTouches: s.warmTouches }, async (pair) => {
       const meter = pair.meter();
       const w = watch(ctx, `run ${index + 1}`);
       const r = await runVmSim({
@@ -1111,8 +1180,9 @@ function linkDemand(delayUs: number): Scenario {
     group: 'link',
     describe: (ctx) =>
       `demand-idle (${fmtBytes(sizes(ctx.quick).demandImage.sizeBytes)}, 1 thread, ` +
-      `${sizes(ctx.quick).demandTouches} random first touches, background held back) with the ` +
-      `dest and the source in two namespaces, through the delay proxy at ${delayUs} µs each way`,
+      `${sizes(ctx.quick).demandTouches} random first touches, background held back, after a ` +
+      `warm-up migration) with the dest and the source in two namespaces, through the delay ` +
+      `proxy at ${delayUs} µs each way`,
     verification: DEMAND_VERIFICATION,
     metrics: { ...LATENCY, ...CPU_PER_FAULT, ...PROXY_LATENESS, ...DAEMONS },
     partners: ['link/calibration'],
@@ -1127,7 +1197,7 @@ function linkDemand(delayUs: number): Scenario {
         workers: 1,
         touches: s.demandTouches,
         withRate: false,
-        setting,
+        setting: { ...setting, warmTouches: s.warmTouches },
       });
     },
   };
