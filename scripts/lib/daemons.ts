@@ -88,7 +88,7 @@ function spawnCli(
   // YABUSAME_DAEMON_NODE_ARGS passes node flags to the daemons (e.g. --cpu-prof for profiling).
   const nodeArgs = (process.env['YABUSAME_DAEMON_NODE_ARGS'] ?? '').split(' ').filter(Boolean);
   // The flags and environment of bin/yabusame.js's shebang, which this bypasses.
-  const flags = ['--enable-source-maps', '--max-semi-space-size=1'];
+  const flags = ['--enable-source-maps', '--max-semi-space-size=1', '--heap-growing-percent=30'];
   const argv = [...flags, ...nodeArgs, CLI, ...args];
   const env = { ...process.env, MALLOC_ARENA_MAX: '2' };
   // In a network namespace: `ip netns exec` execs node, so the child's pid is the daemon's.
