@@ -280,6 +280,9 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
   let buckets: [number, number][] = [];
   /** The dest's /metrics after the warm-up migrations: their faults are not this run's. */
   let warmMetrics = '';
+  /** The fault service buckets of a /metrics text of this dest's life, less the warm-up's. */
+  const ownBuckets = (text: string): [number, number][] =>
+    addBuckets(faultBuckets(text), faultBuckets(warmMetrics), -1);
   let faultStagesUs: Record<string, number> = {};
   let kernelFaults: FaultSummary | null = null;
   let ktrace: { trace: UserFaultTrace; base: number; startedAtMs: number } | null = null;
@@ -471,11 +474,7 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     if (o.restartDestAfterMs !== undefined) {
       await afterResume(o.restartDestAfterMs);
       const killedAtMs = nowMs();
-      buckets = addBuckets(
-        faultBuckets(await metricsText(dest.http)),
-        faultBuckets(warmMetrics),
-        -1,
-      );
+      buckets = ownBuckets(await metricsText(dest.http));
       warmMetrics = ''; // the restarted dest counts from zero
       const exited = new Promise<void>((r) => dest.child.once('exit', () => r()));
       dest.child.kill('SIGKILL');
@@ -501,7 +500,7 @@ export async function tryYabusame(o: TryOptions): Promise<YabusameRun> {
     }
     step('RESUME → migrate done (all RAM present, image released)');
     const metrics = await metricsText(dest.http);
-    buckets = addBuckets(buckets, addBuckets(faultBuckets(metrics), faultBuckets(warmMetrics), -1));
+    buckets = addBuckets(buckets, ownBuckets(metrics));
     faultStagesUs = stageValues(metrics, warmMetrics);
     const dstConsole = dst ?? dstLog!;
     const batches = (): number =>
