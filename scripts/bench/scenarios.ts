@@ -3,8 +3,9 @@
  * drives vm-sim (in-process, or as child processes for many-vms) and returns its figures; the
  * runner (bench.ts) repeats runs and reports the median with the range.
  */
-import { writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { startLocalHandler, type LocalHandler } from '../local-floor/local-handler.js';
 import {
@@ -789,6 +790,20 @@ interface VmSimCliResult {
 
 const VM_SIM_CLI = fileURLToPath(new URL('../vm-sim/vm-sim.js', import.meta.url));
 
+/**
+ * Opens a start gate of vm-sim processes (--start-gate): writes `dir`/go once every VM said its
+ * handoff was acked, or ended (`ended()` counts those; a VM that failed before its ack must not
+ * hold the others back). Resolves when the gate is open.
+ */
+async function openGate(dir: string, ids: readonly string[], ended: () => number): Promise<void> {
+  const acked = (): number => ids.filter((id) => existsSync(join(dir, `${id}.acked`))).length;
+  while (acked() + ended() < ids.length) await delay(GATE_POLL_MS);
+  writeFileSync(join(dir, 'go'), '');
+}
+
+/** How often the bench looks at a start gate. */
+const GATE_POLL_MS = 5;
+
 const manyVms: Scenario = {
   name: 'many-vms',
   group: 'many-vms',
@@ -797,7 +812,8 @@ const manyVms: Scenario = {
     return (
       `${s.vms} VMs of ${fmtBytes(s.vmImage.sizeBytes)} migrating at once through one dest and ` +
       `one source (each VM a vm-sim process with 1 thread first-touching ${s.vmTouches} random ` +
-      `pages, then waiting; all serve the same image file)`
+      `pages, then waiting; all serve the same image file). The touches start together, once ` +
+      `every VM's handoff was acked: the VMMs' own start-up is not in the fault figures`
     );
   },
   verification: 'every page of every VM byte-for-byte after its complete',
@@ -828,6 +844,8 @@ const manyVms: Scenario = {
     const s = sizes(ctx.quick);
     const image = await ctx.image(s.vmImage);
     const ids = Array.from({ length: s.vms }, (_, i) => `bench-vm-${i}`);
+    const gate = join(ctx.dir, `many-vms-gate-${index}`);
+    mkdirSync(gate);
     return withDaemons(
       ctx,
       ids.map((id) => ({ id, image: image.path })),
@@ -835,6 +853,7 @@ const manyVms: Scenario = {
       async (pair) => {
         const meter = pair.meter();
         let done = 0;
+        const finished = openGate(gate, ids, () => done);
         const results = await Promise.all(
           ids.map(async (id) => {
             const args = [
@@ -845,7 +864,7 @@ const manyVms: Scenario = {
               // withDaemons wrote each migration's secret file there.
               ...['--secret-file', join(ctx.dir, `${id}.secret`)],
               ...['--touches', String(s.vmTouches), '--ops-after-complete', '0'],
-              ...['--timeout', '300', '--json'],
+              ...['--start-gate', gate, '--timeout', '300', '--json'],
             ];
             try {
               const { stdout } = await run(ctx, process.execPath, args);
@@ -860,6 +879,7 @@ const manyVms: Scenario = {
           }),
         );
         meter.stop();
+        await finished;
         const problems: string[] = [];
         const oks: VmSimCliResult[] = [];
         results.forEach((r, i) => {

@@ -65,6 +65,12 @@ export interface VmSimOptions {
    */
   touches?: number;
   /**
+   * Called at the handoff's ack; the workload starts once the promise resolves (a rejection
+   * fails the run). Benchmarks that start many VMMs at once use it to begin every VM's faults
+   * together, after all the VMMs' own start-up.
+   */
+  startGate?: () => Promise<void>;
+  /**
    * Called synchronously when the measured phase ends, before verification: at `complete`, or
    * (runVmSimTouches) when the touch phase ended first. Benchmarks read CPU counters here.
    */

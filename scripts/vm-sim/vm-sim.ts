@@ -26,10 +26,12 @@
  *
  * CLI: node dist/scripts/vm-sim/vm-sim.js --size 256M --image /path --source ws://127.0.0.1:7070 \
  *        --socket /run/yabusame/dest.sock --id vm1 [--workers 4] [--pattern mixed] [--touches N]
- *        [--resume-timeout MS] [--json]
+ *        [--resume-timeout MS] [--start-gate DIR] [--json]
  * exit 0: every page verified; 1: mismatch; 2: usage, handoff or migration error.
  */
 import * as fs from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
 import * as abi from '../../daemon/linux/abi.js';
@@ -255,7 +257,10 @@ async function runCore(opts: VmSimOptions, endAfterTouches: boolean): Promise<Vm
         resumeTimeoutMs: o.resumeOnDaemonDeath?.timeoutMs,
       },
       {
-        acked: () => workload.go(),
+        acked: () => {
+          if (!o.startGate) workload.go();
+          else o.startGate().then(() => workload.go(), settle.reject);
+        },
         progress: (p) => o.onProgress?.(p),
         complete: (report) => {
           o.onPhaseEnd?.('complete');
@@ -364,11 +369,24 @@ worker threads while pages arrive, then verifies every page against the image.
   --resume-timeout <ms>  survive the daemon's death: if the handoff connection is lost before
                      complete, hand the uffd over again (resume) to the daemon restarted on the
                      same socket, waiting up to this long for it (default: a loss fails the run)
+  --start-gate <dir>  at the handoff's ack create <dir>/<id>.acked, then start the workload
+                     only once <dir>/go exists (benchmarks: many VMs' faults start together)
   --json             print the result as JSON on stdout
   -h, --help         this text
 
 exit status: 0 every page verified, 1 mismatch, 2 usage, handoff or migration error
 `;
+
+/** The CLI's start gate: says the handoff was acked, then waits for the go file. */
+function fileGate(dir: string, id: string): () => Promise<void> {
+  return async () => {
+    fs.writeFileSync(join(dir, `${id}.acked`), '');
+    while (!fs.existsSync(join(dir, 'go'))) await delay(GATE_POLL_MS);
+  };
+}
+
+/** How often a gated vm-sim looks for the go file. */
+const GATE_POLL_MS = 2;
 
 async function main(argv: string[]): Promise<number> {
   let args;
@@ -390,6 +408,7 @@ async function main(argv: string[]): Promise<number> {
         seed: { type: 'string' },
         timeout: { type: 'string' },
         'resume-timeout': { type: 'string' },
+        'start-gate': { type: 'string' },
         json: { type: 'boolean', default: false },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -431,6 +450,7 @@ async function main(argv: string[]): Promise<number> {
         args['resume-timeout'] === undefined
           ? undefined
           : { timeoutMs: Number(args['resume-timeout']) },
+      startGate: args['start-gate'] ? fileGate(args['start-gate'], args.id!) : undefined,
       onProgress: ({ presentPages, totalPages }) => {
         const pct = Math.floor((100 * presentPages) / totalPages);
         if (pct === lastPct) return;

@@ -91,6 +91,42 @@ t.test('64 MiB, 4 workers, mixed: every page verified', async (t) => {
   );
 });
 
+t.test('a start gate holds the workload until it opens, then every page verifies', async (t) => {
+  const local = localHandoff();
+  let atGate = -1;
+  let beforeOpen = -1;
+  const r = await runVmSim({
+    ...common,
+    sizeBytes: 16 * MiB,
+    touches: 512,
+    handoff: local.handoff,
+    startGate: async () => {
+      atGate = local.last().stats.demandPages;
+      // Time the workers would need to fault many pages, were they running.
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      beforeOpen = local.last().stats.demandPages;
+    },
+  });
+  t.equal(atGate, 0, 'no fault before the gate');
+  t.equal(beforeOpen, 0, 'none while it is closed');
+  t.ok(local.last().stats.demandPages > 0, 'faults once it opened');
+  t.equal(r.pagesVerified, r.totalPages, 'every page verified');
+  t.equal(r.mismatchCount, 0);
+});
+
+t.test('a start gate that fails fails the run', async (t) => {
+  const local = localHandoff();
+  await t.rejects(
+    runVmSim({
+      ...common,
+      sizeBytes: MiB,
+      handoff: local.handoff,
+      startGate: () => Promise.reject(new Error('gate broken')),
+    }),
+    { message: 'gate broken' },
+  );
+});
+
 t.test('one wrong page is reported, and only that page', async (t) => {
   // A non-zero page far from the start, so the workers may or may not read it online.
   const plan = planImage({ sizeBytes: SIZE, seed: SEED });
