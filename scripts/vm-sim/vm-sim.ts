@@ -377,11 +377,14 @@ worker threads while pages arrive, then verifies every page against the image.
 exit status: 0 every page verified, 1 mismatch, 2 usage, handoff or migration error
 `;
 
-/** The CLI's start gate: says the handoff was acked, then waits for the go file. */
+/**
+ * The CLI's start gate: says the handoff was acked, then waits for the go file. Its timer does
+ * not keep the process alive: a run that ends before the gate opens still exits.
+ */
 function fileGate(dir: string, id: string): () => Promise<void> {
   return async () => {
     fs.writeFileSync(join(dir, `${id}.acked`), '');
-    while (!fs.existsSync(join(dir, 'go'))) await delay(GATE_POLL_MS);
+    while (!fs.existsSync(join(dir, 'go'))) await delay(GATE_POLL_MS, undefined, { ref: false });
   };
 }
 
