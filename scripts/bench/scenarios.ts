@@ -3,9 +3,8 @@
  * drives vm-sim (in-process, or as child processes for many-vms) and returns its figures; the
  * runner (bench.ts) repeats runs and reports the median with the range.
  */
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { setTimeout as delay } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { startLocalHandler, type LocalHandler } from '../local-floor/local-handler.js';
 import {
@@ -17,6 +16,7 @@ import {
   type VmSimOptions,
   type VmSimResult,
 } from '../vm-sim/vm-sim.js';
+import { openGate } from '../vm-sim/start-gate.js';
 import { runReference } from './c-ref.js';
 import {
   ping,
@@ -789,20 +789,6 @@ interface VmSimCliResult {
 }
 
 const VM_SIM_CLI = fileURLToPath(new URL('../vm-sim/vm-sim.js', import.meta.url));
-
-/**
- * Opens a start gate of vm-sim processes (--start-gate): writes `dir`/go once every VM said its
- * handoff was acked, or ended (`ended()` counts those; a VM that failed before its ack must not
- * hold the others back). Resolves when the gate is open.
- */
-async function openGate(dir: string, ids: readonly string[], ended: () => number): Promise<void> {
-  const acked = (): number => ids.filter((id) => existsSync(join(dir, `${id}.acked`))).length;
-  while (acked() + ended() < ids.length) await delay(GATE_POLL_MS);
-  writeFileSync(join(dir, 'go'), '');
-}
-
-/** How often the bench looks at a start gate. */
-const GATE_POLL_MS = 5;
 
 const manyVms: Scenario = {
   name: 'many-vms',

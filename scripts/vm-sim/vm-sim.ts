@@ -30,8 +30,6 @@
  * exit 0: every page verified; 1: mismatch; 2: usage, handoff or migration error.
  */
 import * as fs from 'node:fs';
-import { join } from 'node:path';
-import { setTimeout as delay } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
 import * as abi from '../../daemon/linux/abi.js';
@@ -43,6 +41,7 @@ import { IMAGE_PAGE_SIZE_BYTES, parseSize } from '../image/gen-image.js';
 import { singleHandoffRegion } from '../image/regions.js';
 import { connectHandoff, type HandoffClient } from '../lib/handoff-client.js';
 import { HandoffDriver, type CompleteReply } from './handoff-driver.js';
+import { waitAtGate } from './start-gate.js';
 import { PATTERNS, type Pattern } from './shared.js';
 import {
   VmSimError,
@@ -377,20 +376,6 @@ worker threads while pages arrive, then verifies every page against the image.
 exit status: 0 every page verified, 1 mismatch, 2 usage, handoff or migration error
 `;
 
-/**
- * The CLI's start gate: says the handoff was acked, then waits for the go file. Its timer does
- * not keep the process alive: a run that ends before the gate opens still exits.
- */
-function fileGate(dir: string, id: string): () => Promise<void> {
-  return async () => {
-    fs.writeFileSync(join(dir, `${id}.acked`), '');
-    while (!fs.existsSync(join(dir, 'go'))) await delay(GATE_POLL_MS, undefined, { ref: false });
-  };
-}
-
-/** How often a gated vm-sim looks for the go file. */
-const GATE_POLL_MS = 2;
-
 async function main(argv: string[]): Promise<number> {
   let args;
   try {
@@ -453,7 +438,7 @@ async function main(argv: string[]): Promise<number> {
         args['resume-timeout'] === undefined
           ? undefined
           : { timeoutMs: Number(args['resume-timeout']) },
-      startGate: args['start-gate'] ? fileGate(args['start-gate'], args.id!) : undefined,
+      startGate: args['start-gate'] ? () => waitAtGate(args['start-gate']!, args.id!) : undefined,
       onProgress: ({ presentPages, totalPages }) => {
         const pct = Math.floor((100 * presentPages) / totalPages);
         if (pct === lastPct) return;
